@@ -1,0 +1,768 @@
+//! The one TOML config of a box: its sections, defaults, validation and documentation.
+//!
+//! Every key has a default, so no file is needed for a local start. A file is read with
+//! [`Config::from_toml`], which reports *all* problems (unknown keys, wrong types, out-of-range
+//! values, overlapping port ranges) with their line, instead of stopping at the first one.
+//! [`reference_markdown`] renders the key reference that docs/config.md must contain; a test
+//! keeps the two in step. Writing the file is [`crate::storage`]'s job, not this module's.
+
+mod reader;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use toml::de::{DeTable, DeValue};
+
+pub use reader::{KeyDoc, Problem, SectionReader};
+use reader::{line_of_span, show, type_name};
+
+/// The sections, in the order they are documented.
+const SECTIONS: &[&str] = &["supervisor", "signaling", "sfu", "turn", "web", "sizing"];
+
+/// Largest config file accepted; a config is a few KiB, anything bigger is a mistake.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// `[supervisor]`: how the supervisor runs and restarts the services.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupervisorConfig {
+    pub log_level: String,
+    pub user: String,
+    pub names: Vec<String>,
+    pub stop_timeout_ms: u64,
+    pub restart_initial_ms: u64,
+    pub restart_max_ms: u64,
+    pub healthy_after_s: u64,
+    pub crash_loop_restarts: u32,
+    pub ready_timeout_s: u64,
+    pub watchdog_timeout_s: u64,
+}
+
+/// `[signaling]`: the Nextcloud Talk HPB API and the meeting page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignalingConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+/// `[sfu]`: the media node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SfuConfig {
+    pub enabled: bool,
+    pub workers: u32,
+    pub media_port_min: u16,
+    pub media_port_max: u16,
+    pub public_ips: Vec<String>,
+}
+
+/// `[turn]`: the STUN/TURN server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnConfig {
+    pub enabled: bool,
+    pub listen_address: IpAddr,
+    pub port: u16,
+    pub tls_port: u16,
+    pub relay_port_min: u16,
+    pub relay_port_max: u16,
+    pub realm: String,
+}
+
+/// `[web]`: the admin setup page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+/// `[sizing]`: what the box may send, from which the SFU's limits follow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SizingConfig {
+    pub uplink_mbps: u64,
+    pub egress_fraction: f64,
+}
+
+/// The whole configuration of a box.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub supervisor: SupervisorConfig,
+    pub signaling: SignalingConfig,
+    pub sfu: SfuConfig,
+    pub turn: TurnConfig,
+    pub web: WebConfig,
+    pub sizing: SizingConfig,
+}
+
+fn check_user_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && !s.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err("expected a system user name: lowercase letters, digits, '_' or '-', at most 32".into())
+    }
+}
+
+fn check_name(s: &str) -> Result<(), String> {
+    if s.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err("expected a DNS name (such as talk.example.org) or an IP address".into())
+    }
+}
+
+fn check_realm(s: &str) -> Result<(), String> {
+    if !s.is_empty() && s.len() <= 127 && s.chars().all(|c| c.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err("expected 1 to 127 printable ASCII characters without spaces".into())
+    }
+}
+
+fn check_ip(s: &str) -> Result<(), String> {
+    s.parse::<IpAddr>()
+        .map(|_| ())
+        .map_err(|_| "expected an IPv4 or IPv6 address".into())
+}
+
+impl SupervisorConfig {
+    fn read(r: &mut SectionReader<'_, '_>) -> Self {
+        Self {
+            log_level: r.choice(
+                "log_level",
+                "info",
+                &["error", "warn", "info", "debug", "trace"],
+                "Log level of the supervisor and every service. `RUST_LOG`, when set, overrides it.",
+            ),
+            user: r.string(
+                "user",
+                "talkbox",
+                "Unprivileged system user the services switch to when the supervisor is started as root.",
+                check_user_name,
+            ),
+            names: r.string_list(
+                "names",
+                &[],
+                "Extra DNS names and IP addresses of the box, added to the self-signed certificate \
+                 (localhost, 127.0.0.1, ::1 and the host name are always in it).",
+                check_name,
+            ),
+            stop_timeout_ms: r.int(
+                "stop_timeout_ms",
+                3000,
+                (100, 60_000),
+                "How long a service may take to exit after SIGTERM before it gets SIGKILL.",
+            ) as u64,
+            restart_initial_ms: r.int(
+                "restart_initial_ms",
+                500,
+                (10, 60_000),
+                "Delay before the first restart of a service that died; doubles on each further failure.",
+            ) as u64,
+            restart_max_ms: r.int(
+                "restart_max_ms",
+                30_000,
+                (10, 600_000),
+                "Longest delay between restarts.",
+            ) as u64,
+            healthy_after_s: r.int(
+                "healthy_after_s",
+                60,
+                (1, 3600),
+                "A service that has run this long is healthy again: its restart delay starts over.",
+            ) as u64,
+            crash_loop_restarts: r.int(
+                "crash_loop_restarts",
+                5,
+                (1, 1000),
+                "Failures in a row, each before `healthy_after_s`, after which a service is reported as in a crash loop.",
+            ) as u32,
+            ready_timeout_s: r.int(
+                "ready_timeout_s",
+                30,
+                (1, 600),
+                "How long a service may take to report ready before it counts as failed.",
+            ) as u64,
+            watchdog_timeout_s: r.int(
+                "watchdog_timeout_s",
+                20,
+                (2, 600),
+                "A ready service that sends no watchdog ping for this long is killed and restarted.",
+            ) as u64,
+        }
+    }
+}
+
+impl SignalingConfig {
+    fn read(r: &mut SectionReader<'_, '_>) -> Self {
+        Self {
+            enabled: r.bool("enabled", true, "Run the signaling service."),
+            listen: r.socket_addr(
+                "listen",
+                "127.0.0.1:8443",
+                "HTTPS address of the signaling API (`/spreed`, `/api/v1/...`) and the meeting page.",
+            ),
+        }
+    }
+}
+
+impl SfuConfig {
+    fn read(r: &mut SectionReader<'_, '_>) -> Self {
+        let c = Self {
+            enabled: r.bool("enabled", true, "Run the SFU media service."),
+            workers: r.int(
+                "workers",
+                0,
+                (0, 256),
+                "Media worker threads, one UDP port each; 0 = one per core left after the control plane.",
+            ) as u32,
+            media_port_min: r.port(
+                "media_port_min",
+                50000,
+                "First UDP port of the media workers (worker n uses media_port_min + n).",
+            ),
+            media_port_max: r.port(
+                "media_port_max",
+                50063,
+                "Last UDP port the media workers may use.",
+            ),
+            public_ips: r.string_list(
+                "public_ips",
+                &[],
+                "Addresses announced in ICE candidates (public IPs, 1:1 NAT mappings); empty = the interface addresses.",
+                check_ip,
+            ),
+        };
+        if c.media_port_min > c.media_port_max {
+            r.problem(
+                "media_port_max",
+                Some(c.media_port_max.to_string()),
+                format!("must not be below sfu.media_port_min ({})", c.media_port_min),
+            );
+        } else if c.workers > 0
+            && u32::from(c.media_port_max - c.media_port_min) + 1 < c.workers
+        {
+            r.problem(
+                "workers",
+                Some(c.workers.to_string()),
+                format!(
+                    "needs one port each but sfu.media_port_min..media_port_max holds only {}",
+                    c.media_port_max - c.media_port_min + 1
+                ),
+            );
+        }
+        c
+    }
+}
+
+impl TurnConfig {
+    fn read(r: &mut SectionReader<'_, '_>) -> Self {
+        let c = Self {
+            enabled: r.bool("enabled", true, "Run the STUN/TURN service."),
+            listen_address: r.ip(
+                "listen_address",
+                "127.0.0.1",
+                "Address TURN listens on (UDP and TCP `port`, TLS `tls_port`); 0.0.0.0 or :: for all.",
+            ),
+            port: r.port("port", 3478, "STUN/TURN port, UDP and TCP."),
+            tls_port: r.port("tls_port", 5349, "TURN over TLS port."),
+            relay_port_min: r.port(
+                "relay_port_min",
+                20000,
+                "First UDP port of the relay range (keep it outside the kernel's ephemeral range).",
+            ),
+            relay_port_max: r.port("relay_port_max", 29999, "Last UDP port of the relay range."),
+            realm: r.string(
+                "realm",
+                "talkbox",
+                "TURN realm sent to clients.",
+                check_realm,
+            ),
+        };
+        if c.relay_port_min > c.relay_port_max {
+            r.problem(
+                "relay_port_max",
+                Some(c.relay_port_max.to_string()),
+                format!("must not be below turn.relay_port_min ({})", c.relay_port_min),
+            );
+        }
+        if c.port == c.tls_port {
+            r.problem(
+                "tls_port",
+                Some(c.tls_port.to_string()),
+                "must differ from turn.port (both are TCP listeners)",
+            );
+        }
+        c
+    }
+}
+
+impl WebConfig {
+    fn read(r: &mut SectionReader<'_, '_>) -> Self {
+        Self {
+            enabled: r.bool("enabled", true, "Run the setup page service."),
+            listen: r.socket_addr(
+                "listen",
+                "127.0.0.1:9443",
+                "HTTPS address of the admin setup page (restrict it to an admin network where you can).",
+            ),
+        }
+    }
+}
+
+impl SizingConfig {
+    fn read(r: &mut SectionReader<'_, '_>) -> Self {
+        Self {
+            uplink_mbps: r.int(
+                "uplink_mbps",
+                0,
+                (0, 400_000),
+                "Declared uplink in Mbit/s when the WAN is slower than the NIC; 0 = not declared.",
+            ) as u64,
+            egress_fraction: r.float(
+                "egress_fraction",
+                0.8,
+                (0.1, 1.0),
+                "Share of the measured capacity the SFU may plan to send.",
+            ),
+        }
+    }
+}
+
+/// Where a problem was found: a file or an in-memory text.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}: {}", self.file, p.line, p.key)?;
+            if let Some(v) = &p.value {
+                write!(f, " = {v}")?;
+            }
+            write!(f, ": {}", p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A port a service binds, for the overlap check.
+struct PortUse {
+    what: &'static str,
+    key: &'static str,
+    proto: &'static str,
+    range: (u16, u16),
+}
+
+impl Config {
+    /// Parses and validates a config text. `file` only names the source in problems.
+    pub fn from_toml(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+        let errors = |problems| ConfigErrors {
+            file: file.to_string(),
+            problems,
+        };
+        let root = match DeTable::parse(text) {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(errors(vec![Problem {
+                    line: line_of_span(text, e.span()),
+                    key: "(syntax)".into(),
+                    value: None,
+                    message: format!("not valid TOML: {}", e.message().trim()),
+                }]));
+            }
+        };
+        let mut problems = Vec::new();
+        let mut docs = Vec::new();
+        let mut tables: BTreeMap<&str, &DeTable<'_>> = BTreeMap::new();
+        for (key, value) in root.get_ref().iter() {
+            let name: &str = key.get_ref();
+            match (SECTIONS.iter().find(|s| **s == name), value.get_ref()) {
+                (Some(s), DeValue::Table(t)) => {
+                    tables.insert(s, t);
+                }
+                (Some(_), other) => problems.push(Problem {
+                    line: reader::line_of_offset(text, key.span().start),
+                    key: name.to_string(),
+                    value: Some(show(other)),
+                    message: format!("expected a [{name}] table, found {}", type_name(other)),
+                }),
+                (None, other) => problems.push(Problem {
+                    line: reader::line_of_offset(text, key.span().start),
+                    key: name.to_string(),
+                    value: Some(show(other)),
+                    message: format!("unknown section; sections: {}", SECTIONS.join(", ")),
+                }),
+            }
+        }
+        let config = Self::read_all(text, &tables, &mut problems, &mut docs);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            problems.sort_by_key(|p| p.line);
+            Err(errors(problems))
+        }
+    }
+
+    fn read_all(
+        text: &str,
+        tables: &BTreeMap<&str, &DeTable<'_>>,
+        problems: &mut Vec<Problem>,
+        docs: &mut Vec<KeyDoc>,
+    ) -> Config {
+        macro_rules! section {
+            ($name:literal, $ty:ty) => {{
+                let mut r = SectionReader::new($name, tables.get($name).copied(), text, problems, docs);
+                let c = <$ty>::read(&mut r);
+                let lines = PORT_KEYS
+                    .iter()
+                    .filter(|(s, _)| *s == $name)
+                    .map(|(_, k)| (*k, r.line_of(k)))
+                    .collect::<Vec<_>>();
+                r.finish();
+                (c, lines)
+            }};
+        }
+        let (supervisor, _) = section!("supervisor", SupervisorConfig);
+        let (signaling, l1) = section!("signaling", SignalingConfig);
+        let (sfu, l2) = section!("sfu", SfuConfig);
+        let (turn, l3) = section!("turn", TurnConfig);
+        let (web, l4) = section!("web", WebConfig);
+        let (sizing, _) = section!("sizing", SizingConfig);
+        let config = Config {
+            supervisor,
+            signaling,
+            sfu,
+            turn,
+            web,
+            sizing,
+        };
+        let lines: Vec<(&str, usize)> = l1.into_iter().chain(l2).chain(l3).chain(l4).collect();
+        config.check_port_overlaps(&lines, problems);
+        config
+    }
+
+    fn port_uses(&self) -> Vec<PortUse> {
+        let mut uses = Vec::new();
+        let one = |p: u16| (p, p);
+        if self.signaling.enabled {
+            uses.push(PortUse {
+                what: "signaling",
+                key: "signaling.listen",
+                proto: "tcp",
+                range: one(self.signaling.listen.port()),
+            });
+        }
+        if self.web.enabled {
+            uses.push(PortUse {
+                what: "setup page",
+                key: "web.listen",
+                proto: "tcp",
+                range: one(self.web.listen.port()),
+            });
+        }
+        if self.turn.enabled {
+            for proto in ["udp", "tcp"] {
+                uses.push(PortUse {
+                    what: "TURN",
+                    key: "turn.port",
+                    proto,
+                    range: one(self.turn.port),
+                });
+            }
+            uses.push(PortUse {
+                what: "TURN over TLS",
+                key: "turn.tls_port",
+                proto: "tcp",
+                range: one(self.turn.tls_port),
+            });
+            if self.turn.relay_port_min <= self.turn.relay_port_max {
+                uses.push(PortUse {
+                    what: "TURN relay range",
+                    key: "turn.relay_port_min",
+                    proto: "udp",
+                    range: (self.turn.relay_port_min, self.turn.relay_port_max),
+                });
+            }
+        }
+        if self.sfu.enabled && self.sfu.media_port_min <= self.sfu.media_port_max {
+            uses.push(PortUse {
+                what: "SFU media ports",
+                key: "sfu.media_port_min",
+                proto: "udp",
+                range: (self.sfu.media_port_min, self.sfu.media_port_max),
+            });
+        }
+        uses
+    }
+
+    fn check_port_overlaps(&self, lines: &[(&str, usize)], problems: &mut Vec<Problem>) {
+        let uses = self.port_uses();
+        for (i, a) in uses.iter().enumerate() {
+            for b in &uses[i + 1..] {
+                let same_host = a.proto == b.proto && a.range.0 <= b.range.1 && b.range.0 <= a.range.1;
+                // turn.port is listed once per protocol; it does not overlap with itself.
+                if same_host && a.key != b.key {
+                    let line = lines
+                        .iter()
+                        .filter(|(k, _)| *k == b.key || *k == a.key)
+                        .map(|(_, l)| *l)
+                        .max()
+                        .unwrap_or(0);
+                    problems.push(Problem {
+                        line,
+                        key: b.key.to_string(),
+                        value: Some(format!("{}-{}", b.range.0, b.range.1)),
+                        message: format!(
+                            "{} {} ports {}-{} overlap {} ({}, {}-{}); give each its own ports",
+                            b.what, b.proto, b.range.0, b.range.1, a.what, a.key, a.range.0, a.range.1
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reads and validates a config file, refusing unreadable or oversized files.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = read_config_text(path)?;
+        Config::from_toml(&path.display().to_string(), &text)
+    }
+
+    /// The lowest TCP/UDP port the given service binds, to decide if it needs
+    /// CAP_NET_BIND_SERVICE.
+    pub fn lowest_port_of(&self, service: &str) -> Option<u16> {
+        let keys: &[&str] = match service {
+            "signaling" => &["signaling.listen"],
+            "web" => &["web.listen"],
+            "turn" => &["turn.port", "turn.tls_port", "turn.relay_port_min"],
+            "sfu" => &["sfu.media_port_min"],
+            _ => &[],
+        };
+        self.port_uses()
+            .iter()
+            .filter(|u| keys.contains(&u.key))
+            .map(|u| u.range.0)
+            .min()
+    }
+}
+
+/// Keys whose line is needed by the cross-section port check.
+const PORT_KEYS: &[(&str, &str)] = &[
+    ("signaling", "listen"),
+    ("web", "listen"),
+    ("turn", "port"),
+    ("turn", "tls_port"),
+    ("turn", "relay_port_min"),
+    ("sfu", "media_port_min"),
+];
+
+impl Default for Config {
+    fn default() -> Self {
+        let tables = BTreeMap::new();
+        let mut problems = Vec::new();
+        let mut docs = Vec::new();
+        // The defaults are valid by construction; a test proves that no problem is reported.
+        Config::read_all("", &tables, &mut problems, &mut docs)
+    }
+}
+
+/// Reads a config file as text with a size limit and a clear error.
+pub fn read_config_text(path: &Path) -> Result<String, ConfigErrors> {
+    let fail = |message: String| ConfigErrors {
+        file: path.display().to_string(),
+        problems: vec![Problem {
+            line: 0,
+            key: "(file)".into(),
+            value: None,
+            message,
+        }],
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(fail(format!(
+            "file is {} bytes; a config may be at most {MAX_CONFIG_BYTES} bytes",
+            meta.len()
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| fail(format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))
+}
+
+/// The key reference, as docs/config.md contains it between its markers.
+pub fn reference_markdown() -> String {
+    let tables = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut docs = Vec::new();
+    Config::read_all("", &tables, &mut problems, &mut docs);
+    let mut out = String::new();
+    for section in SECTIONS {
+        out.push_str(&format!("\n### `[{section}]`\n\n| key | type | default | meaning |\n|---|---|---|---|\n"));
+        for d in docs.iter().filter(|d| d.key.split('.').next() == Some(section)) {
+            let key = d.key.split_once('.').map(|(_, k)| k).unwrap_or(&d.key);
+            out.push_str(&format!("| `{key}` | {} | `{}` | {} |\n", d.kind, d.default, d.doc));
+        }
+    }
+    out
+}
+
+/// Where a box keeps its config, secrets, certificates and runtime sockets.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    /// The config file the supervisor and the setup page use.
+    pub fn config_file(&self) -> PathBuf {
+        self.root.join("talkbox.toml")
+    }
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.root.join("secrets")
+    }
+    pub fn tls_dir(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir().join("control.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        Config::from_toml("t.toml", text).expect_err("config should be refused").problems
+    }
+
+    #[test]
+    fn defaults_are_valid_and_need_no_file() {
+        let c = Config::from_toml("empty.toml", "").expect("empty config is valid");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.signaling.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.web.listen.to_string(), "127.0.0.1:9443");
+        assert_eq!((c.turn.port, c.turn.tls_port), (3478, 5349));
+        assert_eq!((c.turn.relay_port_min, c.turn.relay_port_max), (20000, 29999));
+        assert_eq!(c.sfu.media_port_min, 50000);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line_and_the_known_keys() {
+        let p = problems("[web]\nlisten = \"127.0.0.1:9443\"\nlisen = 1\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].line, 3);
+        assert_eq!(p[0].key, "web.lisen");
+        assert!(p[0].message.contains("unknown key"), "{}", p[0].message);
+        assert!(p[0].message.contains("listen"));
+    }
+
+    #[test]
+    fn unknown_section_is_refused() {
+        let p = problems("[turm]\nport = 3478\n");
+        assert_eq!(p[0].key, "turm");
+        assert!(p[0].message.contains("unknown section"));
+    }
+
+    #[test]
+    fn wrong_type_names_expected_and_found() {
+        let p = problems("[turn]\nport = \"3478\"\n");
+        assert_eq!(p[0].key, "turn.port");
+        assert_eq!(p[0].line, 2);
+        assert!(p[0].message.contains("expected an integer"), "{}", p[0].message);
+        assert!(p[0].message.contains("found a string"));
+    }
+
+    #[test]
+    fn out_of_range_port_says_what_is_allowed() {
+        let p = problems("[turn]\n\nport = 70000\n");
+        assert_eq!(p[0].line, 3);
+        assert_eq!(p[0].value.as_deref(), Some("70000"));
+        assert!(p[0].message.contains("1 to 65535"));
+    }
+
+    #[test]
+    fn overlapping_port_ranges_are_refused() {
+        let p = problems("[turn]\nrelay_port_min = 49000\nrelay_port_max = 50010\n");
+        assert!(p.iter().any(|p| p.message.contains("overlap")), "{p:?}");
+        let p = problems("[web]\nlisten = \"127.0.0.1:8443\"\n");
+        assert!(p.iter().any(|p| p.key == "web.listen" && p.message.contains("overlap")), "{p:?}");
+    }
+
+    #[test]
+    fn disabled_service_ports_do_not_overlap() {
+        Config::from_toml("t", "[web]\nlisten = \"127.0.0.1:8443\"\n[signaling]\nenabled = false\n")
+            .expect("no overlap with a disabled service");
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_just_the_first() {
+        let p = problems("[turn]\nport = 0\nrealm = 5\n[web]\nbogus = true\n");
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert_eq!(p.iter().map(|p| p.line).collect::<Vec<_>>(), vec![2, 3, 5]);
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let p = problems("[web]\nlisten = \n");
+        assert_eq!(p[0].key, "(syntax)");
+        assert_eq!(p[0].line, 2);
+    }
+
+    #[test]
+    fn display_is_one_line_per_problem_with_file_line_key_value() {
+        let e = Config::from_toml("box.toml", "[turn]\nport = 70000\n[sfu]\nworkers = -1\n").expect_err("bad");
+        let text = e.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("box.toml:2: turn.port = 70000: out of range"), "{text}");
+        assert!(lines[1].starts_with("box.toml:4: sfu.workers = -1:"), "{text}");
+    }
+
+    #[test]
+    fn docs_config_md_lists_every_key_as_the_code_defines_it() {
+        let doc = include_str!("../../../docs/config.md");
+        let begin = "<!-- BEGIN GENERATED KEYS -->";
+        let end = "<!-- END GENERATED KEYS -->";
+        let (Some(a), Some(b)) = (doc.find(begin), doc.find(end)) else {
+            panic!("docs/config.md lacks the generated-keys markers");
+        };
+        let current = &doc[a + begin.len()..b];
+        assert_eq!(
+            current.trim(),
+            reference_markdown().trim(),
+            "docs/config.md is out of date: run `talkbox config reference` and paste its output between the markers"
+        );
+    }
+}

@@ -1,0 +1,22 @@
+//! talkbox's appliance: one binary (`talkbox`) holding the supervisor and every service.
+//!
+//! - [`supervisor`]: `talkbox run`, starts and watches the services as child processes;
+//! - [`web`]: the admin setup page (for now the read-only status page);
+//! - [`config`], [`secrets`], [`tls`], [`storage`]: the box's config, secrets and certificate,
+//!   written crash-safely;
+//! - [`service_runtime`], [`privileges`], [`logging`], [`https`]: what every service process
+//!   shares (start-up order, dropping root, journald/stderr logs, the HTTPS loop).
+//!
+//! Signaling, SFU control and TURN arrive as their own modules; see DESIGN.md §1.
+
+pub mod config;
+pub mod https;
+pub mod logging;
+pub mod privileges;
+pub mod secrets;
+pub mod service;
+pub mod service_runtime;
+pub mod storage;
+pub mod supervisor;
+pub mod tls;
+pub mod web;

@@ -1,0 +1,74 @@
+//! The catalogue of services the supervisor runs: their names, start order, and whether this
+//! build contains them.
+//!
+//! A service that has not been built yet is absent from the supervisor and from
+//! `talkbox status`; it is never faked by a placeholder process.
+
+use crate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    /// The SFU media node (media-core behind the proxy protocol).
+    Sfu,
+    /// STUN/TURN.
+    Turn,
+    /// Nextcloud Talk HPB signaling and the meeting page; drives the SFU.
+    Signaling,
+    /// The admin setup page.
+    Web,
+}
+
+impl Service {
+    /// Start order: what others depend on comes first (signaling connects to the SFU).
+    pub const START_ORDER: [Service; 4] = [Service::Sfu, Service::Turn, Service::Signaling, Service::Web];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Sfu => "sfu",
+            Service::Turn => "turn",
+            Service::Signaling => "signaling",
+            Service::Web => "web",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Service> {
+        Self::START_ORDER.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Whether this build contains the service.
+    pub fn built(self) -> bool {
+        matches!(self, Service::Web)
+    }
+
+    /// Whether the config asks for the service.
+    pub fn enabled(self, c: &Config) -> bool {
+        match self {
+            Service::Sfu => c.sfu.enabled,
+            Service::Turn => c.turn.enabled,
+            Service::Signaling => c.signaling.enabled,
+            Service::Web => c.web.enabled,
+        }
+    }
+
+    /// The services the supervisor starts for this config, in start order.
+    pub fn to_run(c: &Config) -> Vec<Service> {
+        Self::START_ORDER
+            .into_iter()
+            .filter(|s| s.built() && s.enabled(c))
+            .collect()
+    }
+
+    /// True when a config change touches this service, so it must be restarted to apply it.
+    pub fn affected_by(self, old: &Config, new: &Config) -> bool {
+        let own = match self {
+            Service::Sfu => old.sfu != new.sfu || old.sizing != new.sizing,
+            Service::Turn => old.turn != new.turn,
+            Service::Signaling => old.signaling != new.signaling || old.turn != new.turn || old.sfu != new.sfu,
+            Service::Web => old.web != new.web,
+        };
+        // Every service logs at the supervisor's level and pings at its watchdog rate.
+        own || old.supervisor.log_level != new.supervisor.log_level
+            || old.supervisor.watchdog_timeout_s != new.supervisor.watchdog_timeout_s
+            || old.supervisor.user != new.supervisor.user
+    }
+}
