@@ -30,19 +30,38 @@ pub struct ServiceContext {
 
 /// Runs a service process. `prepare` runs first, possibly as root, with no threads; `serve`
 /// runs on the runtime and must call `ctx.link.ready()` once it serves.
-pub fn run<T, P, S, F>(service: Service, config: Config, data: DataDir, worker_threads: usize, prepare: P, serve: S) -> Result<()>
+pub fn run<T, P, S, F>(
+    service: Service,
+    config: Config,
+    data: DataDir,
+    worker_threads: usize,
+    prepare: P,
+    serve: S,
+) -> Result<()>
 where
     P: FnOnce(&Config, &DataDir) -> Result<T>,
     S: FnOnce(ServiceContext, T) -> F,
     F: Future<Output = Result<()>>,
 {
     let link_fd = ServiceLink::take_from_env()?;
-    let prepared = prepare(&config, &data).with_context(|| format!("preparing the {} service", service.name()))?;
+    let prepared = prepare(&config, &data)
+        .with_context(|| format!("preparing the {} service", service.name()))?;
     let keep = match config.lowest_port_of(service.name()) {
         Some(p) if p < 1024 => Keep::NetBindService,
         _ => Keep::Nothing,
     };
+    let supervisor_pid = nix::unistd::getppid();
     privileges::drop_to_user(&config.supervisor.user, keep)?;
+    if link_fd.is_some() {
+        // The kernel clears the parent-death signal the supervisor set for us when our uid or
+        // gid changes, so set it again; and if the supervisor died meanwhile, nobody would send
+        // it, so leave now.
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .context("setting the parent-death signal")?;
+        if nix::unistd::getppid() != supervisor_pid {
+            anyhow::bail!("the supervisor (pid {supervisor_pid}) is gone; exiting");
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads.max(1))
         .thread_name(format!("talkbox-{}", service.name()))
