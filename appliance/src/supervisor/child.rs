@@ -37,7 +37,12 @@ pub fn spawn(service: Service, args: &ChildArgs) -> io::Result<(Child, UnixDatag
     if let Some(c) = &args.config {
         cmd.arg("--config").arg(c);
     }
-    cmd.env(LINK_FD_ENV, LINK_FD.to_string())
+    // Services report to us, never to systemd directly: only the supervisor is the unit's
+    // main process (NotifyAccess=main).
+    cmd.env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env(LINK_FD_ENV, LINK_FD.to_string())
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false);
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls

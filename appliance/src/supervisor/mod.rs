@@ -526,6 +526,12 @@ impl Supervisor {
         if all_ready && !self.told_systemd_ready {
             self.told_systemd_ready = true;
             tracing::info!("all services ready");
+            // The one line a new user looks for: where to point the browser.
+            for s in &self.slots {
+                if let Some(m) = &s.message {
+                    eprintln!("talkbox: {}: {m}", s.service.name());
+                }
+            }
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         }
         let summary = self
@@ -539,11 +545,11 @@ impl Supervisor {
             self.last_systemd_status = summary;
         }
         // Ping systemd only while the loop runs; a hung loop then gets the unit restarted.
-        if let Some(every) = self.watchdog_every {
-            if now.duration_since(self.last_systemd_ping) >= every {
-                self.last_systemd_ping = now;
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-            }
+        if let Some(every) = self.watchdog_every
+            && now.duration_since(self.last_systemd_ping) >= every
+        {
+            self.last_systemd_ping = now;
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         }
     }
 
