@@ -37,10 +37,7 @@ pub fn init(service: &str, level: &str) {
     if stderr_is_journal() {
         if let Ok(layer) = tracing_journald::layer() {
             let layer = layer.with_syslog_identifier(format!("talkbox-{service}"));
-            let _ = tracing_subscriber::registry()
-                .with(filter())
-                .with(layer)
-                .try_init();
+            let _ = tracing_subscriber::registry().with(filter()).with(layer).try_init();
             return;
         }
     }
@@ -51,10 +48,7 @@ pub fn init(service: &str, level: &str) {
             prefix: service.to_string(),
             inner: Format::default().with_target(false),
         });
-    let _ = tracing_subscriber::registry()
-        .with(filter())
-        .with(fmt)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(filter()).with(fmt).try_init();
 }
 
 /// The default line format with the service name in front, so that the interleaved stderr of
@@ -69,13 +63,9 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut w: Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> fmt::Result {
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &tracing::Event<'_>) -> fmt::Result {
         write!(w, "[{}] ", self.prefix)?;
         self.inner.format_event(ctx, w, event)
     }
 }
+

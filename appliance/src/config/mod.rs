@@ -251,12 +251,11 @@ impl SfuConfig {
             r.problem(
                 "media_port_max",
                 Some(c.media_port_max.to_string()),
-                format!(
-                    "must not be below sfu.media_port_min ({})",
-                    c.media_port_min
-                ),
+                format!("must not be below sfu.media_port_min ({})", c.media_port_min),
             );
-        } else if c.workers > 0 && u32::from(c.media_port_max - c.media_port_min) + 1 < c.workers {
+        } else if c.workers > 0
+            && u32::from(c.media_port_max - c.media_port_min) + 1 < c.workers
+        {
             r.problem(
                 "workers",
                 Some(c.workers.to_string()),
@@ -298,10 +297,7 @@ impl TurnConfig {
             r.problem(
                 "relay_port_max",
                 Some(c.relay_port_max.to_string()),
-                format!(
-                    "must not be below turn.relay_port_min ({})",
-                    c.relay_port_min
-                ),
+                format!("must not be below turn.relay_port_min ({})", c.relay_port_min),
             );
         }
         if c.port == c.tls_port {
@@ -438,8 +434,7 @@ impl Config {
     ) -> Config {
         macro_rules! section {
             ($name:literal, $ty:ty) => {{
-                let mut r =
-                    SectionReader::new($name, tables.get($name).copied(), text, problems, docs);
+                let mut r = SectionReader::new($name, tables.get($name).copied(), text, problems, docs);
                 let c = <$ty>::read(&mut r);
                 let lines = PORT_KEYS
                     .iter()
@@ -527,8 +522,7 @@ impl Config {
         let uses = self.port_uses();
         for (i, a) in uses.iter().enumerate() {
             for b in &uses[i + 1..] {
-                let same_host =
-                    a.proto == b.proto && a.range.0 <= b.range.1 && b.range.0 <= a.range.1;
+                let same_host = a.proto == b.proto && a.range.0 <= b.range.1 && b.range.0 <= a.range.1;
                 // turn.port is listed once per protocol; it does not overlap with itself.
                 if same_host && a.key != b.key {
                     let line = lines
@@ -543,14 +537,7 @@ impl Config {
                         value: Some(format!("{}-{}", b.range.0, b.range.1)),
                         message: format!(
                             "{} {} ports {}-{} overlap {} ({}, {}-{}); give each its own ports",
-                            b.what,
-                            b.proto,
-                            b.range.0,
-                            b.range.1,
-                            a.what,
-                            a.key,
-                            a.range.0,
-                            a.range.1
+                            b.what, b.proto, b.range.0, b.range.1, a.what, a.key, a.range.0, a.range.1
                         ),
                     });
                 }
@@ -624,12 +611,7 @@ pub fn read_config_text(path: &Path) -> Result<String, ConfigErrors> {
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| {
-        fail(format!(
-            "not UTF-8 text (byte {})",
-            e.utf8_error().valid_up_to()
-        ))
-    })
+    String::from_utf8(bytes).map_err(|e| fail(format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))
 }
 
 /// The key reference, as docs/config.md contains it between its markers.
@@ -640,18 +622,10 @@ pub fn reference_markdown() -> String {
     Config::read_all("", &tables, &mut problems, &mut docs);
     let mut out = String::new();
     for section in SECTIONS {
-        out.push_str(&format!(
-            "\n### `[{section}]`\n\n| key | type | default | meaning |\n|---|---|---|---|\n"
-        ));
-        for d in docs
-            .iter()
-            .filter(|d| d.key.split('.').next() == Some(section))
-        {
+        out.push_str(&format!("\n### `[{section}]`\n\n| key | type | default | meaning |\n|---|---|---|---|\n"));
+        for d in docs.iter().filter(|d| d.key.split('.').next() == Some(section)) {
             let key = d.key.split_once('.').map(|(_, k)| k).unwrap_or(&d.key);
-            out.push_str(&format!(
-                "| `{key}` | {} | `{}` | {} |\n",
-                d.kind, d.default, d.doc
-            ));
+            out.push_str(&format!("| `{key}` | {} | `{}` | {} |\n", d.kind, d.default, d.doc));
         }
     }
     out
@@ -690,9 +664,7 @@ mod tests {
     use super::*;
 
     fn problems(text: &str) -> Vec<Problem> {
-        Config::from_toml("t.toml", text)
-            .expect_err("config should be refused")
-            .problems
+        Config::from_toml("t.toml", text).expect_err("config should be refused").problems
     }
 
     #[test]
@@ -702,10 +674,7 @@ mod tests {
         assert_eq!(c.signaling.listen.to_string(), "127.0.0.1:8443");
         assert_eq!(c.web.listen.to_string(), "127.0.0.1:9443");
         assert_eq!((c.turn.port, c.turn.tls_port), (3478, 5349));
-        assert_eq!(
-            (c.turn.relay_port_min, c.turn.relay_port_max),
-            (20000, 29999)
-        );
+        assert_eq!((c.turn.relay_port_min, c.turn.relay_port_max), (20000, 29999));
         assert_eq!(c.sfu.media_port_min, 50000);
     }
 
@@ -731,11 +700,7 @@ mod tests {
         let p = problems("[turn]\nport = \"3478\"\n");
         assert_eq!(p[0].key, "turn.port");
         assert_eq!(p[0].line, 2);
-        assert!(
-            p[0].message.contains("expected an integer"),
-            "{}",
-            p[0].message
-        );
+        assert!(p[0].message.contains("expected an integer"), "{}", p[0].message);
         assert!(p[0].message.contains("found a string"));
     }
 
@@ -752,20 +717,13 @@ mod tests {
         let p = problems("[turn]\nrelay_port_min = 49000\nrelay_port_max = 50010\n");
         assert!(p.iter().any(|p| p.message.contains("overlap")), "{p:?}");
         let p = problems("[web]\nlisten = \"127.0.0.1:8443\"\n");
-        assert!(
-            p.iter()
-                .any(|p| p.key == "web.listen" && p.message.contains("overlap")),
-            "{p:?}"
-        );
+        assert!(p.iter().any(|p| p.key == "web.listen" && p.message.contains("overlap")), "{p:?}");
     }
 
     #[test]
     fn disabled_service_ports_do_not_overlap() {
-        Config::from_toml(
-            "t",
-            "[web]\nlisten = \"127.0.0.1:8443\"\n[signaling]\nenabled = false\n",
-        )
-        .expect("no overlap with a disabled service");
+        Config::from_toml("t", "[web]\nlisten = \"127.0.0.1:8443\"\n[signaling]\nenabled = false\n")
+            .expect("no overlap with a disabled service");
     }
 
     #[test]
@@ -784,19 +742,12 @@ mod tests {
 
     #[test]
     fn display_is_one_line_per_problem_with_file_line_key_value() {
-        let e = Config::from_toml("box.toml", "[turn]\nport = 70000\n[sfu]\nworkers = -1\n")
-            .expect_err("bad");
+        let e = Config::from_toml("box.toml", "[turn]\nport = 70000\n[sfu]\nworkers = -1\n").expect_err("bad");
         let text = e.to_string();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(
-            lines[0].starts_with("box.toml:2: turn.port = 70000: out of range"),
-            "{text}"
-        );
-        assert!(
-            lines[1].starts_with("box.toml:4: sfu.workers = -1:"),
-            "{text}"
-        );
+        assert!(lines[0].starts_with("box.toml:2: turn.port = 70000: out of range"), "{text}");
+        assert!(lines[1].starts_with("box.toml:4: sfu.workers = -1:"), "{text}");
     }
 
     #[test]
