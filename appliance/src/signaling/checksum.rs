@@ -41,6 +41,13 @@ pub fn verify(random: &str, body: &[u8], secret: &[u8], checksum: &str) -> bool 
     hmac::verify(&key, &msg, &tag).is_ok()
 }
 
+/// Equality of two secrets without an early exit (HMAC of both, then compare the tags).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, b"talkbox constant-time compare");
+    let tag = hmac::sign(&key, b);
+    hmac::verify(&key, a, tag.as_ref()).is_ok()
+}
+
 /// A fresh 64-character random string for outgoing requests.
 pub fn new_random() -> String {
     let mut b = [0u8; 32];
