@@ -491,7 +491,7 @@ async fn backend_requests_switchto_incall_all_invite_and_bad_checksums() {
         .0,
         403
     );
-    let (s, _, _) = raw_http(sig.http, format!("POST /api/v1/room/r HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}").as_bytes()).await;
+    let (s, _, _) = raw_http(sig.http, "POST /api/v1/room/r HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_string().as_bytes()).await;
     assert_eq!(s, 403);
     // Disinvite by Talk session id closes the session.
     assert_eq!(

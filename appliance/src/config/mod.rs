@@ -333,7 +333,7 @@ impl SignalingConfig {
             e.finish();
             backends.push(b);
         }
-        let c = Self {
+        Self {
             enabled,
             listen,
             http_listen: reader_socket_addr(&http_listen).ok(),
@@ -387,8 +387,7 @@ impl SignalingConfig {
                     }
                 },
             ),
-        };
-        c
+        }
     }
 }
 

@@ -168,6 +168,9 @@ impl Out {
     }
 }
 
+/// Talk sessions of one room to keep alive: (backend, room, [(user id, Talk session id)]).
+pub type PingBatch = (String, String, Vec<(String, String)>);
+
 /// Where a message goes, resolved from a public session id by the caller (which owns the codec).
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -659,13 +662,13 @@ impl Hub {
                 ApiError::new("invalid_format", "transient needs a key of 1 to 256 bytes")
             })?;
         // `sd:<sid>` keys belong to that session only.
-        if let Some(owner) = name.strip_prefix("sd:") {
-            if owner != s.public_id {
-                return Err(ApiError::new(
-                    "not_allowed",
-                    "Session data keys belong to their session.",
-                ));
-            }
+        if let Some(owner) = name.strip_prefix("sd:")
+            && owner != s.public_id
+        {
+            return Err(ApiError::new(
+                "not_allowed",
+                "Session data keys belong to their session.",
+            ));
         }
         let _ = request_id;
         let room = self.rooms.entry(key).or_default();
@@ -897,11 +900,11 @@ impl Hub {
             );
             out.broadcast(self.room_members(&key), &v);
         }
-        if let Some(c) = in_call {
-            if let Some(s) = self.sessions.get_mut(&sid) {
-                in_call_changed = s.in_call != c;
-                s.in_call = c;
-            }
+        if let Some(c) = in_call
+            && let Some(s) = self.sessions.get_mut(&sid)
+        {
+            in_call_changed = s.in_call != c;
+            s.in_call = c;
         }
         if in_call_changed {
             out.merge(self.participants_changed(&key, &[sid]));
@@ -1138,10 +1141,10 @@ impl Hub {
         if update.get("all").and_then(Value::as_bool) == Some(true) {
             let in_call = update.get("incall").and_then(Value::as_u64).unwrap_or(0) as u32;
             for sid in &members {
-                if let Some(s) = self.sessions.get_mut(sid) {
-                    if s.client_type == ClientType::Client {
-                        s.in_call = in_call;
-                    }
+                if let Some(s) = self.sessions.get_mut(sid)
+                    && s.client_type == ClientType::Client
+                {
+                    s.in_call = in_call;
                 }
             }
             let ev = api::event(
@@ -1172,14 +1175,14 @@ impl Hub {
                 let Some(s) = self.sessions.get_mut(&sid) else {
                     continue;
                 };
-                if list == "changed" {
-                    if let Some(p) = item.get("permissions").and_then(Value::as_array) {
-                        s.permissions = Some(
-                            p.iter()
-                                .filter_map(|x| x.as_str().map(str::to_string))
-                                .collect(),
-                        );
-                    }
+                if list == "changed"
+                    && let Some(p) = item.get("permissions").and_then(Value::as_array)
+                {
+                    s.permissions = Some(
+                        p.iter()
+                            .filter_map(|x| x.as_str().map(str::to_string))
+                            .collect(),
+                    );
                 }
                 if let Some(c) = item.get("inCall").and_then(Value::as_u64) {
                     s.in_call = c as u32;
@@ -1274,7 +1277,7 @@ impl Hub {
     }
 
     /// Talk sessions to keep alive with `ping`: (backend, room, [(user id, Talk session id)]).
-    pub fn ping_entries(&self) -> Vec<(String, String, Vec<(String, String)>)> {
+    pub fn ping_entries(&self) -> Vec<PingBatch> {
         let mut v = Vec::new();
         for ((backend, room_id), room) in &self.rooms {
             let entries: Vec<(String, String)> = room

@@ -82,10 +82,10 @@ pub fn verify(
     let (iat, exp, nbf) = (num("iat")?, num("exp")?, num("nbf")?);
     let not_yet = || ApiError::new("token_not_valid_yet", "The token is not valid yet.");
     let expired = || ApiError::new("token_expired", "The token is expired.");
-    if let Some(nbf) = nbf {
-        if nbf > now_unix + LEEWAY_S {
-            return Err(not_yet());
-        }
+    if let Some(nbf) = nbf
+        && nbf > now_unix + LEEWAY_S
+    {
+        return Err(not_yet());
     }
     let Some(iat) = iat else {
         return Err(not_yet());

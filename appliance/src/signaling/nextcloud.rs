@@ -136,10 +136,10 @@ impl NextcloudClient {
         let base = base_url(url);
         if !refresh {
             let cache = self.capabilities.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, c)) = cache.get(&base) {
-                if at.elapsed() < CAPABILITIES_TTL {
-                    return c.clone();
-                }
+            if let Some((at, c)) = cache.get(&base)
+                && at.elapsed() < CAPABILITIES_TTL
+            {
+                return c.clone();
             }
         }
         let caps_url = format!("{base}/ocs/v2.php/cloud/capabilities");

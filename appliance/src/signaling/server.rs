@@ -153,10 +153,10 @@ impl Server {
                 }
                 None => {
                     let mut parked = lock(&self.parked);
-                    if let Some(q) = parked.get_mut(&sid) {
-                        if q.len() < PARKED_FRAMES {
-                            q.push(text);
-                        }
+                    if let Some(q) = parked.get_mut(&sid)
+                        && q.len() < PARKED_FRAMES
+                    {
+                        q.push(text);
                     }
                 }
             }

@@ -383,13 +383,13 @@ pub async fn raw_http(server: SocketAddr, request: &[u8]) -> (u16, HeaderMap, St
         .unwrap_or(0);
     let mut headers = HeaderMap::new();
     for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            if let (Ok(k), Ok(v)) = (
+        if let Some((k, v)) = l.split_once(':')
+            && let (Ok(k), Ok(v)) = (
                 axum::http::HeaderName::try_from(k.trim()),
                 axum::http::HeaderValue::from_str(v.trim()),
-            ) {
-                headers.append(k, v);
-            }
+            )
+        {
+            headers.append(k, v);
         }
     }
     (status, headers, body.to_string())
