@@ -34,13 +34,12 @@ pub fn init(service: &str, level: &str) {
         EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| EnvFilter::new(format!("{level},hyper=warn,rustls=warn,h2=warn")))
     };
-    if stderr_is_journal() {
-        if let Ok(layer) = tracing_journald::layer() {
+    if stderr_is_journal()
+        && let Ok(layer) = tracing_journald::layer() {
             let layer = layer.with_syslog_identifier(format!("talkbox-{service}"));
             let _ = tracing_subscriber::registry().with(filter()).with(layer).try_init();
             return;
         }
-    }
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)

@@ -40,13 +40,11 @@ pub fn key_path(data: &DataDir) -> PathBuf {
 /// The names a self-signed certificate of this box carries.
 pub fn box_names(extra: &[String]) -> Vec<String> {
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    if let Ok(h) = nix::unistd::gethostname() {
-        if let Some(h) = h.to_str() {
-            if !h.is_empty() {
+    if let Ok(h) = nix::unistd::gethostname()
+        && let Some(h) = h.to_str()
+            && !h.is_empty() {
                 names.push(h.to_string());
             }
-        }
-    }
     for n in extra {
         if !names.contains(n) {
             names.push(n.clone());
