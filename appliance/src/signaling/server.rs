@@ -329,7 +329,8 @@ impl Server {
                 "The hello version is not supported.",
             ));
         }
-        if let Some(resume) = &hello.resumeid {
+        // Go clients send `"resumeid":""` with a fresh hello.
+        if let Some(resume) = hello.resumeid.as_ref().filter(|r| !r.is_empty()) {
             if self.throttled(conn.ip, "resume") {
                 return Err(ApiError::new("too_many_requests", "Too many requests."));
             }
@@ -608,13 +609,17 @@ impl Server {
         match r.kind.as_str() {
             "session" => {
                 let public = r.sessionid.as_deref().unwrap_or("");
-                if self.codec.decode_public(public).is_err() {
-                    return Err(ApiError::new(
-                        "no_such_session",
-                        "The recipient session id is not valid.",
-                    ));
-                }
-                Ok(Target::Session(self.hub().sid_of_public(public)))
+                // Any encoding of the session's data names it (ids carry a random IV), so the
+                // session is found by the decoded number, not by the exact string we issued.
+                let data = self.codec.decode_public(public).map_err(|_| {
+                    ApiError::new("no_such_session", "The recipient session id is not valid.")
+                })?;
+                let hub = self.hub();
+                let found = hub
+                    .session(data.sid)
+                    .filter(|s| s.backend == data.backend_id)
+                    .map(|s| s.sid);
+                Ok(Target::Session(found))
             }
             "user" => Ok(Target::User(r.userid.clone().unwrap_or_default())),
             "room" => Ok(Target::Room),
