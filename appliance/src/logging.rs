@@ -35,11 +35,15 @@ pub fn init(service: &str, level: &str) {
             .unwrap_or_else(|_| EnvFilter::new(format!("{level},hyper=warn,rustls=warn,h2=warn")))
     };
     if stderr_is_journal()
-        && let Ok(layer) = tracing_journald::layer() {
-            let layer = layer.with_syslog_identifier(format!("talkbox-{service}"));
-            let _ = tracing_subscriber::registry().with(filter()).with(layer).try_init();
-            return;
-        }
+        && let Ok(layer) = tracing_journald::layer()
+    {
+        let layer = layer.with_syslog_identifier(format!("talkbox-{service}"));
+        let _ = tracing_subscriber::registry()
+            .with(filter())
+            .with(layer)
+            .try_init();
+        return;
+    }
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -47,7 +51,10 @@ pub fn init(service: &str, level: &str) {
             prefix: service.to_string(),
             inner: Format::default().with_target(false),
         });
-    let _ = tracing_subscriber::registry().with(filter()).with(fmt).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter())
+        .with(fmt)
+        .try_init();
 }
 
 /// The default line format with the service name in front, so that the interleaved stderr of
@@ -62,9 +69,13 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &tracing::Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
         write!(w, "[{}] ", self.prefix)?;
         self.inner.format_event(ctx, w, event)
     }
 }
-

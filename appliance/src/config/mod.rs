@@ -76,7 +76,8 @@ pub struct BackendConfig {
 
 fn check_backend_url(s: &str) -> Result<(), String> {
     let ok = (s.starts_with("https://") || s.starts_with("http://"))
-        && s.parse::<axum::http::Uri>().is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()) && u.query().is_none());
+        && s.parse::<axum::http::Uri>()
+            .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()) && u.query().is_none());
     if ok {
         Ok(())
     } else {
@@ -129,10 +130,18 @@ impl BackendConfig {
             r.problem("id", None, "every [[signaling.backend]] needs an id");
         }
         if b.urls.is_empty() {
-            r.problem("urls", None, "every [[signaling.backend]] needs at least one URL");
+            r.problem(
+                "urls",
+                None,
+                "every [[signaling.backend]] needs at least one URL",
+            );
         }
         if b.secret.is_empty() {
-            r.problem("secret", None, "every [[signaling.backend]] needs the shared secret");
+            r.problem(
+                "secret",
+                None,
+                "every [[signaling.backend]] needs the shared secret",
+            );
         }
         b
     }
@@ -325,10 +334,22 @@ impl SignalingConfig {
             let mut e = r.entry("backend", i, t);
             let b = BackendConfig::read(&mut e);
             if backends.iter().any(|o| o.id == b.id) {
-                e.problem("id", Some(format!("{:?}", b.id)), "another [[signaling.backend]] has this id");
+                e.problem(
+                    "id",
+                    Some(format!("{:?}", b.id)),
+                    "another [[signaling.backend]] has this id",
+                );
             }
-            if let Some(u) = b.urls.iter().find(|u| backends.iter().any(|o| o.urls.contains(u))) {
-                e.problem("urls", Some(format!("{u:?}")), "another [[signaling.backend]] has this URL");
+            if let Some(u) = b
+                .urls
+                .iter()
+                .find(|u| backends.iter().any(|o| o.urls.contains(u)))
+            {
+                e.problem(
+                    "urls",
+                    Some(format!("{u:?}")),
+                    "another [[signaling.backend]] has this URL",
+                );
             }
             e.finish();
             backends.push(b);
@@ -429,11 +450,12 @@ impl SfuConfig {
             r.problem(
                 "media_port_max",
                 Some(c.media_port_max.to_string()),
-                format!("must not be below sfu.media_port_min ({})", c.media_port_min),
+                format!(
+                    "must not be below sfu.media_port_min ({})",
+                    c.media_port_min
+                ),
             );
-        } else if c.workers > 0
-            && u32::from(c.media_port_max - c.media_port_min) + 1 < c.workers
-        {
+        } else if c.workers > 0 && u32::from(c.media_port_max - c.media_port_min) + 1 < c.workers {
             r.problem(
                 "workers",
                 Some(c.workers.to_string()),
@@ -475,7 +497,10 @@ impl TurnConfig {
             r.problem(
                 "relay_port_max",
                 Some(c.relay_port_max.to_string()),
-                format!("must not be below turn.relay_port_min ({})", c.relay_port_min),
+                format!(
+                    "must not be below turn.relay_port_min ({})",
+                    c.relay_port_min
+                ),
             );
         }
         if c.port == c.tls_port {
@@ -612,7 +637,8 @@ impl Config {
     ) -> Config {
         macro_rules! section {
             ($name:literal, $ty:ty) => {{
-                let mut r = SectionReader::new($name, tables.get($name).copied(), text, problems, docs);
+                let mut r =
+                    SectionReader::new($name, tables.get($name).copied(), text, problems, docs);
                 let c = <$ty>::read(&mut r);
                 let lines = PORT_KEYS
                     .iter()
@@ -708,7 +734,8 @@ impl Config {
         let uses = self.port_uses();
         for (i, a) in uses.iter().enumerate() {
             for b in &uses[i + 1..] {
-                let same_host = a.proto == b.proto && a.range.0 <= b.range.1 && b.range.0 <= a.range.1;
+                let same_host =
+                    a.proto == b.proto && a.range.0 <= b.range.1 && b.range.0 <= a.range.1;
                 // turn.port is listed once per protocol; it does not overlap with itself.
                 if same_host && a.key != b.key {
                     let line = lines
@@ -723,7 +750,14 @@ impl Config {
                         value: Some(format!("{}-{}", b.range.0, b.range.1)),
                         message: format!(
                             "{} {} ports {}-{} overlap {} ({}, {}-{}); give each its own ports",
-                            b.what, b.proto, b.range.0, b.range.1, a.what, a.key, a.range.0, a.range.1
+                            b.what,
+                            b.proto,
+                            b.range.0,
+                            b.range.1,
+                            a.what,
+                            a.key,
+                            a.range.0,
+                            a.range.1
                         ),
                     });
                 }
@@ -798,7 +832,12 @@ pub fn read_config_text(path: &Path) -> Result<String, ConfigErrors> {
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| fail(format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))
+    String::from_utf8(bytes).map_err(|e| {
+        fail(format!(
+            "not UTF-8 text (byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
 }
 
 /// The key reference, as docs/config.md contains it between its markers.
@@ -809,10 +848,18 @@ pub fn reference_markdown() -> String {
     Config::read_all("", &tables, &mut problems, &mut docs);
     let mut out = String::new();
     for section in SECTIONS {
-        out.push_str(&format!("\n### `[{section}]`\n\n| key | type | default | meaning |\n|---|---|---|---|\n"));
-        for d in docs.iter().filter(|d| d.key.split('.').next() == Some(section)) {
+        out.push_str(&format!(
+            "\n### `[{section}]`\n\n| key | type | default | meaning |\n|---|---|---|---|\n"
+        ));
+        for d in docs
+            .iter()
+            .filter(|d| d.key.split('.').next() == Some(section))
+        {
             let key = d.key.split_once('.').map(|(_, k)| k).unwrap_or(&d.key);
-            out.push_str(&format!("| `{key}` | {} | `{}` | {} |\n", d.kind, d.default, d.doc));
+            out.push_str(&format!(
+                "| `{key}` | {} | `{}` | {} |\n",
+                d.kind, d.default, d.doc
+            ));
         }
     }
     out
@@ -851,7 +898,9 @@ mod tests {
     use super::*;
 
     fn problems(text: &str) -> Vec<Problem> {
-        Config::from_toml("t.toml", text).expect_err("config should be refused").problems
+        Config::from_toml("t.toml", text)
+            .expect_err("config should be refused")
+            .problems
     }
 
     #[test]
@@ -861,7 +910,10 @@ mod tests {
         assert_eq!(c.signaling.listen.to_string(), "127.0.0.1:8443");
         assert_eq!(c.web.listen.to_string(), "127.0.0.1:9443");
         assert_eq!((c.turn.port, c.turn.tls_port), (3478, 5349));
-        assert_eq!((c.turn.relay_port_min, c.turn.relay_port_max), (20000, 29999));
+        assert_eq!(
+            (c.turn.relay_port_min, c.turn.relay_port_max),
+            (20000, 29999)
+        );
         assert_eq!(c.sfu.media_port_min, 50000);
     }
 
@@ -887,7 +939,11 @@ mod tests {
         let p = problems("[turn]\nport = \"3478\"\n");
         assert_eq!(p[0].key, "turn.port");
         assert_eq!(p[0].line, 2);
-        assert!(p[0].message.contains("expected an integer"), "{}", p[0].message);
+        assert!(
+            p[0].message.contains("expected an integer"),
+            "{}",
+            p[0].message
+        );
         assert!(p[0].message.contains("found a string"));
     }
 
@@ -904,13 +960,20 @@ mod tests {
         let p = problems("[turn]\nrelay_port_min = 49000\nrelay_port_max = 50010\n");
         assert!(p.iter().any(|p| p.message.contains("overlap")), "{p:?}");
         let p = problems("[web]\nlisten = \"127.0.0.1:8443\"\n");
-        assert!(p.iter().any(|p| p.key == "web.listen" && p.message.contains("overlap")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|p| p.key == "web.listen" && p.message.contains("overlap")),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn disabled_service_ports_do_not_overlap() {
-        Config::from_toml("t", "[web]\nlisten = \"127.0.0.1:8443\"\n[signaling]\nenabled = false\n")
-            .expect("no overlap with a disabled service");
+        Config::from_toml(
+            "t",
+            "[web]\nlisten = \"127.0.0.1:8443\"\n[signaling]\nenabled = false\n",
+        )
+        .expect("no overlap with a disabled service");
     }
 
     #[test]
@@ -929,12 +992,19 @@ mod tests {
 
     #[test]
     fn display_is_one_line_per_problem_with_file_line_key_value() {
-        let e = Config::from_toml("box.toml", "[turn]\nport = 70000\n[sfu]\nworkers = -1\n").expect_err("bad");
+        let e = Config::from_toml("box.toml", "[turn]\nport = 70000\n[sfu]\nworkers = -1\n")
+            .expect_err("bad");
         let text = e.to_string();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("box.toml:2: turn.port = 70000: out of range"), "{text}");
-        assert!(lines[1].starts_with("box.toml:4: sfu.workers = -1:"), "{text}");
+        assert!(
+            lines[0].starts_with("box.toml:2: turn.port = 70000: out of range"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("box.toml:4: sfu.workers = -1:"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -961,7 +1031,10 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.signaling.backends.len(), 1);
-        assert_eq!(c.signaling.backends[0].urls, vec!["https://cloud.example.com".to_string()]);
+        assert_eq!(
+            c.signaling.backends[0].urls,
+            vec!["https://cloud.example.com".to_string()]
+        );
         assert_eq!(c.signaling.backends[0].session_limit, 5);
         assert!(!c.signaling.allow_all, "allow_all is off by default");
     }
@@ -975,7 +1048,10 @@ mod tests {
         assert!(keys.contains(&("signaling.backend[0].urls", 3)), "{p:?}");
         assert!(keys.contains(&("signaling.backend[0].secret", 4)), "{p:?}");
         assert!(keys.contains(&("signaling.backend[0].secrte", 5)), "{p:?}");
-        assert!(keys.iter().any(|(k, _)| *k == "signaling.backend[1].id"), "{p:?}");
+        assert!(
+            keys.iter().any(|(k, _)| *k == "signaling.backend[1].id"),
+            "{p:?}"
+        );
         let p = problems("[signaling]\nbackend = 3\n");
         assert_eq!(p[0].key, "signaling.backend");
     }

@@ -105,7 +105,11 @@ impl<'a, 'i> SectionReader<'a, 'i> {
                         other => self.problem(
                             key,
                             Some(show(other)),
-                            format!("expected a table ([[{}.{key}]]), found {}", self.section, type_name(other)),
+                            format!(
+                                "expected a table ([[{}.{key}]]), found {}",
+                                self.section,
+                                type_name(other)
+                            ),
                         ),
                     }
                 }
@@ -119,7 +123,12 @@ impl<'a, 'i> SectionReader<'a, 'i> {
     }
 
     /// A reader for one entry of an array of tables, named `section.key[index]` in problems.
-    pub fn entry<'b>(&'b mut self, key: &str, index: usize, table: &'b DeTable<'i>) -> SectionReader<'b, 'i> {
+    pub fn entry<'b>(
+        &'b mut self,
+        key: &str,
+        index: usize,
+        table: &'b DeTable<'i>,
+    ) -> SectionReader<'b, 'i> {
         SectionReader {
             section: Cow::Owned(format!("{}.{key}[{index}]", self.section)),
             table: Some(table),
@@ -222,7 +231,11 @@ impl<'a, 'i> SectionReader<'a, 'i> {
                     }
                 },
                 _ => {
-                    self.wrong_type(key, v, &format!("an integer from {} to {}", range.0, range.1));
+                    self.wrong_type(
+                        key,
+                        v,
+                        &format!("an integer from {} to {}", range.0, range.1),
+                    );
                     default
                 }
             },
@@ -315,10 +328,13 @@ impl<'a, 'i> SectionReader<'a, 'i> {
     }
 
     /// A socket address `ip:port`.
-    pub fn socket_addr(&mut self, key: &'static str, default: &str, doc: &'static str) -> SocketAddr {
-        let s = self.string(key, default, doc, |s| {
-            parse_socket_addr(s).map(|_| ())
-        });
+    pub fn socket_addr(
+        &mut self,
+        key: &'static str,
+        default: &str,
+        doc: &'static str,
+    ) -> SocketAddr {
+        let s = self.string(key, default, doc, |s| parse_socket_addr(s).map(|_| ()));
         parse_socket_addr(&s)
             .or_else(|_| parse_socket_addr(default))
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -381,7 +397,11 @@ impl<'a, 'i> SectionReader<'a, 'i> {
                     line,
                     key: format!("{}.{}", self.section, name),
                     value: Some(show(value.get_ref())),
-                    message: format!("unknown key; keys of [{}]: {}", self.section, known.join(", ")),
+                    message: format!(
+                        "unknown key; keys of [{}]: {}",
+                        self.section,
+                        known.join(", ")
+                    ),
                 });
             }
         }
@@ -403,7 +423,11 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
 /// 1-based line number of a byte offset.
 pub fn line_of_offset(source: &str, offset: usize) -> usize {
     let end = offset.min(source.len());
-    source.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    source.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 pub(crate) fn type_name(v: &DeValue<'_>) -> &'static str {
