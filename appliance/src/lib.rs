@@ -16,6 +16,7 @@ pub mod privileges;
 pub mod secrets;
 pub mod service;
 pub mod service_runtime;
+pub mod signaling;
 pub mod storage;
 pub mod supervisor;
 pub mod tls;

@@ -42,7 +42,7 @@ impl Service {
 
     /// Whether this build contains the service.
     pub fn built(self) -> bool {
-        matches!(self, Service::Web)
+        matches!(self, Service::Web | Service::Signaling)
     }
 
     /// Whether the config asks for the service.

@@ -44,6 +44,107 @@ pub struct SupervisorConfig {
 pub struct SignalingConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+    pub backends: Vec<BackendConfig>,
+    pub allow_all: bool,
+    pub builtin_backend: bool,
+    pub hello_timeout_ms: u64,
+    pub backend_timeout_s: u64,
+    pub connections_per_host: u32,
+    pub ping_interval_s: u64,
+    pub max_stream_bitrate: u64,
+    pub max_screen_bitrate: u64,
+    pub max_sessions: u32,
+    pub trusted_proxies: Vec<IpAddr>,
+    pub stats_allowed_ips: Vec<IpAddr>,
+    pub turn_servers: Vec<String>,
+}
+
+/// One `[[signaling.backend]]`: a Nextcloud server allowed to use this box as its HPB.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    pub id: String,
+    /// Base URLs (`https://cloud.example.com/`), without a trailing slash.
+    pub urls: Vec<String>,
+    pub secret: String,
+    /// Most client sessions at once; 0 = no limit.
+    pub session_limit: u32,
+    /// Bitrate caps in bit/s; 0 = the `[signaling]` defaults.
+    pub max_stream_bitrate: u64,
+    pub max_screen_bitrate: u64,
+}
+
+fn check_backend_url(s: &str) -> Result<(), String> {
+    let ok = (s.starts_with("https://") || s.starts_with("http://"))
+        && s.parse::<axum::http::Uri>()
+            .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()) && u.query().is_none());
+    if ok {
+        Ok(())
+    } else {
+        Err("expected the Nextcloud base URL, such as https://cloud.example.com/ or https://example.com/nextcloud/".into())
+    }
+}
+
+impl BackendConfig {
+    fn read(r: &mut SectionReader<'_, '_>) -> Self {
+        let b = Self {
+            id: r.string(
+                "id",
+                "",
+                "Name of the backend in logs and metrics (letters, digits, `-`, `_`).",
+                |s| {
+                    if !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                        Ok(())
+                    } else {
+                        Err("expected 1 to 64 letters, digits, '-' or '_'".into())
+                    }
+                },
+            ),
+            urls: r
+                .string_list(
+                    "urls",
+                    &[],
+                    "Base URLs of the Nextcloud server; requests and hellos from other URLs are refused with `invalid_backend`.",
+                    check_backend_url,
+                )
+                .into_iter()
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect(),
+            secret: r.string(
+                "secret",
+                "",
+                "Shared secret, as entered in Talk's \"High-performance backend\" settings (at least 16 characters).",
+                |s| {
+                    if s.len() >= 16 && s.len() <= 1024 {
+                        Ok(())
+                    } else {
+                        Err("expected 16 to 1024 characters".into())
+                    }
+                },
+            ),
+            session_limit: r.int("session_limit", 0, (0, 1_000_000), "Most client sessions of this backend at once; 0 = no limit.") as u32,
+            max_stream_bitrate: r.int("max_stream_bitrate", 0, (0, 100_000_000), "Camera bitrate cap in bit/s for this backend; 0 = `signaling.max_stream_bitrate`.") as u64,
+            max_screen_bitrate: r.int("max_screen_bitrate", 0, (0, 100_000_000), "Screen-share bitrate cap in bit/s for this backend; 0 = `signaling.max_screen_bitrate`.") as u64,
+        };
+        if b.id.is_empty() {
+            r.problem("id", None, "every [[signaling.backend]] needs an id");
+        }
+        if b.urls.is_empty() {
+            r.problem(
+                "urls",
+                None,
+                "every [[signaling.backend]] needs at least one URL",
+            );
+        }
+        if b.secret.is_empty() {
+            r.problem(
+                "secret",
+                None,
+                "every [[signaling.backend]] needs the shared secret",
+            );
+        }
+        b
+    }
 }
 
 /// `[sfu]`: the media node.
@@ -209,14 +310,112 @@ impl SupervisorConfig {
 
 impl SignalingConfig {
     fn read(r: &mut SectionReader<'_, '_>) -> Self {
+        let enabled = r.bool("enabled", true, "Run the signaling service.");
+        let listen = r.socket_addr(
+            "listen",
+            "127.0.0.1:8443",
+            "HTTPS address of the signaling API (`/spreed`, `/api/v1/...`) and the meeting page.",
+        );
+        let http_listen = r.string(
+            "http_listen",
+            "",
+            "Plain-HTTP address of the same API, for a TLS-terminating reverse proxy on the box or loopback tests; empty = none.",
+            |s| if s.is_empty() { Ok(()) } else { reader_socket_addr(s).map(|_| ()) },
+        );
+        let tables = r.table_array(
+            "backend",
+            "Nextcloud servers allowed to use this box (`[[signaling.backend]]` with `id`, `urls`, `secret`, and optional `session_limit`, `max_stream_bitrate`, `max_screen_bitrate`).",
+            |e| {
+                BackendConfig::read(e);
+            },
+        );
+        let mut backends: Vec<BackendConfig> = Vec::new();
+        for (i, t) in tables.into_iter().enumerate() {
+            let mut e = r.entry("backend", i, t);
+            let b = BackendConfig::read(&mut e);
+            if backends.iter().any(|o| o.id == b.id) {
+                e.problem(
+                    "id",
+                    Some(format!("{:?}", b.id)),
+                    "another [[signaling.backend]] has this id",
+                );
+            }
+            if let Some(u) = b
+                .urls
+                .iter()
+                .find(|u| backends.iter().any(|o| o.urls.contains(u)))
+            {
+                e.problem(
+                    "urls",
+                    Some(format!("{u:?}")),
+                    "another [[signaling.backend]] has this URL",
+                );
+            }
+            e.finish();
+            backends.push(b);
+        }
         Self {
-            enabled: r.bool("enabled", true, "Run the signaling service."),
-            listen: r.socket_addr(
-                "listen",
-                "127.0.0.1:8443",
-                "HTTPS address of the signaling API (`/spreed`, `/api/v1/...`) and the meeting page.",
+            enabled,
+            listen,
+            http_listen: reader_socket_addr(&http_listen).ok(),
+            backends,
+            allow_all: r.bool(
+                "allow_all",
+                false,
+                "Accept any Nextcloud URL with the built-in backend secret. Insecure: for test setups only.",
+            ),
+            builtin_backend: r.bool(
+                "builtin_backend",
+                true,
+                "Serve stand-alone rooms (meeting page, links) from the built-in backend.",
+            ),
+            hello_timeout_ms: r.int("hello_timeout_ms", 2000, (100, 60_000), "A client must send `hello` within this time after connecting.") as u64,
+            backend_timeout_s: r.int("backend_timeout_s", 10, (1, 120), "Timeout of requests to Nextcloud (auth, room, ping, capabilities).") as u64,
+            connections_per_host: r.int("connections_per_host", 8, (1, 1024), "Most simultaneous requests to one Nextcloud host.") as u32,
+            ping_interval_s: r.int("ping_interval_s", 10, (1, 10), "How often Talk sessions in rooms are kept alive with `ping` requests.") as u64,
+            max_stream_bitrate: r.int("max_stream_bitrate", 1_048_576, (10_000, 100_000_000), "Default camera bitrate cap in bit/s announced in `room` replies.") as u64,
+            max_screen_bitrate: r.int("max_screen_bitrate", 2_097_152, (10_000, 100_000_000), "Default screen-share bitrate cap in bit/s announced in `room` replies.") as u64,
+            max_sessions: r.int("max_sessions", 10_000, (1, 1_000_000), "Most WebSocket connections at once.") as u32,
+            trusted_proxies: r
+                .string_list(
+                    "trusted_proxies",
+                    &[],
+                    "Reverse proxies whose `X-Real-IP` / `X-Forwarded-For` name the client (for throttling and logs).",
+                    check_ip,
+                )
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+            stats_allowed_ips: r
+                .string_list(
+                    "stats_allowed_ips",
+                    &["127.0.0.1", "::1"],
+                    "Addresses allowed to read `/api/v1/stats`, `/api/v1/serverinfo` and `/metrics`.",
+                    check_ip,
+                )
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+            turn_servers: r.string_list(
+                "turn_servers",
+                &[],
+                "TURN URIs returned by `/turn/credentials` (such as `turn:turn.example.org:3478?transport=udp`); empty = the endpoint answers 404.",
+                |s| {
+                    if (s.starts_with("turn:") || s.starts_with("turns:")) && s.len() <= 256 && !s.contains(char::is_whitespace) {
+                        Ok(())
+                    } else {
+                        Err("expected a turn: or turns: URI".into())
+                    }
+                },
             ),
         }
+    }
+}
+
+fn reader_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    match s.parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 => Ok(a),
+        _ => Err("expected ADDRESS:PORT such as 127.0.0.1:8080".into()),
     }
 }
 
@@ -480,6 +679,14 @@ impl Config {
                 range: one(self.signaling.listen.port()),
             });
         }
+        if let (true, Some(a)) = (self.signaling.enabled, self.signaling.http_listen) {
+            uses.push(PortUse {
+                what: "signaling (plain HTTP)",
+                key: "signaling.http_listen",
+                proto: "tcp",
+                range: one(a.port()),
+            });
+        }
         if self.web.enabled {
             uses.push(PortUse {
                 what: "the setup page",
@@ -574,7 +781,7 @@ impl Config {
     /// CAP_NET_BIND_SERVICE.
     pub fn lowest_port_of(&self, service: &str) -> Option<u16> {
         let keys: &[&str] = match service {
-            "signaling" => &["signaling.listen"],
+            "signaling" => &["signaling.listen", "signaling.http_listen"],
             "web" => &["web.listen"],
             "turn" => &["turn.port", "turn.tls_port", "turn.relay_port_min"],
             "sfu" => &["sfu.media_port_min"],
@@ -591,6 +798,7 @@ impl Config {
 /// Keys whose line is needed by the cross-section port check.
 const PORT_KEYS: &[(&str, &str)] = &[
     ("signaling", "listen"),
+    ("signaling", "http_listen"),
     ("web", "listen"),
     ("turn", "port"),
     ("turn", "tls_port"),
@@ -819,5 +1027,38 @@ mod tests {
             reference_markdown().trim(),
             "docs/config.md is out of date: run `talkbox config reference` and paste its output between the markers"
         );
+    }
+
+    #[test]
+    fn signaling_backends_are_read_with_their_keys() {
+        let c = Config::from_toml(
+            "t",
+            "[[signaling.backend]]\nid = \"nc1\"\nurls = [\"https://cloud.example.com/\"]\nsecret = \"0123456789abcdef0\"\nsession_limit = 5\n",
+        )
+        .expect("valid");
+        assert_eq!(c.signaling.backends.len(), 1);
+        assert_eq!(
+            c.signaling.backends[0].urls,
+            vec!["https://cloud.example.com".to_string()]
+        );
+        assert_eq!(c.signaling.backends[0].session_limit, 5);
+        assert!(!c.signaling.allow_all, "allow_all is off by default");
+    }
+
+    #[test]
+    fn bad_signaling_backend_entries_are_named_with_lines() {
+        let p = problems(
+            "[[signaling.backend]]\nid = \"a\"\nurls = [\"ftp://x\"]\nsecret = \"short\"\nsecrte = 1\n[[signaling.backend]]\nurls = [\"https://b/\"]\nsecret = \"0123456789abcdef0\"\n",
+        );
+        let keys: Vec<(&str, usize)> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert!(keys.contains(&("signaling.backend[0].urls", 3)), "{p:?}");
+        assert!(keys.contains(&("signaling.backend[0].secret", 4)), "{p:?}");
+        assert!(keys.contains(&("signaling.backend[0].secrte", 5)), "{p:?}");
+        assert!(
+            keys.iter().any(|(k, _)| *k == "signaling.backend[1].id"),
+            "{p:?}"
+        );
+        let p = problems("[signaling]\nbackend = 3\n");
+        assert_eq!(p[0].key, "signaling.backend");
     }
 }

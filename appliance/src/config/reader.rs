@@ -38,7 +38,7 @@ pub struct KeyDoc {
 
 /// Reads the keys of one `[section]`, see the module documentation.
 pub struct SectionReader<'a, 'i> {
-    section: &'static str,
+    section: Cow<'static, str>,
     table: Option<&'a DeTable<'i>>,
     source: &'a str,
     used: Vec<&'static str>,
@@ -46,6 +46,9 @@ pub struct SectionReader<'a, 'i> {
     pub(crate) docs: &'a mut Vec<KeyDoc>,
     /// Lines of the keys read so far, for problems that involve several keys.
     lines: Vec<(&'static str, usize)>,
+    /// False for the entries of an array of tables: their keys are documented once, by a pass
+    /// over an empty entry, not once per entry.
+    document: bool,
 }
 
 impl<'a, 'i> SectionReader<'a, 'i> {
@@ -57,13 +60,84 @@ impl<'a, 'i> SectionReader<'a, 'i> {
         docs: &'a mut Vec<KeyDoc>,
     ) -> Self {
         Self {
-            section,
+            section: Cow::Borrowed(section),
             table,
             source,
             used: Vec::new(),
             problems,
             docs,
             lines: Vec::new(),
+            document: true,
+        }
+    }
+
+    /// An array of tables (`[[section.key]]`): returns its entries with their lines; each is then
+    /// read with [`SectionReader::entry`]. `document_entry` documents the entry keys once.
+    pub fn table_array(
+        &mut self,
+        key: &'static str,
+        doc: &'static str,
+        document_entry: impl FnOnce(&mut SectionReader<'_, 'i>),
+    ) -> Vec<&'a DeTable<'i>> {
+        let found = self.lookup(key, "array of tables", "none".into(), doc);
+        {
+            let mut scratch = Vec::new();
+            let name = format!("{}.{}", self.section, key);
+            let mut r = SectionReader {
+                section: Cow::Owned(name),
+                table: None,
+                source: self.source,
+                used: Vec::new(),
+                problems: &mut scratch,
+                docs: &mut *self.docs,
+                lines: Vec::new(),
+                document: self.document,
+            };
+            document_entry(&mut r);
+        }
+        let Some(v) = found else { return Vec::new() };
+        match v.get_ref() {
+            DeValue::Array(items) => {
+                let mut out = Vec::new();
+                for item in items.iter() {
+                    match item.get_ref() {
+                        DeValue::Table(t) => out.push(t),
+                        other => self.problem(
+                            key,
+                            Some(show(other)),
+                            format!(
+                                "expected a table ([[{}.{key}]]), found {}",
+                                self.section,
+                                type_name(other)
+                            ),
+                        ),
+                    }
+                }
+                out
+            }
+            _ => {
+                self.wrong_type(key, v, &format!("[[{}.{key}]] tables", self.section));
+                Vec::new()
+            }
+        }
+    }
+
+    /// A reader for one entry of an array of tables, named `section.key[index]` in problems.
+    pub fn entry<'b>(
+        &'b mut self,
+        key: &str,
+        index: usize,
+        table: &'b DeTable<'i>,
+    ) -> SectionReader<'b, 'i> {
+        SectionReader {
+            section: Cow::Owned(format!("{}.{key}[{index}]", self.section)),
+            table: Some(table),
+            source: self.source,
+            used: Vec::new(),
+            problems: &mut *self.problems,
+            docs: &mut *self.docs,
+            lines: Vec::new(),
+            document: false,
         }
     }
 
@@ -95,12 +169,14 @@ impl<'a, 'i> SectionReader<'a, 'i> {
         doc: &'static str,
     ) -> Option<&'a Spanned<DeValue<'i>>> {
         self.used.push(key);
-        self.docs.push(KeyDoc {
-            key: format!("{}.{}", self.section, key),
-            kind,
-            default,
-            doc,
-        });
+        if self.document {
+            self.docs.push(KeyDoc {
+                key: format!("{}.{}", self.section, key),
+                kind,
+                default,
+                doc,
+            });
+        }
         let table = self.table?;
         let value = table.get(key)?;
         let line = line_of_offset(self.source, value.span().start);

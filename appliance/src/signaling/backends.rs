@@ -1,0 +1,135 @@
+//! Which Nextcloud servers may use this box, and how a request or hello names one.
+//!
+//! A backend is found by URL: a hello's `auth.url` (everything from `ocs/v2.php/apps/spreed/`
+//! on is ignored, as upstream does) or a request's `Spreed-Signaling-Backend` header. A URL
+//! that matches no `[[signaling.backend]]` is refused with `invalid_backend`, unless
+//! `allow_all` is on (test setups), in which case it is accepted with the box's own backend
+//! secret. No I/O.
+
+use crate::config::{BackendConfig, SignalingConfig};
+
+/// Id of the backend that stands for "any URL" when `allow_all` is on.
+pub const ALLOW_ALL_ID: &str = "allow-all";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub id: String,
+    pub urls: Vec<String>,
+    pub secret: Vec<u8>,
+    pub session_limit: u32,
+    pub max_stream_bitrate: u64,
+    pub max_screen_bitrate: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Backends {
+    list: Vec<Backend>,
+    allow_all: Option<Backend>,
+}
+
+/// The Nextcloud base URL of a hello `auth.url` or a backend header.
+pub fn base_url(url: &str) -> String {
+    let cut = url.find("ocs/v2.php/").map(|i| &url[..i]).unwrap_or(url);
+    cut.trim_end_matches('/').to_string()
+}
+
+impl Backends {
+    pub fn new(config: &SignalingConfig, own_secret: &str) -> Self {
+        let bitrate = |v: u64, default: u64| if v == 0 { default } else { v };
+        let list = config
+            .backends
+            .iter()
+            .map(|b: &BackendConfig| Backend {
+                id: b.id.clone(),
+                urls: b.urls.clone(),
+                secret: b.secret.as_bytes().to_vec(),
+                session_limit: b.session_limit,
+                max_stream_bitrate: bitrate(b.max_stream_bitrate, config.max_stream_bitrate),
+                max_screen_bitrate: bitrate(b.max_screen_bitrate, config.max_screen_bitrate),
+            })
+            .collect();
+        let allow_all = config.allow_all.then(|| Backend {
+            id: ALLOW_ALL_ID.into(),
+            urls: Vec::new(),
+            secret: own_secret.as_bytes().to_vec(),
+            session_limit: 0,
+            max_stream_bitrate: config.max_stream_bitrate,
+            max_screen_bitrate: config.max_screen_bitrate,
+        });
+        Self { list, allow_all }
+    }
+
+    /// The backend serving `url`, if any.
+    pub fn for_url(&self, url: &str) -> Option<&Backend> {
+        let base = base_url(url);
+        let lower = base.to_ascii_lowercase();
+        self.list
+            .iter()
+            .find(|b| {
+                b.urls
+                    .iter()
+                    .any(|u| u.eq_ignore_ascii_case(&lower) || u.eq_ignore_ascii_case(&base))
+            })
+            .or(self.allow_all.as_ref())
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Backend> {
+        self.list
+            .iter()
+            .chain(self.allow_all.as_ref())
+            .find(|b| b.id == id)
+    }
+
+    /// Every backend whose secret a request without a backend header might use.
+    pub fn all(&self) -> impl Iterator<Item = &Backend> {
+        self.list.iter().chain(self.allow_all.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config(extra: &str) -> SignalingConfig {
+        Config::from_toml(
+            "t",
+            &format!(
+                "[signaling]\n{extra}\n[[signaling.backend]]\nid = \"nc1\"\nurls = [\"https://cloud.example.com/\"]\nsecret = \"0123456789abcdef0\"\n"
+            ),
+        )
+        .expect("valid")
+        .signaling
+    }
+
+    #[test]
+    fn hello_url_is_matched_by_its_nextcloud_base() {
+        let b = Backends::new(&config(""), "own-secret-own-secret-own-secret");
+        let url = "https://cloud.example.com/ocs/v2.php/apps/spreed/api/v3/signaling/backend";
+        assert_eq!(b.for_url(url).map(|b| b.id.as_str()), Some("nc1"));
+        assert_eq!(
+            b.for_url("https://cloud.example.com/")
+                .map(|b| b.id.as_str()),
+            Some("nc1")
+        );
+        assert!(
+            b.for_url("https://evil.example.com/ocs/v2.php/apps/spreed/api/v3/signaling/backend")
+                .is_none()
+        );
+        assert_eq!(
+            b.by_id("nc1").map(|b| b.max_stream_bitrate),
+            Some(1_048_576)
+        );
+    }
+
+    #[test]
+    fn allow_all_accepts_any_url_with_the_own_secret() {
+        let b = Backends::new(
+            &config("allow_all = true"),
+            "own-secret-own-secret-own-secret",
+        );
+        let any = b.for_url("http://10.0.0.1:1234/auth").expect("allowed");
+        assert_eq!(any.id, ALLOW_ALL_ID);
+        assert_eq!(any.secret, b"own-secret-own-secret-own-secret".to_vec());
+    }
+}
