@@ -109,7 +109,75 @@ pub fn ensure_all(data: &DataDir) -> Result<(), SecretError> {
         })?;
         tracing::info!(file = %path.display(), "created secret");
     }
+    ensure_proxy_token_key(data)
+}
+
+/// File of the RSA key the signaling service signs its `/proxy` hello tokens (RS256) with; the
+/// SFU checks them with the public half. Token id: [`PROXY_TOKEN_ID`].
+pub fn proxy_token_key_path(data: &DataDir) -> PathBuf {
+    data.secrets_dir().join("proxy-token-key.pem")
+}
+
+/// The token id (`iss` claim and key name) of the box's own signaling server towards its SFU.
+pub const PROXY_TOKEN_ID: &str = "talkbox-signaling";
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn ensure_proxy_token_key(data: &DataDir) -> Result<(), SecretError> {
+    use aws_lc_rs::encoding::AsDer;
+    let path = proxy_token_key_path(data);
+    if path.exists() {
+        proxy_token_keys(data)?;
+        return Ok(());
+    }
+    let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+        .map_err(|_| SecretError::Random("RSA key generation failed".into()))?;
+    let der = key
+        .as_der()
+        .map_err(|_| SecretError::Random("RSA key encoding failed".into()))?;
+    storage::write_atomic(&path, pem("PRIVATE KEY", der.as_ref()).as_bytes(), 0o600).map_err(
+        |source| SecretError::Io {
+            path: path.clone(),
+            source,
+        },
+    )?;
+    tracing::info!(file = %path.display(), "created proxy token key");
     Ok(())
+}
+
+/// The proxy token key as (private PKCS#8 PEM, public SubjectPublicKeyInfo PEM).
+pub fn proxy_token_keys(data: &DataDir) -> Result<(String, String), SecretError> {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::KeyPair as _;
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let path = proxy_token_key_path(data);
+    let text = fs::read_to_string(&path).map_err(|source| SecretError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let malformed = |reason| SecretError::Malformed {
+        path: path.clone(),
+        reason,
+    };
+    let der = PrivatePkcs8KeyDer::from_pem_slice(text.as_bytes())
+        .map_err(|_| malformed("not a PKCS#8 PEM private key"))?;
+    let key = aws_lc_rs::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der())
+        .map_err(|_| malformed("not an RSA key"))?;
+    let public = key
+        .public_key()
+        .as_der()
+        .map_err(|_| malformed("public key cannot be encoded"))?;
+    Ok((text, pem("PUBLIC KEY", public.as_ref())))
 }
 
 /// Reads one secret, checking that it is a complete token.
