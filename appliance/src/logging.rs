@@ -28,16 +28,33 @@ fn stderr_is_journal() -> bool {
     dev.parse::<u64>().ok() == Some(meta.dev()) && ino.parse::<u64>().ok() == Some(meta.ino())
 }
 
+/// Crates that would log credentials at verbose levels, capped at `warn` (the engine also logs every allocation at `info`).
+const NO_CREDENTIALS_IN_LOGS: &[&str] = &[
+    "turn_server_proto=warn",
+    "stun_proto=warn",
+    "turn_types=warn",
+    "stun_types=warn",
+];
+
 /// Installs the global subscriber. `service` names the process in every line.
 pub fn init(service: &str, level: &str) {
     let filter = || {
-        EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new(format!("{level},hyper=warn,rustls=warn,h2=warn")))
+        let f = EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(format!("{level},hyper=warn,rustls=warn,h2=warn")));
+        // The TURN engine traces usernames, nonces and keys at debug/trace level; those lines
+        // must never reach a log, whatever level is asked for.
+        NO_CREDENTIALS_IN_LOGS
+            .iter()
+            .filter_map(|d| d.parse().ok())
+            .fold(f, |f, d| f.add_directive(d))
     };
     if stderr_is_journal() {
         if let Ok(layer) = tracing_journald::layer() {
             let layer = layer.with_syslog_identifier(format!("talkbox-{service}"));
-            let _ = tracing_subscriber::registry().with(filter()).with(layer).try_init();
+            let _ = tracing_subscriber::registry()
+                .with(filter())
+                .with(layer)
+                .try_init();
             return;
         }
     }
@@ -48,7 +65,10 @@ pub fn init(service: &str, level: &str) {
             prefix: service.to_string(),
             inner: Format::default().with_target(false),
         });
-    let _ = tracing_subscriber::registry().with(filter()).with(fmt).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter())
+        .with(fmt)
+        .try_init();
 }
 
 /// The default line format with the service name in front, so that the interleaved stderr of
@@ -63,9 +83,13 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &tracing::Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
         write!(w, "[{}] ", self.prefix)?;
         self.inner.format_event(ctx, w, event)
     }
 }
-

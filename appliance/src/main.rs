@@ -16,7 +16,11 @@ use appliance::{logging, storage};
 const EXIT_BAD_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "talkbox", version, about = "Video-call appliance: Nextcloud Talk HPB signaling, SFU, TURN and setup page, run by one supervisor")]
+#[command(
+    name = "talkbox",
+    version,
+    about = "Video-call appliance: Nextcloud Talk HPB signaling, SFU, TURN and setup page, run by one supervisor"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -149,6 +153,7 @@ fn run_service(service: Service, paths: &Paths) -> Result<u8> {
     let data = DataDir::new(&paths.data_dir);
     let result = match service {
         Service::Web => appliance::web::main(config, data),
+        Service::Turn => appliance::turn::main(config, data),
         other => anyhow::bail!(
             "the {} service is not part of this build yet; `talkbox run` starts the services that are",
             other.name()
@@ -181,18 +186,29 @@ fn apply(file: &std::path::Path, paths: &Paths) -> Result<u8> {
     let target = data.config_file();
     storage::write_atomic(&target, text.as_bytes(), 0o600)
         .with_context(|| format!("writing {}", target.display()))?;
-    println!("installed {} (previous version kept as {})", target.display(), storage::previous_version(&target).display());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    println!(
+        "installed {} (previous version kept as {})",
+        target.display(),
+        storage::previous_version(&target).display()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     match rt.block_on(control::request_reload(&data.control_socket())) {
         Ok(_) => println!("the running supervisor applied it"),
-        Err(_) => println!("no supervisor is running on {}; it applies at the next start", data.root.display()),
+        Err(_) => println!(
+            "no supervisor is running on {}; it applies at the next start",
+            data.root.display()
+        ),
     }
     Ok(0)
 }
 
 fn status(paths: &Paths, json: bool) -> Result<u8> {
     let data = DataDir::new(&paths.data_dir);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let s = rt.block_on(control::request_status(&data.control_socket()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
@@ -205,14 +221,19 @@ fn status(paths: &Paths, json: bool) -> Result<u8> {
         s.uptime_s,
         if s.ready { "ready" } else { "NOT READY" }
     );
-    println!("{:<10} {:<11} {:>8} {:>10} {:>8}  last exit", "SERVICE", "STATE", "PID", "UPTIME", "RESTARTS");
+    println!(
+        "{:<10} {:<11} {:>8} {:>10} {:>8}  last exit",
+        "SERVICE", "STATE", "PID", "UPTIME", "RESTARTS"
+    );
     for svc in &s.services {
         println!(
             "{:<10} {:<11} {:>8} {:>10} {:>8}  {}",
             svc.name,
             svc.state.as_str(),
             svc.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            svc.uptime_s.map(|u| format!("{u:.0} s")).unwrap_or_else(|| "-".into()),
+            svc.uptime_s
+                .map(|u| format!("{u:.0} s"))
+                .unwrap_or_else(|| "-".into()),
             svc.restarts,
             svc.last_exit.as_deref().unwrap_or("-"),
         );

@@ -53,11 +53,13 @@ pub fn drop_to_user(user: &str, keep: Keep) -> Result<()> {
     // Shrink the bounding set while we still hold CAP_SETPCAP, so nothing can come back later.
     for cap in caps::all() {
         if !keep_set.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap).with_context(|| format!("dropping {cap} from the bounding set"))?;
+            caps::drop(None, CapSet::Bounding, cap)
+                .with_context(|| format!("dropping {cap} from the bounding set"))?;
         }
     }
     setgroups(&[]).context("clearing supplementary groups")?;
-    setgid(Gid::from_raw(u.gid.as_raw())).with_context(|| format!("switching to group {}", u.gid))?;
+    setgid(Gid::from_raw(u.gid.as_raw()))
+        .with_context(|| format!("switching to group {}", u.gid))?;
     caps::securebits::set_keepcaps(true).context("keeping capabilities across setuid")?;
     setuid(u.uid).with_context(|| format!("switching to user {user}"))?;
     caps::securebits::set_keepcaps(false).context("resetting keepcaps")?;

@@ -66,7 +66,9 @@ impl Secret {
 pub enum SecretError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path}: secret is malformed ({reason}); restore it from a backup or delete it to create a new one")]
+    #[error(
+        "{path}: secret is malformed ({reason}); restore it from a backup or delete it to create a new one"
+    )]
     Malformed { path: PathBuf, reason: &'static str },
     #[error("no random numbers from the operating system: {0}")]
     Random(String),
@@ -99,8 +101,12 @@ pub fn ensure_all(data: &DataDir) -> Result<(), SecretError> {
             continue;
         }
         let token = random_token(s.random_bytes())?;
-        storage::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
-            .map_err(|source| SecretError::Io { path: path.clone(), source })?;
+        storage::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600).map_err(|source| {
+            SecretError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?;
         tracing::info!(file = %path.display(), "created secret");
     }
     Ok(())
@@ -109,6 +115,15 @@ pub fn ensure_all(data: &DataDir) -> Result<(), SecretError> {
 /// Reads one secret, checking that it is a complete token.
 pub fn read(data: &DataDir, s: Secret) -> Result<String, SecretError> {
     read_file(&s.path(data))
+}
+
+/// Reads the previous version of a secret (`NAME.prev`, kept by a rotation), if there is one.
+pub fn read_previous(data: &DataDir, s: Secret) -> Result<Option<String>, SecretError> {
+    let path = storage::previous_version(&s.path(data));
+    if !path.exists() {
+        return Ok(None);
+    }
+    read_file(&path).map(Some)
 }
 
 fn read_file(path: &Path) -> Result<String, SecretError> {
@@ -122,7 +137,11 @@ fn read_file(path: &Path) -> Result<String, SecretError> {
             reason: "no final newline",
         });
     };
-    if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if token.len() < 32
+        || !token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         return Err(SecretError::Malformed {
             path: path.to_path_buf(),
             reason: "expected at least 32 base64url characters",
@@ -141,17 +160,35 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let data = DataDir::new(d.path());
         ensure_all(&data).expect("create");
-        let first: Vec<String> = Secret::ALL.iter().map(|s| read(&data, *s).expect("read")).collect();
+        let first: Vec<String> = Secret::ALL
+            .iter()
+            .map(|s| read(&data, *s).expect("read"))
+            .collect();
         for s in Secret::ALL {
-            let mode = fs::metadata(s.path(&data)).expect("meta").permissions().mode() & 0o777;
+            let mode = fs::metadata(s.path(&data))
+                .expect("meta")
+                .permissions()
+                .mode()
+                & 0o777;
             assert_eq!(mode, 0o600, "{}", s.file_name());
         }
-        let dir_mode = fs::metadata(data.secrets_dir()).expect("meta").permissions().mode() & 0o777;
+        let dir_mode = fs::metadata(data.secrets_dir())
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dir_mode, 0o700);
         ensure_all(&data).expect("second start");
-        let second: Vec<String> = Secret::ALL.iter().map(|s| read(&data, *s).expect("read")).collect();
+        let second: Vec<String> = Secret::ALL
+            .iter()
+            .map(|s| read(&data, *s).expect("read"))
+            .collect();
         assert_eq!(first, second);
-        assert_eq!(first.iter().collect::<std::collections::HashSet<_>>().len(), 5, "secrets differ");
+        assert_eq!(
+            first.iter().collect::<std::collections::HashSet<_>>().len(),
+            5,
+            "secrets differ"
+        );
     }
 
     #[test]

@@ -20,7 +20,12 @@ pub enum Service {
 
 impl Service {
     /// Start order: what others depend on comes first (signaling connects to the SFU).
-    pub const START_ORDER: [Service; 4] = [Service::Sfu, Service::Turn, Service::Signaling, Service::Web];
+    pub const START_ORDER: [Service; 4] = [
+        Service::Sfu,
+        Service::Turn,
+        Service::Signaling,
+        Service::Web,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -37,7 +42,7 @@ impl Service {
 
     /// Whether this build contains the service.
     pub fn built(self) -> bool {
-        matches!(self, Service::Web)
+        matches!(self, Service::Web | Service::Turn)
     }
 
     /// Whether the config asks for the service.
@@ -63,7 +68,9 @@ impl Service {
         let own = match self {
             Service::Sfu => old.sfu != new.sfu || old.sizing != new.sizing,
             Service::Turn => old.turn != new.turn,
-            Service::Signaling => old.signaling != new.signaling || old.turn != new.turn || old.sfu != new.sfu,
+            Service::Signaling => {
+                old.signaling != new.signaling || old.turn != new.turn || old.sfu != new.sfu
+            }
             Service::Web => old.web != new.web,
         };
         // Every service logs at the supervisor's level and pings at its watchdog rate.

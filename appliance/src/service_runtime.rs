@@ -30,14 +30,22 @@ pub struct ServiceContext {
 
 /// Runs a service process. `prepare` runs first, possibly as root, with no threads; `serve`
 /// runs on the runtime and must call `ctx.link.ready()` once it serves.
-pub fn run<T, P, S, F>(service: Service, config: Config, data: DataDir, worker_threads: usize, prepare: P, serve: S) -> Result<()>
+pub fn run<T, P, S, F>(
+    service: Service,
+    config: Config,
+    data: DataDir,
+    worker_threads: usize,
+    prepare: P,
+    serve: S,
+) -> Result<()>
 where
     P: FnOnce(&Config, &DataDir) -> Result<T>,
     S: FnOnce(ServiceContext, T) -> F,
     F: Future<Output = Result<()>>,
 {
     let link_fd = ServiceLink::take_from_env()?;
-    let prepared = prepare(&config, &data).with_context(|| format!("preparing the {} service", service.name()))?;
+    let prepared = prepare(&config, &data)
+        .with_context(|| format!("preparing the {} service", service.name()))?;
     let keep = match config.lowest_port_of(service.name()) {
         Some(p) if p < 1024 => Keep::NetBindService,
         _ => Keep::Nothing,

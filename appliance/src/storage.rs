@@ -66,11 +66,15 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 
 /// Removes temporary files left behind by writes that were killed half-way.
 pub fn remove_stale_temporaries(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && (name.contains(".talkbox-new.") || name.contains(".talkbox-prev.")) {
+        if name.starts_with('.')
+            && (name.contains(".talkbox-new.") || name.contains(".talkbox-prev."))
+        {
             let _ = fs::remove_file(e.path());
         }
     }
@@ -111,7 +115,11 @@ mod tests {
         fs::write(d.path().join(".talkbox.toml.talkbox-new.123"), b"half").expect("write");
         fs::write(d.path().join("keep"), b"x").expect("write");
         remove_stale_temporaries(d.path());
-        let names: Vec<_> = fs::read_dir(d.path()).expect("ls").flatten().map(|e| e.file_name()).collect();
+        let names: Vec<_> = fs::read_dir(d.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("keep")]);
     }
 }

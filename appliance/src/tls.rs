@@ -39,7 +39,11 @@ pub fn key_path(data: &DataDir) -> PathBuf {
 
 /// The names a self-signed certificate of this box carries.
 pub fn box_names(extra: &[String]) -> Vec<String> {
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     if let Ok(h) = nix::unistd::gethostname() {
         if let Some(h) = h.to_str() {
             if !h.is_empty() {
@@ -75,14 +79,17 @@ pub fn ensure_certificate(data: &DataDir, names: &[String]) -> Result<(), TlsErr
         let san = match n.parse::<IpAddr>() {
             Ok(ip) => rcgen::SanType::IpAddress(ip),
             Err(_) => rcgen::SanType::DnsName(
-                n.clone().try_into().map_err(|e: rcgen::Error| TlsError::Generate(format!("{n}: {e}")))?,
+                n.clone()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| TlsError::Generate(format!("{n}: {e}")))?,
             ),
         };
         params.subject_alt_names.push(san);
     }
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, names.first().cloned().unwrap_or_default());
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        names.first().cloned().unwrap_or_default(),
+    );
     params
         .distinguished_name
         .push(rcgen::DnType::OrganizationName, "talkbox (self-signed)");
@@ -91,16 +98,27 @@ pub fn ensure_certificate(data: &DataDir, names: &[String]) -> Result<(), TlsErr
         .self_signed(&key_pair)
         .map_err(|e| TlsError::Generate(e.to_string()))?;
     // Key first: a certificate without its key is useless, the other way round is recreated.
-    storage::write_atomic(&key, key_pair.serialize_pem().as_bytes(), 0o600)
-        .map_err(|source| TlsError::Io { path: key.clone(), source })?;
-    storage::write_atomic(&cert, cert_der.pem().as_bytes(), 0o600)
-        .map_err(|source| TlsError::Io { path: cert.clone(), source })?;
+    storage::write_atomic(&key, key_pair.serialize_pem().as_bytes(), 0o600).map_err(|source| {
+        TlsError::Io {
+            path: key.clone(),
+            source,
+        }
+    })?;
+    storage::write_atomic(&cert, cert_der.pem().as_bytes(), 0o600).map_err(|source| {
+        TlsError::Io {
+            path: cert.clone(),
+            source,
+        }
+    })?;
     tracing::info!(file = %cert.display(), names = ?names, "created self-signed certificate");
     Ok(())
 }
 
 fn read_limited(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
-    let io_err = |source| TlsError::Io { path: path.clone(), source };
+    let io_err = |source| TlsError::Io {
+        path: path.clone(),
+        source,
+    };
     let meta = std::fs::metadata(path).map_err(io_err)?;
     if meta.len() > MAX_PEM_BYTES {
         return Err(TlsError::Invalid {
@@ -108,7 +126,10 @@ fn read_limited(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
             reason: format!("{} bytes; at most {MAX_PEM_BYTES} allowed", meta.len()),
         });
     }
-    std::fs::read(path).map_err(|source| TlsError::Io { path: path.clone(), source })
+    std::fs::read(path).map_err(|source| TlsError::Io {
+        path: path.clone(),
+        source,
+    })
 }
 
 /// Loads the box's certificate chain and key into a rustls server config (HTTP/1.1 and h2).

@@ -66,6 +66,15 @@ pub struct TurnConfig {
     pub relay_port_min: u16,
     pub relay_port_max: u16,
     pub realm: String,
+    pub allowed_peers: Vec<String>,
+    pub max_allocations_per_user: u32,
+    pub max_allocations: u32,
+    pub bandwidth_per_allocation_kbps: u64,
+    pub nonce_lifetime_s: u64,
+    pub max_tcp_connections: u32,
+    pub tcp_handshake_timeout_s: u64,
+    pub tcp_idle_timeout_s: u64,
+    pub metrics_listen: String,
 }
 
 /// `[web]`: the admin setup page.
@@ -130,6 +139,25 @@ fn check_realm(s: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err("expected 1 to 127 printable ASCII characters without spaces".into())
+    }
+}
+
+fn check_cidr(s: &str) -> Result<(), String> {
+    s.parse::<ipnet::IpNet>()
+        .map(|_| ())
+        .or_else(|_| s.parse::<IpAddr>().map(|_| ()))
+        .map_err(|_| {
+            "expected a network in CIDR notation (10.1.0.0/16, fd00::/8) or one IP address".into()
+        })
+}
+
+fn check_loopback_listen(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    match s.parse::<SocketAddr>() {
+        Ok(a) if a.ip().is_loopback() && a.port() != 0 => Ok(()),
+        _ => Err("expected empty or a loopback ADDRESS:PORT such as 127.0.0.1:9478".into()),
     }
 }
 
@@ -251,11 +279,12 @@ impl SfuConfig {
             r.problem(
                 "media_port_max",
                 Some(c.media_port_max.to_string()),
-                format!("must not be below sfu.media_port_min ({})", c.media_port_min),
+                format!(
+                    "must not be below sfu.media_port_min ({})",
+                    c.media_port_min
+                ),
             );
-        } else if c.workers > 0
-            && u32::from(c.media_port_max - c.media_port_min) + 1 < c.workers
-        {
+        } else if c.workers > 0 && u32::from(c.media_port_max - c.media_port_min) + 1 < c.workers {
             r.problem(
                 "workers",
                 Some(c.workers.to_string()),
@@ -292,12 +321,71 @@ impl TurnConfig {
                 "TURN realm sent to clients.",
                 check_realm,
             ),
+            allowed_peers: r.string_list(
+                "allowed_peers",
+                &[],
+                "Peer networks (CIDR, such as 192.168.10.0/24) the relay may reach although they are \
+                 loopback, private, link-local, CGNAT, multicast, ULA or the box's own addresses, \
+                 which are refused by default (relaying into the LAN is the classic TURN hole).",
+                check_cidr,
+            ),
+            max_allocations_per_user: r.int(
+                "max_allocations_per_user",
+                50,
+                (1, 100_000),
+                "Allocations one TURN username may hold at once; more are refused with 486.",
+            ) as u32,
+            max_allocations: r.int(
+                "max_allocations",
+                10_000,
+                (1, 1_000_000),
+                "Allocations the server holds at once; more are refused with 486.",
+            ) as u32,
+            bandwidth_per_allocation_kbps: r.int(
+                "bandwidth_per_allocation_kbps",
+                20_000,
+                (0, 10_000_000),
+                "Relayed kbit/s per allocation and direction; packets beyond it are dropped. 0 = no cap.",
+            ) as u64,
+            nonce_lifetime_s: r.int(
+                "nonce_lifetime_s",
+                600,
+                (30, 86_400),
+                "How long a nonce stays valid; after it a request gets 438 (Stale Nonce) and retries.",
+            ) as u64,
+            max_tcp_connections: r.int(
+                "max_tcp_connections",
+                4096,
+                (1, 1_000_000),
+                "Open TURN connections over TCP and TLS at once; further connections are closed at once.",
+            ) as u32,
+            tcp_handshake_timeout_s: r.int(
+                "tcp_handshake_timeout_s",
+                10,
+                (1, 300),
+                "Time a TLS client has to finish its handshake, and a TCP client to complete a message it started.",
+            ) as u64,
+            tcp_idle_timeout_s: r.int(
+                "tcp_idle_timeout_s",
+                600,
+                (10, 86_400),
+                "A TCP or TLS connection that sends nothing for this long is closed.",
+            ) as u64,
+            metrics_listen: r.string(
+                "metrics_listen",
+                "",
+                "Loopback ADDRESS:PORT serving the TURN metrics as Prometheus text at /metrics; empty = not served.",
+                check_loopback_listen,
+            ),
         };
         if c.relay_port_min > c.relay_port_max {
             r.problem(
                 "relay_port_max",
                 Some(c.relay_port_max.to_string()),
-                format!("must not be below turn.relay_port_min ({})", c.relay_port_min),
+                format!(
+                    "must not be below turn.relay_port_min ({})",
+                    c.relay_port_min
+                ),
             );
         }
         if c.port == c.tls_port {
@@ -434,7 +522,8 @@ impl Config {
     ) -> Config {
         macro_rules! section {
             ($name:literal, $ty:ty) => {{
-                let mut r = SectionReader::new($name, tables.get($name).copied(), text, problems, docs);
+                let mut r =
+                    SectionReader::new($name, tables.get($name).copied(), text, problems, docs);
                 let c = <$ty>::read(&mut r);
                 let lines = PORT_KEYS
                     .iter()
@@ -522,7 +611,8 @@ impl Config {
         let uses = self.port_uses();
         for (i, a) in uses.iter().enumerate() {
             for b in &uses[i + 1..] {
-                let same_host = a.proto == b.proto && a.range.0 <= b.range.1 && b.range.0 <= a.range.1;
+                let same_host =
+                    a.proto == b.proto && a.range.0 <= b.range.1 && b.range.0 <= a.range.1;
                 // turn.port is listed once per protocol; it does not overlap with itself.
                 if same_host && a.key != b.key {
                     let line = lines
@@ -537,7 +627,14 @@ impl Config {
                         value: Some(format!("{}-{}", b.range.0, b.range.1)),
                         message: format!(
                             "{} {} ports {}-{} overlap {} ({}, {}-{}); give each its own ports",
-                            b.what, b.proto, b.range.0, b.range.1, a.what, a.key, a.range.0, a.range.1
+                            b.what,
+                            b.proto,
+                            b.range.0,
+                            b.range.1,
+                            a.what,
+                            a.key,
+                            a.range.0,
+                            a.range.1
                         ),
                     });
                 }
@@ -611,7 +708,12 @@ pub fn read_config_text(path: &Path) -> Result<String, ConfigErrors> {
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| fail(format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))
+    String::from_utf8(bytes).map_err(|e| {
+        fail(format!(
+            "not UTF-8 text (byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
 }
 
 /// The key reference, as docs/config.md contains it between its markers.
@@ -622,10 +724,18 @@ pub fn reference_markdown() -> String {
     Config::read_all("", &tables, &mut problems, &mut docs);
     let mut out = String::new();
     for section in SECTIONS {
-        out.push_str(&format!("\n### `[{section}]`\n\n| key | type | default | meaning |\n|---|---|---|---|\n"));
-        for d in docs.iter().filter(|d| d.key.split('.').next() == Some(section)) {
+        out.push_str(&format!(
+            "\n### `[{section}]`\n\n| key | type | default | meaning |\n|---|---|---|---|\n"
+        ));
+        for d in docs
+            .iter()
+            .filter(|d| d.key.split('.').next() == Some(section))
+        {
             let key = d.key.split_once('.').map(|(_, k)| k).unwrap_or(&d.key);
-            out.push_str(&format!("| `{key}` | {} | `{}` | {} |\n", d.kind, d.default, d.doc));
+            out.push_str(&format!(
+                "| `{key}` | {} | `{}` | {} |\n",
+                d.kind, d.default, d.doc
+            ));
         }
     }
     out
@@ -664,7 +774,9 @@ mod tests {
     use super::*;
 
     fn problems(text: &str) -> Vec<Problem> {
-        Config::from_toml("t.toml", text).expect_err("config should be refused").problems
+        Config::from_toml("t.toml", text)
+            .expect_err("config should be refused")
+            .problems
     }
 
     #[test]
@@ -674,7 +786,10 @@ mod tests {
         assert_eq!(c.signaling.listen.to_string(), "127.0.0.1:8443");
         assert_eq!(c.web.listen.to_string(), "127.0.0.1:9443");
         assert_eq!((c.turn.port, c.turn.tls_port), (3478, 5349));
-        assert_eq!((c.turn.relay_port_min, c.turn.relay_port_max), (20000, 29999));
+        assert_eq!(
+            (c.turn.relay_port_min, c.turn.relay_port_max),
+            (20000, 29999)
+        );
         assert_eq!(c.sfu.media_port_min, 50000);
     }
 
@@ -700,7 +815,11 @@ mod tests {
         let p = problems("[turn]\nport = \"3478\"\n");
         assert_eq!(p[0].key, "turn.port");
         assert_eq!(p[0].line, 2);
-        assert!(p[0].message.contains("expected an integer"), "{}", p[0].message);
+        assert!(
+            p[0].message.contains("expected an integer"),
+            "{}",
+            p[0].message
+        );
         assert!(p[0].message.contains("found a string"));
     }
 
@@ -717,13 +836,20 @@ mod tests {
         let p = problems("[turn]\nrelay_port_min = 49000\nrelay_port_max = 50010\n");
         assert!(p.iter().any(|p| p.message.contains("overlap")), "{p:?}");
         let p = problems("[web]\nlisten = \"127.0.0.1:8443\"\n");
-        assert!(p.iter().any(|p| p.key == "web.listen" && p.message.contains("overlap")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|p| p.key == "web.listen" && p.message.contains("overlap")),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn disabled_service_ports_do_not_overlap() {
-        Config::from_toml("t", "[web]\nlisten = \"127.0.0.1:8443\"\n[signaling]\nenabled = false\n")
-            .expect("no overlap with a disabled service");
+        Config::from_toml(
+            "t",
+            "[web]\nlisten = \"127.0.0.1:8443\"\n[signaling]\nenabled = false\n",
+        )
+        .expect("no overlap with a disabled service");
     }
 
     #[test]
@@ -742,12 +868,19 @@ mod tests {
 
     #[test]
     fn display_is_one_line_per_problem_with_file_line_key_value() {
-        let e = Config::from_toml("box.toml", "[turn]\nport = 70000\n[sfu]\nworkers = -1\n").expect_err("bad");
+        let e = Config::from_toml("box.toml", "[turn]\nport = 70000\n[sfu]\nworkers = -1\n")
+            .expect_err("bad");
         let text = e.to_string();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("box.toml:2: turn.port = 70000: out of range"), "{text}");
-        assert!(lines[1].starts_with("box.toml:4: sfu.workers = -1:"), "{text}");
+        assert!(
+            lines[0].starts_with("box.toml:2: turn.port = 70000: out of range"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("box.toml:4: sfu.workers = -1:"),
+            "{text}"
+        );
     }
 
     #[test]

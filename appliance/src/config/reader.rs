@@ -155,7 +155,11 @@ impl<'a, 'i> SectionReader<'a, 'i> {
                     }
                 },
                 _ => {
-                    self.wrong_type(key, v, &format!("an integer from {} to {}", range.0, range.1));
+                    self.wrong_type(
+                        key,
+                        v,
+                        &format!("an integer from {} to {}", range.0, range.1),
+                    );
                     default
                 }
             },
@@ -248,10 +252,13 @@ impl<'a, 'i> SectionReader<'a, 'i> {
     }
 
     /// A socket address `ip:port`.
-    pub fn socket_addr(&mut self, key: &'static str, default: &str, doc: &'static str) -> SocketAddr {
-        let s = self.string(key, default, doc, |s| {
-            parse_socket_addr(s).map(|_| ())
-        });
+    pub fn socket_addr(
+        &mut self,
+        key: &'static str,
+        default: &str,
+        doc: &'static str,
+    ) -> SocketAddr {
+        let s = self.string(key, default, doc, |s| parse_socket_addr(s).map(|_| ()));
         parse_socket_addr(&s)
             .or_else(|_| parse_socket_addr(default))
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -314,7 +321,11 @@ impl<'a, 'i> SectionReader<'a, 'i> {
                     line,
                     key: format!("{}.{}", self.section, name),
                     value: Some(show(value.get_ref())),
-                    message: format!("unknown key; keys of [{}]: {}", self.section, known.join(", ")),
+                    message: format!(
+                        "unknown key; keys of [{}]: {}",
+                        self.section,
+                        known.join(", ")
+                    ),
                 });
             }
         }
@@ -336,7 +347,11 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
 /// 1-based line number of a byte offset.
 pub fn line_of_offset(source: &str, offset: usize) -> usize {
     let end = offset.min(source.len());
-    source.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    source.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 pub(crate) fn type_name(v: &DeValue<'_>) -> &'static str {

@@ -88,15 +88,26 @@ mod tests {
     fn delay_doubles_from_half_a_second_up_to_thirty() {
         let mut t = RestartTracker::default();
         let delays: Vec<u64> = (0..10)
-            .map(|_| t.on_exit(&policy(), Duration::from_millis(10)).delay.as_millis() as u64)
+            .map(|_| {
+                t.on_exit(&policy(), Duration::from_millis(10))
+                    .delay
+                    .as_millis() as u64
+            })
             .collect();
-        assert_eq!(delays, vec![500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000]);
+        assert_eq!(
+            delays,
+            vec![
+                500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000
+            ]
+        );
     }
 
     #[test]
     fn crash_loop_is_declared_after_the_configured_failures_in_a_row() {
         let mut t = RestartTracker::default();
-        let loops: Vec<bool> = (0..6).map(|_| t.on_exit(&policy(), Duration::ZERO).crash_loop).collect();
+        let loops: Vec<bool> = (0..6)
+            .map(|_| t.on_exit(&policy(), Duration::ZERO).crash_loop)
+            .collect();
         assert_eq!(loops, vec![false, false, false, false, true, true]);
     }
 
@@ -107,16 +118,34 @@ mod tests {
             t.on_exit(&policy(), Duration::from_secs(1));
         }
         let d = t.on_exit(&policy(), Duration::from_secs(61));
-        assert_eq!(d, RestartDecision { delay: Duration::from_millis(500), crash_loop: false });
+        assert_eq!(
+            d,
+            RestartDecision {
+                delay: Duration::from_millis(500),
+                crash_loop: false
+            }
+        );
         t.on_exit(&policy(), Duration::from_secs(1));
         t.on_healthy();
-        assert_eq!(t.on_exit(&policy(), Duration::from_secs(1)).delay, Duration::from_millis(500));
+        assert_eq!(
+            t.on_exit(&policy(), Duration::from_secs(1)).delay,
+            Duration::from_millis(500)
+        );
     }
 
     #[test]
     fn huge_failure_counts_do_not_overflow() {
-        let mut t = RestartTracker { consecutive_failures: u32::MAX - 1, restarts: 0 };
-        assert_eq!(t.on_exit(&policy(), Duration::ZERO).delay, Duration::from_secs(30));
-        assert_eq!(t.on_exit(&policy(), Duration::ZERO).delay, Duration::from_secs(30));
+        let mut t = RestartTracker {
+            consecutive_failures: u32::MAX - 1,
+            restarts: 0,
+        };
+        assert_eq!(
+            t.on_exit(&policy(), Duration::ZERO).delay,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            t.on_exit(&policy(), Duration::ZERO).delay,
+            Duration::from_secs(30)
+        );
     }
 }

@@ -31,7 +31,9 @@ pub fn spawn(service: Service, args: &ChildArgs) -> io::Result<(Child, UnixDatag
     let their_fd = theirs.as_raw_fd();
     let supervisor_pid = std::process::id() as libc::pid_t;
     let mut cmd = Command::new(&args.exe);
-    cmd.arg(service.name()).arg("--data-dir").arg(&args.data_dir);
+    cmd.arg(service.name())
+        .arg("--data-dir")
+        .arg(&args.data_dir);
     if let Some(c) = &args.config {
         cmd.arg("--config").arg(c);
     }
@@ -42,7 +44,14 @@ pub fn spawn(service: Service, args: &ChildArgs) -> io::Result<(Child, UnixDatag
     // (prctl, getppid, setpgid, dup2, fcntl, _exit); it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // The supervisor may have died between fork and prctl: then nobody would kill us.

@@ -49,7 +49,8 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", path.display()))?;
@@ -65,7 +66,9 @@ pub async fn serve(listener: UnixListener, to_loop: mpsc::Sender<Pending>) {
         };
         let to_loop = to_loop.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(5), answer(stream, to_loop)).await {
+            if let Err(e) =
+                tokio::time::timeout(Duration::from_secs(5), answer(stream, to_loop)).await
+            {
                 tracing::debug!(error = %e, "control connection timed out");
             }
         });
@@ -80,7 +83,9 @@ async fn answer(stream: UnixStream, to_loop: mpsc::Sender<Pending>) {
         return;
     }
     let answer = match serde_json::from_str::<ControlRequest>(line.trim()) {
-        Err(e) => ControlAnswer::Error(format!("bad request: {e}; expected {{\"request\":\"status\"}}")),
+        Err(e) => ControlAnswer::Error(format!(
+            "bad request: {e}; expected {{\"request\":\"status\"}}"
+        )),
         Ok(req) => {
             let (tx, rx) = oneshot::channel();
             if to_loop.send((req, tx)).await.is_err() {
@@ -126,7 +131,9 @@ async fn request(path: &Path, req: &ControlRequest) -> Result<SupervisorStatus> 
     )
     .await
     .map_err(|_| anyhow!("the supervisor did not answer within 5 s"))??;
-    match serde_json::from_str::<ControlAnswer>(&line).context("decoding the supervisor's answer")? {
+    match serde_json::from_str::<ControlAnswer>(&line)
+        .context("decoding the supervisor's answer")?
+    {
         ControlAnswer::Status(s) => Ok(s),
         ControlAnswer::Error(e) => bail!("supervisor: {e}"),
     }

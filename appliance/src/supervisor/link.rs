@@ -64,7 +64,9 @@ impl ServiceLink {
         let Ok(v) = std::env::var(LINK_FD_ENV) else {
             return Ok(None);
         };
-        let fd: i32 = v.parse().map_err(|_| anyhow!("{LINK_FD_ENV}={v} is not a descriptor number"))?;
+        let fd: i32 = v
+            .parse()
+            .map_err(|_| anyhow!("{LINK_FD_ENV}={v} is not a descriptor number"))?;
         // The variable must not leak into processes this service might start.
         // SAFETY: called before any other thread exists, so nothing reads the environment
         // concurrently.
@@ -117,7 +119,8 @@ impl ServiceLink {
         self.send("READY=1").await;
     }
     pub async fn status(&self, text: &str) {
-        self.send(&format!("STATUS={}", text.replace('\n', " "))).await;
+        self.send(&format!("STATUS={}", text.replace('\n', " ")))
+            .await;
     }
     pub async fn stopping(&self) {
         self.send("STOPPING=1").await;
@@ -137,9 +140,14 @@ impl ServiceLink {
 
     /// Asks the supervisor for its status.
     pub async fn query_status(&self) -> Result<SupervisorStatus> {
-        let s = self.socket.as_ref().ok_or_else(|| anyhow!("not running under the talkbox supervisor"))?;
+        let s = self
+            .socket
+            .as_ref()
+            .ok_or_else(|| anyhow!("not running under the talkbox supervisor"))?;
         let _one_at_a_time = self.query.lock().await;
-        s.send(b"QUERY=status").await.context("asking the supervisor")?;
+        s.send(b"QUERY=status")
+            .await
+            .context("asking the supervisor")?;
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let n = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf))
             .await
@@ -155,7 +163,9 @@ mod tests {
 
     #[test]
     fn notify_lines_are_parsed_and_unknown_ones_ignored() {
-        let m = parse_child_datagram(b"READY=1\nSTATUS=serving 3 rooms\nMAINPID=5\nWATCHDOG=1\nQUERY=status");
+        let m = parse_child_datagram(
+            b"READY=1\nSTATUS=serving 3 rooms\nMAINPID=5\nWATCHDOG=1\nQUERY=status",
+        );
         assert_eq!(
             m,
             vec![

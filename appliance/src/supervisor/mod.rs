@@ -79,8 +79,16 @@ pub fn prepare_data_dir(data: &DataDir, config: &Config) -> Result<()> {
 }
 
 enum Event {
-    Exited { service: Service, generation: u64, status: std::process::ExitStatus },
-    Link { service: Service, generation: u64, messages: Vec<ChildMessage> },
+    Exited {
+        service: Service,
+        generation: u64,
+        status: std::process::ExitStatus,
+    },
+    Link {
+        service: Service,
+        generation: u64,
+        messages: Vec<ChildMessage>,
+    },
 }
 
 struct Running {
@@ -170,7 +178,10 @@ pub fn run(opts: RunOptions, config: Config) -> Result<i32> {
             .then(|| Duration::from_micros(watchdog_usec / 2));
         let mut sup = Supervisor {
             policy: RestartPolicy::from_config(&config.supervisor),
-            slots: Service::to_run(&config).into_iter().map(Slot::new).collect(),
+            slots: Service::to_run(&config)
+                .into_iter()
+                .map(Slot::new)
+                .collect(),
             config,
             opts: opts.clone(),
             child_args,
@@ -233,7 +244,11 @@ impl Supervisor {
                     killed = true;
                     for s in &mut self.slots {
                         if let Some(r) = &mut s.running {
-                            tracing::warn!(service = s.service.name(), pid = r.pid, "did not stop in time; sending SIGKILL");
+                            tracing::warn!(
+                                service = s.service.name(),
+                                pid = r.pid,
+                                "did not stop in time; sending SIGKILL"
+                            );
                             r.kill_reason = Some("killed: did not stop after SIGTERM".into());
                             let _ = killpg(Pid::from_raw(r.pid as i32), Signal::SIGKILL);
                         }
@@ -289,7 +304,11 @@ impl Supervisor {
                             std::os::unix::process::ExitStatusExt::from_raw(255 << 8)
                         }
                     };
-                    let _ = tx.send(Event::Exited { service, generation, status });
+                    let _ = tx.send(Event::Exited {
+                        service,
+                        generation,
+                        status,
+                    });
                 });
                 let link_task = {
                     let tx = self.events_tx.clone();
@@ -298,7 +317,14 @@ impl Supervisor {
                         let mut buf = vec![0u8; MAX_DATAGRAM];
                         while let Ok(n) = link.recv(&mut buf).await {
                             let messages = parse_child_datagram(&buf[..n]);
-                            if tx.send(Event::Link { service, generation, messages }).is_err() {
+                            if tx
+                                .send(Event::Link {
+                                    service,
+                                    generation,
+                                    messages,
+                                })
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -320,7 +346,11 @@ impl Supervisor {
                 tracing::error!(service = slot.service.name(), error = %e, "cannot start");
                 slot.last_exit = Some(format!("could not start: {e}"));
                 let d = slot.tracker.on_exit(&self.policy, Duration::ZERO);
-                slot.state = if d.crash_loop { ServiceState::CrashLoop } else { ServiceState::Backoff };
+                slot.state = if d.crash_loop {
+                    ServiceState::CrashLoop
+                } else {
+                    ServiceState::Backoff
+                };
                 slot.restart_at = Some(now + d.delay);
             }
         }
@@ -328,8 +358,14 @@ impl Supervisor {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Exited { service, generation, status } => {
-                let Some(idx) = self.slots.iter().position(|s| s.service == service) else { return };
+            Event::Exited {
+                service,
+                generation,
+                status,
+            } => {
+                let Some(idx) = self.slots.iter().position(|s| s.service == service) else {
+                    return;
+                };
                 let slot = &mut self.slots[idx];
                 if slot.generation != generation {
                     return;
@@ -337,7 +373,10 @@ impl Supervisor {
                 let Some(r) = slot.running.take() else { return };
                 r.link_task.abort();
                 let ran_for = r.started.elapsed();
-                let reason = r.kill_reason.clone().unwrap_or_else(|| describe_exit(status));
+                let reason = r
+                    .kill_reason
+                    .clone()
+                    .unwrap_or_else(|| describe_exit(status));
                 slot.last_exit = Some(reason.clone());
                 if self.shutting_down {
                     slot.state = ServiceState::Stopped;
@@ -345,7 +384,10 @@ impl Supervisor {
                     return;
                 }
                 if slot.remove_requested {
-                    tracing::info!(service = slot.service.name(), "stopped: disabled by the config");
+                    tracing::info!(
+                        service = slot.service.name(),
+                        "stopped: disabled by the config"
+                    );
                     self.slots.remove(idx);
                     return;
                 }
@@ -353,11 +395,18 @@ impl Supervisor {
                     slot.restart_requested = false;
                     slot.state = ServiceState::Backoff;
                     slot.restart_at = Some(Instant::now());
-                    tracing::info!(service = slot.service.name(), "restarting to apply the new config");
+                    tracing::info!(
+                        service = slot.service.name(),
+                        "restarting to apply the new config"
+                    );
                     return;
                 }
                 let d = slot.tracker.on_exit(&self.policy, ran_for);
-                slot.state = if d.crash_loop { ServiceState::CrashLoop } else { ServiceState::Backoff };
+                slot.state = if d.crash_loop {
+                    ServiceState::CrashLoop
+                } else {
+                    ServiceState::Backoff
+                };
                 slot.restart_at = Some(Instant::now() + d.delay);
                 if d.crash_loop {
                     tracing::error!(
@@ -368,15 +417,23 @@ impl Supervisor {
                     tracing::warn!(service = slot.service.name(), %reason, retry_in_ms = d.delay.as_millis() as u64, "service ended; restarting");
                 }
             }
-            Event::Link { service, generation, messages } => {
+            Event::Link {
+                service,
+                generation,
+                messages,
+            } => {
                 let status_json = messages
                     .contains(&ChildMessage::QueryStatus)
                     .then(|| serde_json::to_vec(&self.status()).unwrap_or_default());
-                let Some(slot) = self.slots.iter_mut().find(|s| s.service == service) else { return };
+                let Some(slot) = self.slots.iter_mut().find(|s| s.service == service) else {
+                    return;
+                };
                 if slot.generation != generation {
                     return;
                 }
-                let Some(r) = slot.running.as_mut() else { return };
+                let Some(r) = slot.running.as_mut() else {
+                    return;
+                };
                 for m in messages {
                     match m {
                         ChildMessage::Ready => {
@@ -418,9 +475,10 @@ impl Supervisor {
                 None if now.duration_since(r.started) > ready_timeout => {
                     Some(format!("not ready within {} s", ready_timeout.as_secs()))
                 }
-                Some(_) if now.duration_since(r.last_ping) > watchdog_timeout => {
-                    Some(format!("no watchdog ping for {} s", watchdog_timeout.as_secs()))
-                }
+                Some(_) if now.duration_since(r.last_ping) > watchdog_timeout => Some(format!(
+                    "no watchdog ping for {} s",
+                    watchdog_timeout.as_secs()
+                )),
                 _ => None,
             };
             if let Some(reason) = reason {
@@ -438,16 +496,24 @@ impl Supervisor {
         }
         // Restarts that are due.
         for i in 0..self.slots.len() {
-            if matches!(self.slots[i].state, ServiceState::Backoff | ServiceState::CrashLoop)
-                && self.slots[i].restart_at.is_some_and(|t| t <= now)
+            if matches!(
+                self.slots[i].state,
+                ServiceState::Backoff | ServiceState::CrashLoop
+            ) && self.slots[i].restart_at.is_some_and(|t| t <= now)
             {
                 self.spawn(i);
             }
         }
         // First start, in order: the next service starts once those before it are up (or
         // have failed; a failing service must not keep the others from serving).
-        if let Some(i) = self.slots.iter().position(|s| s.state == ServiceState::Waiting) {
-            let earlier_starting = self.slots[..i].iter().any(|s| s.state == ServiceState::Starting);
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| s.state == ServiceState::Waiting)
+        {
+            let earlier_starting = self.slots[..i]
+                .iter()
+                .any(|s| s.state == ServiceState::Starting);
             if !earlier_starting {
                 self.spawn(i);
             }
@@ -503,7 +569,10 @@ impl Supervisor {
         let new = match self.opts.load_config() {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(trigger = why, "new config refused, keeping the running one:\n{e}");
+                tracing::error!(
+                    trigger = why,
+                    "new config refused, keeping the running one:\n{e}"
+                );
                 return Some(e.to_string());
             }
         };
@@ -530,7 +599,8 @@ impl Supervisor {
                 }
             }
         }
-        self.slots.retain(|s| !(s.remove_requested && s.running.is_none()));
+        self.slots
+            .retain(|s| !(s.remove_requested && s.running.is_none()));
         for svc in &wanted {
             if !self.slots.iter().any(|s| s.service == *svc) {
                 self.slots.push(Slot::new(*svc));
@@ -558,10 +628,15 @@ impl Supervisor {
                     name: s.service.name().to_string(),
                     state: s.state,
                     pid: s.running.as_ref().map(|r| r.pid),
-                    uptime_s: s.running.as_ref().map(|r| r.started.elapsed().as_secs_f64()),
+                    uptime_s: s
+                        .running
+                        .as_ref()
+                        .map(|r| r.started.elapsed().as_secs_f64()),
                     restarts: s.tracker.restarts,
                     consecutive_failures: s.tracker.consecutive_failures,
-                    next_restart_in_ms: s.restart_at.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                    next_restart_in_ms: s
+                        .restart_at
+                        .map(|t| t.saturating_duration_since(now).as_millis() as u64),
                     last_exit: s.last_exit.clone(),
                     message: s.message.clone(),
                 })

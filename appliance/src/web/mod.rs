@@ -36,8 +36,12 @@ pub fn main(config: Config, data: DataDir) -> Result<()> {
 
 fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
     let tls = tls::load_server_config(data)?;
-    let listener = StdTcpListener::bind(config.web.listen)
-        .with_context(|| format!("binding the setup page to {} (web.listen)", config.web.listen))?;
+    let listener = StdTcpListener::bind(config.web.listen).with_context(|| {
+        format!(
+            "binding the setup page to {} (web.listen)",
+            config.web.listen
+        )
+    })?;
     listener.set_nonblocking(true)?;
     Ok(Prepared { tls, listener })
 }
@@ -47,9 +51,18 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
     let addr = listener.local_addr()?;
     let app = router(ctx.link.clone());
     ctx.link.ready().await;
-    ctx.link.status(&format!("setup page on https://{addr}/")).await;
+    ctx.link
+        .status(&format!("setup page on https://{addr}/"))
+        .await;
     tracing::info!(%addr, "setup page listening");
-    https::serve(listener, p.tls, app, https::Limits::default(), ctx.shutdown.clone()).await;
+    https::serve(
+        listener,
+        p.tls,
+        app,
+        https::Limits::default(),
+        ctx.shutdown.clone(),
+    )
+    .await;
     Ok(())
 }
 
@@ -68,20 +81,35 @@ async fn security_headers(mut r: Response) -> Response {
         HeaderValue::from_static("default-src 'none'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
     r
 }
 
 async fn status_json(State(link): State<Arc<ServiceLink>>) -> Response {
     match link.query_status().await {
         Ok(s) => axum::Json(s).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("status unavailable: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("status unavailable: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
 async fn status_page(State(link): State<Arc<ServiceLink>>) -> Html<String> {
-    Html(page::render(link.query_status().await.map_err(|e| e.to_string())))
+    Html(page::render(
+        link.query_status().await.map_err(|e| e.to_string()),
+    ))
 }

@@ -28,13 +28,18 @@ fn duration(s: f64) -> String {
 
 pub fn render(status: Result<SupervisorStatus, String>) -> String {
     let body = match status {
-        Err(e) => format!("<p class=\"bad\">The supervisor did not answer: {}</p>", escape(&e)),
+        Err(e) => format!(
+            "<p class=\"bad\">The supervisor did not answer: {}</p>",
+            escape(&e)
+        ),
         Ok(s) => {
             let mut rows = String::new();
             for svc in &s.services {
                 let class = match svc.state {
                     ServiceState::Running => "ok",
-                    ServiceState::Starting | ServiceState::Waiting | ServiceState::Stopping => "wait",
+                    ServiceState::Starting | ServiceState::Waiting | ServiceState::Stopping => {
+                        "wait"
+                    }
                     _ => "bad",
                 };
                 rows.push_str(&format!(
@@ -53,7 +58,11 @@ pub fn render(status: Result<SupervisorStatus, String>) -> String {
                 escape(&s.version),
                 s.pid,
                 duration(s.uptime_s),
-                if s.ready { "all services ready" } else { "not all services ready" },
+                if s.ready {
+                    "all services ready"
+                } else {
+                    "not all services ready"
+                },
             )
         }
     };

@@ -1,0 +1,653 @@
+//! The sans-I/O TURN server of the box: `turn-server-proto` plus what it lacks.
+//!
+//! [`TurnCore`] takes bytes in (a UDP datagram or one framed TCP/TLS message from a client, a
+//! datagram from a peer on a relay address), with the time as a parameter, and gives
+//! [`Output`]s back (bytes to send, relay sockets to bind or close, connections to close). No
+//! sockets, threads or clocks inside, so every behaviour is a deterministic unit test.
+//!
+//! The engine does STUN Binding, Allocate/Refresh/CreatePermission/ChannelBind, Send/Data
+//! indications, ChannelData, realm and nonces (438 when stale) and the RFC lifetimes
+//! (allocations 600 s by default and at most 3600 s, permissions 300 s, channels 600 s — its
+//! constants, not configurable). Wrapped around it here, because its API cannot do them:
+//! - REST credentials with two secrets (`auth.rs`): the engine has a static user table;
+//! - peer address filtering (403): the engine installs any permission it is asked for, so
+//!   CreatePermission and ChannelBind for refused peers are answered here and never reach it;
+//! - allocation quotas per user and in total (486): a TODO in the engine;
+//! - a bandwidth cap per allocation: the engine relays whatever it gets;
+//! - TCP allocations (RFC 6062) are refused with 442: the relay is UDP only, which is all
+//!   WebRTC needs, and a TCP relay would need its own peer filtering;
+//! - ChannelData padding on streams (`framing.rs`), metrics.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+
+use stun_proto::types::attribute::ErrorCode;
+use stun_proto::types::message::{
+    BINDING, IntegrityAlgorithm, Message, MessageClass, MessageIntegrityCredentials, MessageWrite,
+    MessageWriteExt, MessageWriteVec,
+};
+use turn_server_proto::api::{
+    SocketAllocateError, TcpConnectError, TurnServerApi, TurnServerPollRet,
+};
+use turn_server_proto::server::TurnServer;
+use turn_server_proto::stun as stun_proto;
+use turn_server_proto::types::attribute::{RequestedTransport, XorPeerAddress};
+use turn_server_proto::types::message::{ALLOCATE, CHANNEL_BIND, CONNECT, CREATE_PERMISSION};
+use turn_server_proto::types::{AddressFamily, TransportType};
+
+use super::Instant;
+use super::auth::{AuthCheck, RestAuth, ValidCredential};
+use super::metrics::{Direction, Metrics};
+use super::policy::{PeerPolicy, Quotas, RateLimit};
+
+/// How a client reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    /// TCP or TLS (TLS is decrypted by the I/O layer; the core sees the plain stream).
+    Tcp,
+}
+
+impl Transport {
+    fn engine(self) -> TransportType {
+        match self {
+            Transport::Udp => TransportType::Udp,
+            Transport::Tcp => TransportType::Tcp,
+        }
+    }
+    fn from_engine(t: TransportType) -> Self {
+        match t {
+            TransportType::Udp => Transport::Udp,
+            TransportType::Tcp => Transport::Tcp,
+        }
+    }
+}
+
+/// A client's 5-tuple: the allocation's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    pub transport: Transport,
+    pub listen: SocketAddr,
+    pub client: SocketAddr,
+}
+
+/// The time, twice: monotonic for lifetimes, wall clock for credential expiry.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub mono: Instant,
+    pub unix_s: u64,
+}
+
+/// A relay socket the I/O layer must bind, then report with [`TurnCore::relay_bound`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayRequest {
+    pub owner: FiveTuple,
+    pub family: AddressFamily,
+    allocation_transport: TransportType,
+}
+
+/// What the I/O layer must do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send `data`. `Udp`: from the UDP listener or relay socket bound at `from`. `Tcp`: on the
+    /// connection between listener `from` and client `to` (already framed for a stream).
+    Transmit {
+        transport: Transport,
+        from: SocketAddr,
+        to: SocketAddr,
+        data: Vec<u8>,
+    },
+    /// Bind a UDP socket in the relay range for this family.
+    BindRelay(RelayRequest),
+    /// The allocation behind this relay address ended: close its socket.
+    CloseRelay(SocketAddr),
+    /// Close a client connection.
+    CloseTcp {
+        listen: SocketAddr,
+        client: SocketAddr,
+    },
+}
+
+/// Limits and policy of a [`TurnCore`].
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub policy: PeerPolicy,
+    pub quotas: Quotas,
+    pub bandwidth_per_allocation_kbps: u64,
+    pub nonce_lifetime_s: u64,
+}
+
+struct Relay {
+    owner: FiveTuple,
+    to_peer: RateLimit,
+    to_client: RateLimit,
+}
+
+struct Owner {
+    username: String,
+    relays: Vec<SocketAddr>,
+    /// False once the client's connection closed: the engine keeps the allocation until it
+    /// expires, but it no longer counts against quotas.
+    counted: bool,
+}
+
+/// Usernames handed to the engine, with their expiry, so they can be revoked.
+struct KnownUser {
+    expiry: u64,
+}
+
+/// The box's TURN server; see the module documentation.
+pub struct TurnCore {
+    servers: Vec<TurnServer>,
+    auth: RestAuth,
+    config: CoreConfig,
+    relays: HashMap<SocketAddr, Relay>,
+    owners: HashMap<FiveTuple, Owner>,
+    /// Allocate requests passed to the engine, awaiting their relay socket.
+    pending: HashMap<FiveTuple, String>,
+    known_users: HashMap<String, KnownUser>,
+    out: VecDeque<Output>,
+    metrics: Metrics,
+    next_sweep_unix: u64,
+}
+
+impl std::fmt::Debug for TurnCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnCore")
+            .field("listeners", &self.servers.len())
+            .field("relays", &self.relays.len())
+            .field("allocations", &self.owners.len())
+            .finish()
+    }
+}
+
+impl TurnCore {
+    /// A server answering on each of `listeners` (UDP, TCP and TLS listener addresses; TLS
+    /// counts as `Tcp`).
+    pub fn new(
+        listeners: &[(Transport, SocketAddr)],
+        auth: RestAuth,
+        config: CoreConfig,
+        metrics: Metrics,
+    ) -> Self {
+        let nonce = std::time::Duration::from_secs(config.nonce_lifetime_s.max(30));
+        let servers = listeners
+            .iter()
+            .map(|(t, addr)| {
+                let mut s = TurnServer::new(t.engine(), *addr, auth.realm().to_string());
+                s.set_nonce_expiry_duration(nonce);
+                s
+            })
+            .collect();
+        Self {
+            servers,
+            auth,
+            config,
+            relays: HashMap::new(),
+            owners: HashMap::new(),
+            pending: HashMap::new(),
+            known_users: HashMap::new(),
+            out: VecDeque::new(),
+            metrics,
+            next_sweep_unix: 0,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Allocations held now (one per client 5-tuple, whatever its address families).
+    pub fn allocations(&self) -> usize {
+        self.owners.values().filter(|o| o.counted).count()
+    }
+
+    fn server_index(&self, transport: Transport, listen: SocketAddr) -> Option<usize> {
+        self.servers
+            .iter()
+            .position(|s| s.transport() == transport.engine() && s.listen_address() == listen)
+    }
+
+    /// One datagram (UDP) or one frame (TCP/TLS, see `framing.rs`) from a client.
+    pub fn recv_from_client(&mut self, tuple: FiveTuple, data: &[u8], now: Now) {
+        let Some(idx) = self.server_index(tuple.transport, tuple.listen) else {
+            return;
+        };
+        self.sweep_users(now);
+        let is_channel_data = data.first().is_some_and(|b| b >> 6 == 1);
+        match Message::from_bytes(data) {
+            Ok(msg) => {
+                if msg.has_class(MessageClass::Request)
+                    && msg.method() != BINDING
+                    && self.intercept_request(tuple, &msg, now)
+                {
+                    self.drain(idx, now);
+                    return;
+                }
+            }
+            Err(_) if is_channel_data && data.len() >= 4 => {}
+            Err(_) => {
+                // Truncated, a bad length, attribute or fingerprint: RFC 8489 says discard
+                // silently; the engine would do the same, so it never sees it.
+                self.metrics.refused("malformed");
+                return;
+            }
+        }
+        let transmit = stun_proto::agent::Transmit::new(
+            data,
+            tuple.transport.engine(),
+            tuple.client,
+            tuple.listen,
+        );
+        let reply = self.servers[idx]
+            .recv(transmit, now.mono)
+            .map(|t| t.build());
+        match reply {
+            Some(t) => self.emit(t, now),
+            None if is_channel_data => self.metrics.dropped("no_channel"),
+            None => {}
+        }
+        self.drain(idx, now);
+    }
+
+    /// A datagram from `peer` to the relay address `relayed`.
+    pub fn recv_from_peer(&mut self, relayed: SocketAddr, peer: SocketAddr, data: &[u8], now: Now) {
+        let Some(relay) = self.relays.get(&relayed) else {
+            return;
+        };
+        let Some(idx) = self.server_index(relay.owner.transport, relay.owner.listen) else {
+            return;
+        };
+        let transmit = stun_proto::agent::Transmit::new(data, TransportType::Udp, peer, relayed);
+        let Some(out) = self.servers[idx]
+            .recv(transmit, now.mono)
+            .map(|t| t.build())
+        else {
+            self.metrics.dropped("no_permission");
+            return;
+        };
+        if let Some(relay) = self.relays.get_mut(&relayed) {
+            if !relay.to_client.allow(data.len(), now.mono) {
+                self.metrics.dropped("bandwidth");
+                return;
+            }
+        }
+        self.metrics.relayed(Direction::ToClient, data.len());
+        self.push_transmit(out);
+        self.drain(idx, now);
+    }
+
+    /// A client's TCP or TLS connection closed (or was closed).
+    pub fn tcp_closed(&mut self, listen: SocketAddr, client: SocketAddr, now: Now) {
+        let tuple = FiveTuple {
+            transport: Transport::Tcp,
+            listen,
+            client,
+        };
+        self.pending.remove(&tuple);
+        if let Some(owner) = self.owners.get_mut(&tuple) {
+            if owner.counted {
+                owner.counted = false;
+                self.metrics.allocation_removed();
+            }
+        }
+        if let Some(idx) = self.server_index(Transport::Tcp, listen) {
+            // Empty data tells the engine the stream ended, so it drops its buffer.
+            let t = stun_proto::agent::Transmit::new(&[][..], TransportType::Tcp, client, listen);
+            let _ = self.servers[idx].recv(t, now.mono);
+            self.drain(idx, now);
+        }
+    }
+
+    /// The I/O layer's answer to [`Output::BindRelay`].
+    pub fn relay_bound(
+        &mut self,
+        req: RelayRequest,
+        result: Result<SocketAddr, SocketAllocateError>,
+        now: Now,
+    ) {
+        let Some(idx) = self.server_index(req.owner.transport, req.owner.listen) else {
+            return;
+        };
+        if let Ok(addr) = result {
+            let username = self
+                .pending
+                .remove(&req.owner)
+                .or_else(|| self.owners.get(&req.owner).map(|o| o.username.clone()))
+                .unwrap_or_default();
+            let kbps = self.config.bandwidth_per_allocation_kbps;
+            self.relays.insert(
+                addr,
+                Relay {
+                    owner: req.owner,
+                    to_peer: RateLimit::new(kbps, now.mono),
+                    to_client: RateLimit::new(kbps, now.mono),
+                },
+            );
+            let owner = self.owners.entry(req.owner).or_insert_with(|| {
+                self.metrics.allocation_created();
+                Owner {
+                    username,
+                    relays: Vec::new(),
+                    counted: true,
+                }
+            });
+            owner.relays.push(addr);
+        } else {
+            self.metrics.refused("relay_ports_exhausted");
+        }
+        self.servers[idx].allocated_socket(
+            req.owner.transport.engine(),
+            req.owner.listen,
+            req.owner.client,
+            req.allocation_transport,
+            req.family,
+            result,
+            now.mono,
+        );
+        self.drain(idx, now);
+    }
+
+    /// Runs timers; call at [`TurnCore::next_timeout`] (or earlier).
+    pub fn handle_timeout(&mut self, now: Now) {
+        self.sweep_users(now);
+        for idx in 0..self.servers.len() {
+            self.drain(idx, now);
+        }
+    }
+
+    /// The next thing to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`TurnCore::handle_timeout`] must run next.
+    pub fn next_timeout(&mut self, now: Now) -> Instant {
+        let mut next = now.mono + std::time::Duration::from_secs(1);
+        for idx in 0..self.servers.len() {
+            if let TurnServerPollRet::WaitUntil(t) = self.servers[idx].poll(now.mono) {
+                next = next.min(t);
+            } else {
+                // Work is waiting: run at once.
+                return now.mono;
+            }
+        }
+        next
+    }
+
+    /// Our checks before the engine sees a request. True if we answered it ourselves.
+    fn intercept_request(&mut self, tuple: FiveTuple, msg: &Message<'_>, now: Now) -> bool {
+        let cred = match self.auth.check(msg, now.unix_s) {
+            AuthCheck::Unsigned => return false,
+            AuthCheck::Invalid { username, reason } => {
+                self.metrics.refused(reason);
+                if let Some(u) = username {
+                    if self.known_users.remove(&u).is_some() {
+                        self.revoke(&u);
+                    }
+                }
+                // The engine answers 401 (unknown user or failed integrity) or 438.
+                return false;
+            }
+            AuthCheck::Valid(c) => c,
+        };
+        for s in &mut self.servers {
+            s.add_user(cred.username.clone(), cred.password.clone());
+        }
+        self.known_users.insert(
+            cred.username.clone(),
+            KnownUser {
+                expiry: cred.expiry,
+            },
+        );
+        let method = msg.method();
+        if method == ALLOCATE {
+            return self.check_allocate(tuple, msg, &cred);
+        }
+        if method == CREATE_PERMISSION || method == CHANNEL_BIND || method == CONNECT {
+            let peers: Vec<SocketAddr> = (0..)
+                .map_while(|n| msg.nth_attribute::<XorPeerAddress>(n).ok())
+                .map(|a| a.addr(msg.transaction_id()))
+                .take(16)
+                .collect();
+            for peer in peers {
+                if let Err(r) = self.config.policy.check(peer.ip()) {
+                    self.metrics.refused(r.as_str());
+                    tracing::debug!(peer = %peer.ip(), reason = r.as_str(), "peer refused");
+                    self.reply_error(tuple, msg, ErrorCode::FORBIDDEN, &cred);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    fn check_allocate(
+        &mut self,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        cred: &ValidCredential,
+    ) -> bool {
+        if let Ok(rt) = msg.attribute::<RequestedTransport>() {
+            if rt.protocol() != RequestedTransport::UDP {
+                self.metrics.refused("tcp_allocation");
+                self.reply_error(tuple, msg, ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL, cred);
+                return true;
+            }
+        }
+        if self.owners.contains_key(&tuple) || self.pending.contains_key(&tuple) {
+            // A retransmission or a second Allocate on the same 5-tuple: the engine answers.
+            return false;
+        }
+        let user = self
+            .owners
+            .values()
+            .filter(|o| o.counted && o.username == cred.username)
+            .count()
+            + self
+                .pending
+                .values()
+                .filter(|u| **u == cred.username)
+                .count();
+        let total = self.allocations() + self.pending.len();
+        if let Err(q) = self.config.quotas.check(user as u32, total as u32) {
+            let reason = match q {
+                super::policy::QuotaRefusal::User => "quota_user",
+                super::policy::QuotaRefusal::Total => "quota_total",
+            };
+            self.metrics.refused(reason);
+            self.reply_error(tuple, msg, ErrorCode::ALLOCATION_QUOTA_REACHED, cred);
+            return true;
+        }
+        self.pending.insert(tuple, cred.username.clone());
+        false
+    }
+
+    /// A signed error response of our own.
+    fn reply_error(
+        &mut self,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        code: u16,
+        cred: &ValidCredential,
+    ) {
+        if let Some(data) = signed_error(msg, code, &cred.key, cred.algorithm) {
+            self.push_transmit(stun_proto::agent::Transmit::new(
+                data,
+                tuple.transport.engine(),
+                tuple.listen,
+                tuple.client,
+            ));
+        }
+    }
+
+    /// Replaces a username's password in the engine by a random one, so it stops verifying.
+    fn revoke(&mut self, username: &str) {
+        let random =
+            crate::secrets::random_token(24).unwrap_or_else(|_| format!("revoked-{:p}", &self.out));
+        for s in &mut self.servers {
+            s.add_user(username.to_string(), random.clone());
+        }
+    }
+
+    /// Revokes usernames that expired (checked at most once a minute).
+    fn sweep_users(&mut self, now: Now) {
+        if now.unix_s < self.next_sweep_unix {
+            return;
+        }
+        self.next_sweep_unix = now.unix_s + 60;
+        let expired: Vec<String> = self
+            .known_users
+            .iter()
+            .filter(|(_, k)| k.expiry <= now.unix_s)
+            .map(|(u, _)| u.clone())
+            .collect();
+        for u in expired {
+            self.known_users.remove(&u);
+            self.revoke(&u);
+        }
+    }
+
+    /// Collects everything the engine wants done.
+    fn drain(&mut self, idx: usize, now: Now) {
+        // Bounded: each round handles one engine request; the engine has finitely many.
+        for _ in 0..10_000 {
+            match self.servers[idx].poll(now.mono) {
+                TurnServerPollRet::WaitUntil(_) => break,
+                TurnServerPollRet::AllocateSocket {
+                    transport,
+                    listen_addr,
+                    client_addr,
+                    allocation_transport,
+                    family,
+                } => {
+                    let req = RelayRequest {
+                        owner: FiveTuple {
+                            transport: Transport::from_engine(transport),
+                            listen: listen_addr,
+                            client: client_addr,
+                        },
+                        family,
+                        allocation_transport,
+                    };
+                    if allocation_transport != TransportType::Udp {
+                        self.servers[idx].allocated_socket(
+                            transport,
+                            listen_addr,
+                            client_addr,
+                            allocation_transport,
+                            family,
+                            Err(SocketAllocateError::AddressFamilyNotSupported),
+                            now.mono,
+                        );
+                    } else {
+                        self.out.push_back(Output::BindRelay(req));
+                    }
+                }
+                TurnServerPollRet::TcpConnect {
+                    relayed_addr,
+                    peer_addr,
+                    listen_addr,
+                    client_addr,
+                } => {
+                    // Never reached: TCP allocations are refused before the engine sees them.
+                    self.servers[idx].tcp_connected(
+                        relayed_addr,
+                        peer_addr,
+                        listen_addr,
+                        client_addr,
+                        Err(TcpConnectError::Forbidden),
+                        now.mono,
+                    );
+                }
+                TurnServerPollRet::TcpClose {
+                    local_addr,
+                    remote_addr,
+                } => {
+                    if self.server_index(Transport::Tcp, local_addr).is_some() {
+                        self.out.push_back(Output::CloseTcp {
+                            listen: local_addr,
+                            client: remote_addr,
+                        });
+                    }
+                }
+                TurnServerPollRet::SocketClose { listen_addr, .. } => {
+                    self.relay_closed(listen_addr)
+                }
+            }
+        }
+        while let Some(t) = self.servers[idx].poll_transmit(now.mono) {
+            self.emit(t, now);
+        }
+    }
+
+    fn relay_closed(&mut self, addr: SocketAddr) {
+        let Some(relay) = self.relays.remove(&addr) else {
+            return;
+        };
+        self.out.push_back(Output::CloseRelay(addr));
+        if let Some(owner) = self.owners.get_mut(&relay.owner) {
+            owner.relays.retain(|a| *a != addr);
+            if owner.relays.is_empty() {
+                if owner.counted {
+                    self.metrics.allocation_removed();
+                }
+                self.owners.remove(&relay.owner);
+            }
+        }
+    }
+
+    /// Accounts and queues a transmit from the engine: one whose source is a relay address
+    /// carries a client's ChannelData or Send indication to a peer.
+    fn emit(&mut self, t: stun_proto::agent::Transmit<Vec<u8>>, now: Now) {
+        if t.transport == TransportType::Udp {
+            if let Some(relay) = self.relays.get_mut(&t.from) {
+                if !relay.to_peer.allow(t.data.len(), now.mono) {
+                    self.metrics.dropped("bandwidth");
+                    return;
+                }
+                self.metrics.relayed(Direction::ToPeer, t.data.len());
+                self.push_transmit(t);
+                return;
+            }
+        }
+        self.push_transmit(t);
+    }
+
+    fn push_transmit(&mut self, t: stun_proto::agent::Transmit<Vec<u8>>) {
+        let transport = Transport::from_engine(t.transport);
+        let data = match transport {
+            Transport::Tcp => super::framing::pad_for_stream(t.data),
+            Transport::Udp => t.data,
+        };
+        self.out.push_back(Output::Transmit {
+            transport,
+            from: t.from,
+            to: t.to,
+            data,
+        });
+    }
+}
+
+/// An error response signed with the request's key, with FINGERPRINT.
+fn signed_error(
+    msg: &Message<'_>,
+    code: u16,
+    key: &MessageIntegrityCredentials,
+    algorithm: IntegrityAlgorithm,
+) -> Option<Vec<u8>> {
+    let error = ErrorCode::builder(code).build().ok()?;
+    let mut b = Message::builder_error(msg, MessageWriteVec::new());
+    b.add_attribute(&error).ok()?;
+    b.add_message_integrity(key, algorithm).ok()?;
+    b.add_fingerprint().ok()?;
+    Some(b.finish())
+}
+
+/// The address family of an IP.
+pub fn family_of(ip: IpAddr) -> AddressFamily {
+    match ip {
+        IpAddr::V4(_) => AddressFamily::IPV4,
+        IpAddr::V6(_) => AddressFamily::IPV6,
+    }
+}
