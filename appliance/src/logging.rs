@@ -31,7 +31,7 @@ fn stderr_is_journal() -> bool {
 /// Crates that would log credentials at verbose levels, capped at `warn` (the engine also logs every allocation at `info`).
 const NO_CREDENTIALS_IN_LOGS: &[&str] = &[
     "turn_server_proto=warn",
-    "stun_proto=warn",
+    "stun_proto=off",
     "turn_types=warn",
     "stun_types=warn",
 ];
@@ -42,7 +42,8 @@ pub fn init(service: &str, level: &str) {
         let f = EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| EnvFilter::new(format!("{level},hyper=warn,rustls=warn,h2=warn")));
         // The TURN engine traces usernames, nonces and keys at debug/trace level; those lines
-        // must never reach a log, whatever level is asked for.
+        // must never reach a log, whatever level is asked for. stun_proto also reports every
+        // ordinary 401 challenge as an ERROR, which would let any client flood the log.
         NO_CREDENTIALS_IN_LOGS
             .iter()
             .filter_map(|d| d.parse().ok())

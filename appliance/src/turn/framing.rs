@@ -66,8 +66,9 @@ impl Framer {
                 }
                 (20 + len, 20 + len)
             }
-            // Channel numbers are 0x4000..=0x4FFF (RFC 8656 §12).
-            0x40..=0x4f => (4 + len, 4 + len.div_ceil(4) * 4),
+            // RFC 8656 §12 narrowed channel numbers to 0x4000..=0x4FFF, but RFC 5766 clients
+            // (coturn's among them) still bind up to 0x7FFF, and the engine accepts them.
+            0x40..=0x7f => (4 + len, 4 + len.div_ceil(4) * 4),
             _ => return Err(FramingError::NotTurn(rest[0])),
         };
         if rest.len() < consumed {
@@ -125,8 +126,8 @@ mod tests {
     #[test]
     fn garbage_stream_is_an_error_not_a_hang() {
         let mut f = Framer::new();
-        f.push(b"POST / HTTP/1.1\r\n");
-        assert_eq!(f.next_frame(), Err(FramingError::NotTurn(b'P')));
+        f.push(&[0x80, 0, 0, 4, 1, 2, 3, 4]);
+        assert_eq!(f.next_frame(), Err(FramingError::NotTurn(0x80)));
         let mut f = Framer::new();
         // A TLS ClientHello sent to the plain TCP port.
         f.push(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]);

@@ -21,7 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
-use stun_proto::types::attribute::ErrorCode;
+use stun_proto::types::attribute::{AttributeStaticType, ErrorCode, Fingerprint, XorMappedAddress};
 use stun_proto::types::message::{
     BINDING, IntegrityAlgorithm, Message, MessageClass, MessageIntegrityCredentials, MessageWrite,
     MessageWriteExt, MessageWriteVec,
@@ -217,9 +217,22 @@ impl TurnCore {
         let is_channel_data = data.first().is_some_and(|b| b >> 6 == 1);
         match Message::from_bytes(data) {
             Ok(msg) => {
-                if msg.has_class(MessageClass::Request)
-                    && msg.method() != BINDING
-                    && self.intercept_request(tuple, &msg, now)
+                if msg.method() == BINDING {
+                    // The engine sends Binding responses to its own listen address (0.7.3,
+                    // `handle_stun_binding`), so Binding is answered here.
+                    if msg.has_class(MessageClass::Request) {
+                        if let Some(reply) = binding_response(&msg, tuple.client) {
+                            self.push_transmit(stun_proto::agent::Transmit::new(
+                                reply,
+                                tuple.transport.engine(),
+                                tuple.listen,
+                                tuple.client,
+                            ));
+                        }
+                    }
+                    return;
+                }
+                if msg.has_class(MessageClass::Request) && self.intercept_request(tuple, &msg, now)
                 {
                     self.drain(idx, now);
                     return;
@@ -627,6 +640,21 @@ impl TurnCore {
             data,
         });
     }
+}
+
+/// The answer to a Binding request: the client's reflexive address (RFC 8489 §7.3.1), or 420
+/// for unknown comprehension-required attributes.
+fn binding_response(msg: &Message<'_>, client: SocketAddr) -> Option<Vec<u8>> {
+    if let Some(error) =
+        Message::check_attribute_types(msg, &[Fingerprint::TYPE], &[], MessageWriteVec::new())
+    {
+        return Some(error.finish());
+    }
+    let mut b = Message::builder_success(msg, MessageWriteVec::new());
+    b.add_attribute(&XorMappedAddress::new(client, msg.transaction_id()))
+        .ok()?;
+    b.add_fingerprint().ok()?;
+    Some(b.finish())
 }
 
 /// An error response signed with the request's key, with FINGERPRINT.
