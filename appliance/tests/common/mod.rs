@@ -2,6 +2,7 @@
 //! small blocking TURN client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod stun_msgs;
 
 use std::io::{Read, Write};
