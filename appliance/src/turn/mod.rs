@@ -20,6 +20,11 @@ pub mod metrics;
 pub mod policy;
 pub mod server;
 
+/// Client messages for the unit tests, shared with the integration tests.
+#[cfg(test)]
+#[path = "../../tests/common/stun_msgs.rs"]
+pub(crate) mod test_msgs;
+
 use std::net::{IpAddr, SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
 use std::sync::Arc;
 use std::time::Duration;

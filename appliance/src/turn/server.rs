@@ -679,3 +679,253 @@ pub fn family_of(ip: IpAddr) -> AddressFamily {
         IpAddr::V6(_) => AddressFamily::IPV6,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::turn::credentials::rest_credentials;
+    use crate::turn::test_msgs::{self as msgs, Creds, Reply};
+    use std::time::Duration;
+
+    const SECRET: &str = "unit-test-secret";
+    const UNIX0: u64 = 1_800_000_000;
+
+    fn listen() -> SocketAddr {
+        "198.51.100.1:3478".parse().expect("addr")
+    }
+
+    struct Harness {
+        core: TurnCore,
+        t: Duration,
+        next_relay: u16,
+    }
+
+    impl Harness {
+        fn new(per_user: u32, kbps: u64) -> Self {
+            let config = CoreConfig {
+                policy: PeerPolicy::new(
+                    &["127.0.0.0/8".into()],
+                    vec!["198.51.100.1".parse().expect("ip")],
+                ),
+                quotas: Quotas {
+                    per_user,
+                    total: 100,
+                },
+                bandwidth_per_allocation_kbps: kbps,
+                nonce_lifetime_s: 30,
+            };
+            let auth = RestAuth::new("test".into(), SECRET.into(), None);
+            let core = TurnCore::new(&[(Transport::Udp, listen())], auth, config, Metrics::new());
+            Harness {
+                core,
+                t: Duration::ZERO,
+                next_relay: 20_000,
+            }
+        }
+
+        fn now(&self) -> Now {
+            Now {
+                mono: Instant::from_nanos(self.t.as_nanos() as i64),
+                unix_s: UNIX0 + self.t.as_secs(),
+            }
+        }
+
+        fn advance(&mut self, d: Duration) {
+            self.t += d;
+            let now = self.now();
+            self.core.handle_timeout(now);
+        }
+
+        /// Runs the outputs: binds relays at fake addresses, returns the transmits.
+        fn outputs(&mut self) -> Vec<Output> {
+            let mut out = Vec::new();
+            while let Some(o) = self.core.poll_output() {
+                if let Output::BindRelay(req) = o {
+                    let addr = SocketAddr::from(([198, 51, 100, 1], self.next_relay));
+                    self.next_relay += 1;
+                    let now = self.now();
+                    self.core.relay_bound(req, Ok(addr), now);
+                } else {
+                    out.push(o);
+                }
+            }
+            out
+        }
+
+        fn send(&mut self, client: SocketAddr, data: &[u8]) -> Vec<Output> {
+            let tuple = FiveTuple {
+                transport: Transport::Udp,
+                listen: listen(),
+                client,
+            };
+            let now = self.now();
+            self.core.recv_from_client(tuple, data, now);
+            self.outputs()
+        }
+
+        fn request(&mut self, client: SocketAddr, data: &[u8]) -> Reply {
+            let out = self.send(client, data);
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Transmit { to, data, .. } if *to == client => msgs::parse_reply(data),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("no reply in {out:?}"))
+        }
+
+        fn login(&mut self, client: SocketAddr, ttl: u64) -> Creds {
+            let (username, password) =
+                rest_credentials(SECRET, "unit", ttl, UNIX0 + self.t.as_secs());
+            let r = self.request(client, &msgs::allocate_unsigned());
+            assert_eq!(r.code, Some(401));
+            Creds {
+                username,
+                password,
+                realm: r.realm.expect("realm"),
+                nonce: r.nonce.expect("nonce"),
+            }
+        }
+
+        fn allocate(&mut self, client: SocketAddr) -> (Creds, SocketAddr) {
+            let c = self.login(client, 3600);
+            let r = self.request(client, &msgs::allocate(&c));
+            assert!(r.success, "{r:?}");
+            (c, r.relayed.expect("relayed"))
+        }
+    }
+
+    fn client(n: u16) -> SocketAddr {
+        SocketAddr::from(([203, 0, 113, 9], 40_000 + n))
+    }
+
+    #[test]
+    fn binding_reports_the_reflexive_address() {
+        let mut h = Harness::new(5, 0);
+        let r = h.request(client(1), &msgs::binding());
+        assert!(r.success);
+        assert_eq!(r.mapped, Some(client(1)));
+    }
+
+    #[test]
+    fn allocation_lives_600_s_by_default_then_its_relay_closes() {
+        let mut h = Harness::new(5, 0);
+        let (_, relayed) = h.allocate(client(1));
+        assert_eq!(h.core.allocations(), 1);
+        h.advance(Duration::from_secs(599));
+        assert!(h.outputs().is_empty());
+        h.advance(Duration::from_secs(2));
+        assert_eq!(h.outputs(), vec![Output::CloseRelay(relayed)]);
+        assert_eq!(h.core.allocations(), 0);
+        assert_eq!(h.core.metrics().allocations(), 0);
+    }
+
+    #[test]
+    fn nonce_goes_stale_after_its_lifetime() {
+        let mut h = Harness::new(5, 0);
+        let (c, _) = h.allocate(client(1));
+        let peer: SocketAddr = "127.0.0.1:5000".parse().expect("peer");
+        assert!(
+            h.request(client(1), &msgs::create_permission(&c, peer))
+                .success
+        );
+        h.advance(Duration::from_secs(31));
+        let r = h.request(client(1), &msgs::create_permission(&c, peer));
+        assert_eq!(r.code, Some(438));
+        let fresh = Creds {
+            nonce: r.nonce.expect("new nonce"),
+            ..c
+        };
+        assert!(
+            h.request(client(1), &msgs::create_permission(&fresh, peer))
+                .success
+        );
+    }
+
+    #[test]
+    fn credential_that_expires_during_an_allocation_stops_working() {
+        let mut h = Harness::new(5, 0);
+        let c = h.login(client(1), 20);
+        assert!(h.request(client(1), &msgs::allocate(&c)).success);
+        h.advance(Duration::from_secs(21));
+        let r = h.request(client(1), &msgs::refresh(&c, 600));
+        assert_eq!(r.code, Some(401), "{r:?}");
+        assert_eq!(h.core.metrics().refusals("auth_expired"), 1);
+    }
+
+    #[test]
+    fn refused_peers_get_403_and_no_permission() {
+        let mut h = Harness::new(5, 0);
+        let (c, relayed) = h.allocate(client(1));
+        for peer in ["10.0.0.1:9", "198.51.100.1:9", "[::1]:9"] {
+            let r = h.request(
+                client(1),
+                &msgs::create_permission(&c, peer.parse().expect("peer")),
+            );
+            assert_eq!(r.code, Some(403), "{peer}");
+            assert!(r.signed);
+        }
+        // Data from the refused peer is not relayed.
+        let now = h.now();
+        h.core
+            .recv_from_peer(relayed, "10.0.0.1:9".parse().expect("peer"), b"x", now);
+        assert!(h.outputs().is_empty());
+        assert_eq!(h.core.metrics().refusals("peer_own_address"), 1);
+    }
+
+    #[test]
+    fn quota_refuses_the_third_allocation_of_a_user_with_486() {
+        let mut h = Harness::new(2, 0);
+        h.allocate(client(1));
+        h.allocate(client(2));
+        let c = h.login(client(3), 3600);
+        assert_eq!(h.request(client(3), &msgs::allocate(&c)).code, Some(486));
+        // A retransmitted Allocate on an existing allocation is the engine's to answer.
+        let (c1, _) = (h.login(client(1), 3600), ());
+        assert_ne!(h.request(client(1), &msgs::allocate(&c1)).code, Some(486));
+    }
+
+    #[test]
+    fn bandwidth_cap_drops_what_exceeds_the_rate() {
+        // 800 kbit/s = 100 kB/s with a 100 kB burst.
+        let mut h = Harness::new(5, 800);
+        let (c, relayed) = h.allocate(client(1));
+        let peer: SocketAddr = "127.0.0.1:5000".parse().expect("peer");
+        assert!(
+            h.request(client(1), &msgs::channel_bind(&c, 0x4000, peer))
+                .success
+        );
+        let payload = [7u8; 1000];
+        let mut relayed_out = 0;
+        for _ in 0..300 {
+            for o in h.send(client(1), &msgs::channel_data(0x4000, &payload)) {
+                if matches!(o, Output::Transmit { from, to, .. } if from == relayed && to == peer) {
+                    relayed_out += 1;
+                }
+            }
+        }
+        assert_eq!(
+            relayed_out, 100,
+            "one burst's worth passes, the rest is dropped"
+        );
+        h.advance(Duration::from_secs(1));
+        let out = h.send(client(1), &msgs::channel_data(0x4000, &payload));
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Transmit { to, .. } if *to == peer))
+        );
+    }
+
+    #[test]
+    fn channel_data_on_an_unbound_channel_is_dropped() {
+        let mut h = Harness::new(5, 0);
+        h.allocate(client(1));
+        assert!(
+            h.send(client(1), &msgs::channel_data(0x4123, b"nobody"))
+                .is_empty()
+        );
+        assert!(
+            h.send(client(9), &msgs::channel_data(0x4000, b"no allocation"))
+                .is_empty()
+        );
+    }
+}
