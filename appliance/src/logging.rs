@@ -49,15 +49,15 @@ pub fn init(service: &str, level: &str) {
             .filter_map(|d| d.parse().ok())
             .fold(f, |f, d| f.add_directive(d))
     };
-    if stderr_is_journal() {
-        if let Ok(layer) = tracing_journald::layer() {
-            let layer = layer.with_syslog_identifier(format!("talkbox-{service}"));
-            let _ = tracing_subscriber::registry()
-                .with(filter())
-                .with(layer)
-                .try_init();
-            return;
-        }
+    if stderr_is_journal()
+        && let Ok(layer) = tracing_journald::layer()
+    {
+        let layer = layer.with_syslog_identifier(format!("talkbox-{service}"));
+        let _ = tracing_subscriber::registry()
+            .with(filter())
+            .with(layer)
+            .try_init();
+        return;
     }
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

@@ -44,12 +44,11 @@ pub fn box_names(extra: &[String]) -> Vec<String> {
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
-    if let Ok(h) = nix::unistd::gethostname() {
-        if let Some(h) = h.to_str() {
-            if !h.is_empty() {
-                names.push(h.to_string());
-            }
-        }
+    if let Ok(h) = nix::unistd::gethostname()
+        && let Some(h) = h.to_str()
+        && !h.is_empty()
+    {
+        names.push(h.to_string());
     }
     for n in extra {
         if !names.contains(n) {

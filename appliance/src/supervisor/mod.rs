@@ -539,11 +539,11 @@ impl Supervisor {
             self.last_systemd_status = summary;
         }
         // Ping systemd only while the loop runs; a hung loop then gets the unit restarted.
-        if let Some(every) = self.watchdog_every {
-            if now.duration_since(self.last_systemd_ping) >= every {
-                self.last_systemd_ping = now;
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-            }
+        if let Some(every) = self.watchdog_every
+            && now.duration_since(self.last_systemd_ping) >= every
+        {
+            self.last_systemd_ping = now;
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         }
     }
 

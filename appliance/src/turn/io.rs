@@ -129,10 +129,10 @@ impl Io {
                     to,
                     data,
                 } => {
-                    if let Some(c) = st.tcp.get(&(from, to)) {
-                        if c.send.try_send(data).is_err() {
-                            st.core.metrics().dropped("tcp_queue_full");
-                        }
+                    if let Some(c) = st.tcp.get(&(from, to))
+                        && c.send.try_send(data).is_err()
+                    {
+                        st.core.metrics().dropped("tcp_queue_full");
                     }
                 }
                 Output::BindRelay(req) => {

@@ -220,15 +220,15 @@ impl TurnCore {
                 if msg.method() == BINDING {
                     // The engine sends Binding responses to its own listen address (0.7.3,
                     // `handle_stun_binding`), so Binding is answered here.
-                    if msg.has_class(MessageClass::Request) {
-                        if let Some(reply) = binding_response(&msg, tuple.client) {
-                            self.push_transmit(stun_proto::agent::Transmit::new(
-                                reply,
-                                tuple.transport.engine(),
-                                tuple.listen,
-                                tuple.client,
-                            ));
-                        }
+                    if msg.has_class(MessageClass::Request)
+                        && let Some(reply) = binding_response(&msg, tuple.client)
+                    {
+                        self.push_transmit(stun_proto::agent::Transmit::new(
+                            reply,
+                            tuple.transport.engine(),
+                            tuple.listen,
+                            tuple.client,
+                        ));
                     }
                     return;
                 }
@@ -279,11 +279,11 @@ impl TurnCore {
             self.metrics.dropped("no_permission");
             return;
         };
-        if let Some(relay) = self.relays.get_mut(&relayed) {
-            if !relay.to_client.allow(data.len(), now.mono) {
-                self.metrics.dropped("bandwidth");
-                return;
-            }
+        if let Some(relay) = self.relays.get_mut(&relayed)
+            && !relay.to_client.allow(data.len(), now.mono)
+        {
+            self.metrics.dropped("bandwidth");
+            return;
         }
         self.metrics.relayed(Direction::ToClient, data.len());
         self.push_transmit(out);
@@ -298,11 +298,11 @@ impl TurnCore {
             client,
         };
         self.pending.remove(&tuple);
-        if let Some(owner) = self.owners.get_mut(&tuple) {
-            if owner.counted {
-                owner.counted = false;
-                self.metrics.allocation_removed();
-            }
+        if let Some(owner) = self.owners.get_mut(&tuple)
+            && owner.counted
+        {
+            owner.counted = false;
+            self.metrics.allocation_removed();
         }
         if let Some(idx) = self.server_index(Transport::Tcp, listen) {
             // Empty data tells the engine the stream ended, so it drops its buffer.
@@ -394,10 +394,10 @@ impl TurnCore {
             AuthCheck::Unsigned => return false,
             AuthCheck::Invalid { username, reason } => {
                 self.metrics.refused(reason);
-                if let Some(u) = username {
-                    if self.known_users.remove(&u).is_some() {
-                        self.revoke(&u);
-                    }
+                if let Some(u) = username
+                    && self.known_users.remove(&u).is_some()
+                {
+                    self.revoke(&u);
                 }
                 // The engine answers 401 (unknown user or failed integrity) or 438.
                 return false;
@@ -441,12 +441,12 @@ impl TurnCore {
         msg: &Message<'_>,
         cred: &ValidCredential,
     ) -> bool {
-        if let Ok(rt) = msg.attribute::<RequestedTransport>() {
-            if rt.protocol() != RequestedTransport::UDP {
-                self.metrics.refused("tcp_allocation");
-                self.reply_error(tuple, msg, ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL, cred);
-                return true;
-            }
+        if let Ok(rt) = msg.attribute::<RequestedTransport>()
+            && rt.protocol() != RequestedTransport::UDP
+        {
+            self.metrics.refused("tcp_allocation");
+            self.reply_error(tuple, msg, ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL, cred);
+            return true;
         }
         if self.owners.contains_key(&tuple) || self.pending.contains_key(&tuple) {
             // A retransmission or a second Allocate on the same 5-tuple: the engine answers.
@@ -613,16 +613,16 @@ impl TurnCore {
     /// Accounts and queues a transmit from the engine: one whose source is a relay address
     /// carries a client's ChannelData or Send indication to a peer.
     fn emit(&mut self, t: stun_proto::agent::Transmit<Vec<u8>>, now: Now) {
-        if t.transport == TransportType::Udp {
-            if let Some(relay) = self.relays.get_mut(&t.from) {
-                if !relay.to_peer.allow(t.data.len(), now.mono) {
-                    self.metrics.dropped("bandwidth");
-                    return;
-                }
-                self.metrics.relayed(Direction::ToPeer, t.data.len());
-                self.push_transmit(t);
+        if t.transport == TransportType::Udp
+            && let Some(relay) = self.relays.get_mut(&t.from)
+        {
+            if !relay.to_peer.allow(t.data.len(), now.mono) {
+                self.metrics.dropped("bandwidth");
                 return;
             }
+            self.metrics.relayed(Direction::ToPeer, t.data.len());
+            self.push_transmit(t);
+            return;
         }
         self.push_transmit(t);
     }

@@ -116,12 +116,11 @@ impl TurnProcess {
         while Instant::now() < deadline {
             let _ = sock.send_to(&stun_msgs::binding(), self.udp_addr());
             let mut buf = [0u8; 1500];
-            if let Ok((n, _)) = sock.recv_from(&mut buf) {
-                if stun_msgs::parse_reply(&buf[..n]).is_some_and(|r| r.success)
-                    && TcpStream::connect(("127.0.0.1", self.tls_port)).is_ok()
-                {
-                    return;
-                }
+            if let Ok((n, _)) = sock.recv_from(&mut buf)
+                && stun_msgs::parse_reply(&buf[..n]).is_some_and(|r| r.success)
+                && TcpStream::connect(("127.0.0.1", self.tls_port)).is_ok()
+            {
+                return;
             }
         }
         panic!(
@@ -257,10 +256,10 @@ impl TurnClient {
             let deadline = Instant::now() + Duration::from_millis(600);
             while Instant::now() < deadline {
                 let Some(b) = self.recv() else { break };
-                if let Some(r) = stun_msgs::parse_reply(&b) {
-                    if r.transaction == tid {
-                        return Some(r);
-                    }
+                if let Some(r) = stun_msgs::parse_reply(&b)
+                    && r.transaction == tid
+                {
+                    return Some(r);
                 }
             }
             if self.tcp.is_some() {
