@@ -146,6 +146,8 @@ pub struct TurnCore {
     /// Allocate requests passed to the engine, awaiting their relay socket.
     pending: HashMap<FiveTuple, String>,
     known_users: HashMap<String, KnownUser>,
+    /// What each engine said when it was last drained.
+    wait_until: Vec<Instant>,
     out: VecDeque<Output>,
     metrics: Metrics,
     next_sweep_unix: u64,
@@ -187,6 +189,7 @@ impl TurnCore {
             owners: HashMap::new(),
             pending: HashMap::new(),
             known_users: HashMap::new(),
+            wait_until: vec![Instant::from_nanos(0); listeners.len()],
             out: VecDeque::new(),
             metrics,
             next_sweep_unix: 0,
@@ -215,6 +218,9 @@ impl TurnCore {
         };
         self.sweep_users(now);
         let is_channel_data = data.first().is_some_and(|b| b >> 6 == 1);
+        // STUN class bits: 0x0010 marks an indication (Send); the engine needs no drain after it.
+        let is_indication =
+            data.len() >= 2 && data[0] >> 6 == 0 && data[1] & 0x10 != 0 && data[0] & 0x01 == 0;
         match Message::from_bytes(data) {
             Ok(msg) => {
                 if msg.method() == BINDING {
@@ -260,7 +266,12 @@ impl TurnCore {
             None if is_channel_data => self.metrics.dropped("no_channel"),
             None => {}
         }
-        self.drain(idx, now);
+        // Requests may leave work in the engine (relay sockets to bind, responses to send);
+        // relayed data never does, and the engine's poll walks every allocation, so the data
+        // path skips it. The timer drains whatever is left.
+        if !is_channel_data && !is_indication {
+            self.drain(idx, now);
+        }
     }
 
     /// A datagram from `peer` to the relay address `relayed`.
@@ -287,7 +298,6 @@ impl TurnCore {
         }
         self.metrics.relayed(Direction::ToClient, data.len());
         self.push_transmit(out);
-        self.drain(idx, now);
     }
 
     /// A client's TCP or TLS connection closed (or was closed).
@@ -374,18 +384,10 @@ impl TurnCore {
         self.out.pop_front()
     }
 
-    /// When [`TurnCore::handle_timeout`] must run next.
-    pub fn next_timeout(&mut self, now: Now) -> Instant {
-        let mut next = now.mono + std::time::Duration::from_secs(1);
-        for idx in 0..self.servers.len() {
-            if let TurnServerPollRet::WaitUntil(t) = self.servers[idx].poll(now.mono) {
-                next = next.min(t);
-            } else {
-                // Work is waiting: run at once.
-                return now.mono;
-            }
-        }
-        next
+    /// When [`TurnCore::handle_timeout`] must run next (at the latest in one second).
+    pub fn next_timeout(&self, now: Now) -> Instant {
+        let next = now.mono + std::time::Duration::from_secs(1);
+        self.wait_until.iter().copied().fold(next, Instant::min)
     }
 
     /// Our checks before the engine sees a request. True if we answered it ourselves.
@@ -526,7 +528,10 @@ impl TurnCore {
         // Bounded: each round handles one engine request; the engine has finitely many.
         for _ in 0..10_000 {
             match self.servers[idx].poll(now.mono) {
-                TurnServerPollRet::WaitUntil(_) => break,
+                TurnServerPollRet::WaitUntil(t) => {
+                    self.wait_until[idx] = t;
+                    break;
+                }
                 TurnServerPollRet::AllocateSocket {
                     transport,
                     listen_addr,
