@@ -32,6 +32,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 pub use stun_proto::Instant;
+/// The TURN engine, for tools that build messages of the same version (the fuzz target).
+pub use turn_server_proto as engine;
 use turn_server_proto::stun as stun_proto;
 
 use crate::config::{Config, DataDir};
