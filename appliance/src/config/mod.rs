@@ -65,6 +65,7 @@ pub struct TurnConfig {
     pub tls_port: u16,
     pub relay_port_min: u16,
     pub relay_port_max: u16,
+    pub relay_address: String,
     pub realm: String,
     pub allowed_peers: Vec<String>,
     pub max_allocations_per_user: u32,
@@ -299,6 +300,11 @@ impl SfuConfig {
 }
 
 impl TurnConfig {
+    /// The address relay sockets bind to and announce.
+    pub fn relay_ip(&self) -> IpAddr {
+        self.relay_address.parse().unwrap_or(self.listen_address)
+    }
+
     fn read(r: &mut SectionReader<'_, '_>) -> Self {
         let c = Self {
             enabled: r.bool("enabled", true, "Run the STUN/TURN service."),
@@ -315,6 +321,13 @@ impl TurnConfig {
                 "First UDP port of the relay range (keep it outside the kernel's ephemeral range).",
             ),
             relay_port_max: r.port("relay_port_max", 29999, "Last UDP port of the relay range."),
+            relay_address: r.string(
+                "relay_address",
+                "",
+                "Address relay sockets bind to and announce to clients; empty = `listen_address` \
+                 (required when that is 0.0.0.0 or ::).",
+                |s| if s.is_empty() { Ok(()) } else { check_ip(s) },
+            ),
             realm: r.string(
                 "realm",
                 "talkbox",
@@ -386,6 +399,13 @@ impl TurnConfig {
                     "must not be below turn.relay_port_min ({})",
                     c.relay_port_min
                 ),
+            );
+        }
+        if c.relay_address.is_empty() && c.listen_address.is_unspecified() {
+            r.problem(
+                "listen_address",
+                Some(format!("{:?}", c.listen_address.to_string())),
+                "listens on every address, so set turn.relay_address to the address clients reach the relay on",
             );
         }
         if c.port == c.tls_port {
@@ -841,6 +861,22 @@ mod tests {
                 .any(|p| p.key == "web.listen" && p.message.contains("overlap")),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn turn_on_every_address_needs_a_relay_address() {
+        let p = problems("[turn]\nlisten_address = \"0.0.0.0\"\n");
+        assert_eq!(p[0].key, "turn.listen_address");
+        assert_eq!(p[0].line, 2);
+        assert!(
+            p[0].message.contains("turn.relay_address"),
+            "{}",
+            p[0].message
+        );
+        let c = Config::from_toml("t", "[turn]\nlisten_address = \"::\"\nrelay_address = \"2001:db8::5\"\nallowed_peers = [\"10.1.0.0/16\"]\n")
+            .expect("valid");
+        assert_eq!(c.turn.relay_ip().to_string(), "2001:db8::5");
+        assert!(Config::from_toml("t", "[turn]\nallowed_peers = [\"10.1.0.0/33\"]\n").is_err());
     }
 
     #[test]

@@ -106,6 +106,7 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
     };
     let mut own_addresses = interface_addresses();
     own_addresses.push(c.listen_address);
+    own_addresses.push(c.relay_ip());
     Ok(Prepared {
         secret,
         previous_secret,
@@ -175,12 +176,7 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         p.own_addresses,
     );
     let metrics = core.metrics().clone();
-    let relay_ip = c.listen_address;
-    if relay_ip.is_unspecified() {
-        tracing::warn!(
-            "turn.listen_address is {relay_ip}: relay addresses will be announced as {relay_ip}; set it to the box's public address"
-        );
-    }
+    let relay_ip = c.relay_ip();
     let io = Io::new(
         core,
         IoLimits {
