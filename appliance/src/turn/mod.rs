@@ -69,7 +69,11 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
     let c = &config.turn;
     let secret = secrets::read(data, Secret::TurnSecret)?;
     let previous_secret = secrets::read_previous(data, Secret::TurnSecret)?;
-    let tls = tls::load_server_config(data)?;
+    // The box's certificate, but TURN's ALPN (RFC 7443): the shared config offers h2 and
+    // http/1.1, and a client asking only for "stun.turn" would otherwise fail the handshake.
+    let mut tls_config = (*tls::load_server_config(data)?).clone();
+    tls_config.alpn_protocols = vec![b"stun.turn".to_vec()];
+    let tls = Arc::new(tls_config);
     let at = |port| SocketAddr::new(c.listen_address, port);
     let udp = StdUdpSocket::bind(at(c.port)).with_context(|| {
         format!(
