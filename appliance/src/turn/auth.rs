@@ -72,6 +72,16 @@ impl RestAuth {
         &self.realm
     }
 
+    /// A password for `username` that no client can know (it needs the secret, and is not the
+    /// REST password); what the engine gets for a credential that must stop working.
+    pub fn revoked_password(&self, username: &str) -> String {
+        let key = format!(
+            "{}\0revoked",
+            self.secrets.first().map(String::as_str).unwrap_or("")
+        );
+        credentials::password_for(&key, username)
+    }
+
     /// Checks a request's credentials at wall-clock time `now_unix`.
     pub fn check(&self, msg: &Message<'_>, now_unix: u64) -> AuthCheck {
         if !msg.has_attribute(MessageIntegrity::TYPE)

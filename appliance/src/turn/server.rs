@@ -272,6 +272,16 @@ impl TurnCore {
         if !is_channel_data && !is_indication {
             self.drain(idx, now);
         }
+        // An Allocate the engine refused (it answers errors at once) must not keep counting
+        // against the quotas; one it accepted waits for its relay socket.
+        if self.pending.contains_key(&tuple)
+            && !self
+                .out
+                .iter()
+                .any(|o| matches!(o, Output::BindRelay(r) if r.owner == tuple))
+        {
+            self.pending.remove(&tuple);
+        }
     }
 
     /// A datagram from `peer` to the relay address `relayed`.
@@ -357,6 +367,7 @@ impl TurnCore {
             });
             owner.relays.push(addr);
         } else {
+            self.pending.remove(&req.owner);
             self.metrics.refused("relay_ports_exhausted");
         }
         self.servers[idx].allocated_socket(
@@ -496,12 +507,12 @@ impl TurnCore {
         }
     }
 
-    /// Replaces a username's password in the engine by a random one, so it stops verifying.
+    /// Replaces a username's password in the engine by one no client knows, so it stops
+    /// verifying.
     fn revoke(&mut self, username: &str) {
-        let random =
-            crate::secrets::random_token(24).unwrap_or_else(|_| format!("revoked-{:p}", &self.out));
+        let unusable = self.auth.revoked_password(username);
         for s in &mut self.servers {
-            s.add_user(username.to_string(), random.clone());
+            s.add_user(username.to_string(), unusable.clone());
         }
     }
 
@@ -887,6 +898,37 @@ mod tests {
         // A retransmitted Allocate on an existing allocation is the engine's to answer.
         let (c1, _) = (h.login(client(1), 3600), ());
         assert_ne!(h.request(client(1), &msgs::allocate(&c1)).code, Some(486));
+    }
+
+    #[test]
+    fn refused_allocate_does_not_use_up_the_quota() {
+        let mut h = Harness::new(1, 0);
+        let c = h.login(client(1), 3600);
+        // No REQUESTED-TRANSPORT: the engine answers 400 and creates nothing.
+        let bad = msgs::signed(turn_server_proto::types::message::ALLOCATE, &c, |_| {});
+        assert_eq!(h.request(client(1), &bad).code, Some(400));
+        assert!(h.core.pending.is_empty());
+        // No relay port: 508, and nothing stays pending either.
+        let tuple = FiveTuple {
+            transport: Transport::Udp,
+            listen: listen(),
+            client: client(1),
+        };
+        let now = h.now();
+        h.core.recv_from_client(tuple, &msgs::allocate(&c), now);
+        let Some(Output::BindRelay(req)) = h.core.poll_output() else {
+            panic!("expected a relay request");
+        };
+        h.core
+            .relay_bound(req, Err(SocketAllocateError::InsufficientCapacity), now);
+        let reply = h.outputs().iter().find_map(|o| match o {
+            Output::Transmit { data, .. } => msgs::parse_reply(data),
+            _ => None,
+        });
+        assert_eq!(reply.and_then(|r| r.code), Some(508));
+        assert!(h.core.pending.is_empty());
+        // So the quota of one is still free.
+        assert!(h.request(client(1), &msgs::allocate(&c)).success);
     }
 
     #[test]
