@@ -82,6 +82,7 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
         )
     })?;
     udp.set_nonblocking(true)?;
+    enlarge_buffers(&udp);
     let tcp = StdTcpListener::bind(at(c.port)).with_context(|| {
         format!(
             "binding TURN to TCP {} (turn.listen_address, turn.port)",
@@ -121,6 +122,23 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
         metrics_listener,
         own_addresses,
     })
+}
+
+/// Bytes of kernel buffer for the UDP listener: every client's datagrams queue there, and a
+/// burst larger than the default (about 200 KiB) is lost before the service sees it.
+const UDP_LISTENER_BUFFER: usize = 4 << 20;
+
+/// Raises the UDP listener's buffers; the `*Force` options need root (we are, in `prepare`) and
+/// pass `net.core.rmem_max`. Failure only costs throughput, so it is logged, not fatal.
+fn enlarge_buffers(sock: &StdUdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let rcv = setsockopt(sock, sockopt::RcvBufForce, &UDP_LISTENER_BUFFER)
+        .or_else(|_| setsockopt(sock, sockopt::RcvBuf, &UDP_LISTENER_BUFFER));
+    let snd = setsockopt(sock, sockopt::SndBufForce, &UDP_LISTENER_BUFFER)
+        .or_else(|_| setsockopt(sock, sockopt::SndBuf, &UDP_LISTENER_BUFFER));
+    if let Err(e) = rcv.and(snd) {
+        tracing::warn!("cannot enlarge the TURN UDP socket buffers: {e}");
+    }
 }
 
 /// The box's own addresses, which peers must not be (the relay would talk to the box itself).
