@@ -30,7 +30,7 @@ const UNIX0: u64 = 1_800_000_000;
 fn core() -> TurnCore {
     let udp: SocketAddr = "192.0.2.1:3478".parse().unwrap();
     let config = CoreConfig {
-        policy: PeerPolicy::new(&["127.0.0.0/8".into()], vec![]),
+        policy: PeerPolicy::new(&["127.0.0.0/8".into()], vec!["192.0.2.1".parse().unwrap()], vec![(20_000, 20_100)]),
         quotas: Quotas { per_user: 4, total: 16 },
         bandwidth_per_allocation_kbps: 1000,
         nonce_lifetime_s: 30,

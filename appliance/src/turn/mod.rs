@@ -158,6 +158,16 @@ fn interface_addresses() -> Vec<IpAddr> {
         .collect()
 }
 
+/// Ports of the box that relayed clients may reach on its own addresses: the relays of other
+/// allocations (two relay-only clients) and the SFU's media ports.
+fn own_peer_ports(config: &Config) -> Vec<(u16, u16)> {
+    let mut ports = vec![(config.turn.relay_port_min, config.turn.relay_port_max)];
+    if config.sfu.enabled {
+        ports.push((config.sfu.media_port_min, config.sfu.media_port_max));
+    }
+    ports
+}
+
 /// Builds the sans-I/O core for a config (also used by tests and the fuzz target).
 pub fn core_for(
     config: &Config,
@@ -169,7 +179,7 @@ pub fn core_for(
     let c = &config.turn;
     let auth = RestAuth::new(c.realm.clone(), secret, previous);
     let core_config = CoreConfig {
-        policy: PeerPolicy::new(&c.allowed_peers, own),
+        policy: PeerPolicy::new(&c.allowed_peers, own, own_peer_ports(config)),
         quotas: Quotas {
             per_user: c.max_allocations_per_user,
             total: c.max_allocations,

@@ -5,7 +5,7 @@
 //! Pure data and arithmetic; time is a parameter. The engine (`turn-server-proto`) has none of
 //! this, so `server.rs` applies it around the engine.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use super::Instant;
@@ -44,16 +44,23 @@ impl PeerRefusal {
 
 /// The peer address filter: special-purpose ranges and the box's own addresses are refused
 /// unless an admin-listed network contains the peer.
+///
+/// One exception for the box's own addresses: the ports of its own relays and of its SFU
+/// (`own_ports`). Two relay-only clients of this server talk relay to relay, and the SFU on the
+/// same box is the peer of every relayed participant; refusing those would break calls, while
+/// every other port of the box (SSH, DNS, the TURN listener itself) stays out of reach. TURN
+/// permissions are per IP, so the data path checks the port again for every datagram.
 #[derive(Debug, Clone, Default)]
 pub struct PeerPolicy {
     allowed: Vec<IpNet>,
     own: Vec<IpAddr>,
+    own_ports: Vec<(u16, u16)>,
 }
 
 impl PeerPolicy {
     /// `allowed` are CIDRs or single addresses (already validated by the config reader; anything
     /// unparsable is ignored, never widened). `own` are the box's addresses.
-    pub fn new(allowed: &[String], own: Vec<IpAddr>) -> Self {
+    pub fn new(allowed: &[String], own: Vec<IpAddr>, own_ports: Vec<(u16, u16)>) -> Self {
         let allowed = allowed
             .iter()
             .filter_map(|s| {
@@ -62,19 +69,28 @@ impl PeerPolicy {
                     .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
             })
             .collect();
-        Self { allowed, own }
+        Self {
+            allowed,
+            own,
+            own_ports,
+        }
     }
 
     /// Ok if the relay may send to `peer`.
-    pub fn check(&self, peer: IpAddr) -> Result<(), PeerRefusal> {
-        let peer = canonical(peer);
-        if self.allowed.iter().any(|n| n.contains(&peer)) {
+    pub fn check(&self, peer: SocketAddr) -> Result<(), PeerRefusal> {
+        let ip = canonical(peer.ip());
+        if self.allowed.iter().any(|n| n.contains(&ip)) {
             return Ok(());
         }
-        if let Some(r) = special(peer) {
+        if let Some(r) = special(ip) {
             return Err(r);
         }
-        if self.own.iter().any(|a| canonical(*a) == peer) {
+        if self.own.iter().any(|a| canonical(*a) == ip)
+            && !self
+                .own_ports
+                .iter()
+                .any(|(lo, hi)| (*lo..=*hi).contains(&peer.port()))
+        {
             return Err(PeerRefusal::OwnAddress);
         }
         Ok(())
@@ -239,9 +255,13 @@ mod tests {
         s.parse().expect("test address")
     }
 
+    fn at(s: &str) -> SocketAddr {
+        SocketAddr::new(ip(s), 9)
+    }
+
     #[test]
     fn default_policy_refuses_internal_and_special_peers() {
-        let p = PeerPolicy::new(&[], vec![ip("203.0.113.7")]);
+        let p = PeerPolicy::new(&[], vec![ip("203.0.113.7")], vec![(20000, 29999)]);
         let cases = [
             ("127.0.0.1", PeerRefusal::Loopback),
             ("10.0.0.1", PeerRefusal::Private),
@@ -265,10 +285,10 @@ mod tests {
             ("203.0.113.7", PeerRefusal::OwnAddress),
         ];
         for (a, want) in cases {
-            assert_eq!(p.check(ip(a)), Err(want), "{a}");
+            assert_eq!(p.check(at(a)), Err(want), "{a}");
         }
         for a in ["8.8.8.8", "100.128.0.1", "2001:db8::1", "2a00:1450::1"] {
-            assert_eq!(p.check(ip(a)), Ok(()), "{a}");
+            assert_eq!(p.check(at(a)), Ok(()), "{a}");
         }
     }
 
@@ -277,12 +297,34 @@ mod tests {
         let p = PeerPolicy::new(
             &["127.0.0.0/8".into(), "::1/128".into(), "10.1.2.3".into()],
             vec![],
+            vec![],
         );
-        assert_eq!(p.check(ip("127.0.0.1")), Ok(()));
-        assert_eq!(p.check(ip("::1")), Ok(()));
-        assert_eq!(p.check(ip("10.1.2.3")), Ok(()));
-        assert_eq!(p.check(ip("10.1.2.4")), Err(PeerRefusal::Private));
-        assert_eq!(p.check(ip("169.254.1.1")), Err(PeerRefusal::LinkLocal));
+        assert_eq!(p.check(at("127.0.0.1")), Ok(()));
+        assert_eq!(p.check(at("::1")), Ok(()));
+        assert_eq!(p.check(at("10.1.2.3")), Ok(()));
+        assert_eq!(p.check(at("10.1.2.4")), Err(PeerRefusal::Private));
+        assert_eq!(p.check(at("169.254.1.1")), Err(PeerRefusal::LinkLocal));
+    }
+
+    #[test]
+    fn own_address_is_reachable_only_on_relay_and_sfu_ports() {
+        let p = PeerPolicy::new(
+            &[],
+            vec![ip("203.0.113.7")],
+            vec![(20000, 29999), (50000, 50063)],
+        );
+        let own = |port| SocketAddr::new(ip("203.0.113.7"), port);
+        assert_eq!(p.check(own(20000)), Ok(()));
+        assert_eq!(p.check(own(50063)), Ok(()));
+        for port in [22, 53, 3478, 19999, 30000, 50064] {
+            assert_eq!(p.check(own(port)), Err(PeerRefusal::OwnAddress), "{port}");
+        }
+        // The exception is for the box's own addresses, not for special ranges.
+        let lo = PeerPolicy::new(&[], vec![ip("127.0.0.1")], vec![(20000, 29999)]);
+        assert_eq!(
+            lo.check("127.0.0.1:20000".parse().expect("addr")),
+            Err(PeerRefusal::Loopback)
+        );
     }
 
     #[test]

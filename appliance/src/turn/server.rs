@@ -437,7 +437,7 @@ impl TurnCore {
                 .take(16)
                 .collect();
             for peer in peers {
-                if let Err(r) = self.config.policy.check(peer.ip()) {
+                if let Err(r) = self.config.policy.check(peer) {
                     self.metrics.refused(r.as_str());
                     tracing::debug!(peer = %peer.ip(), reason = r.as_str(), "peer refused");
                     self.reply_error(tuple, msg, ErrorCode::FORBIDDEN, &cred);
@@ -632,6 +632,11 @@ impl TurnCore {
         if t.transport == TransportType::Udp
             && let Some(relay) = self.relays.get_mut(&t.from)
         {
+            // Permissions are per IP; the port of an own-address peer is checked here.
+            if self.config.policy.check(t.to).is_err() {
+                self.metrics.dropped("peer_policy");
+                return;
+            }
             if !relay.to_peer.allow(t.data.len(), now.mono) {
                 self.metrics.dropped("bandwidth");
                 return;
@@ -722,6 +727,7 @@ mod tests {
                 policy: PeerPolicy::new(
                     &["127.0.0.0/8".into()],
                     vec!["198.51.100.1".parse().expect("ip")],
+                    vec![(20_000, 20_999)],
                 ),
                 quotas: Quotas {
                     per_user,
@@ -880,6 +886,23 @@ mod tests {
             assert_eq!(r.code, Some(403), "{peer}");
             assert!(r.signed);
         }
+        // The box's own address is reachable on relay ports only (relay-to-relay, the SFU).
+        let relay_peer: SocketAddr = "198.51.100.1:20005".parse().expect("peer");
+        assert!(
+            h.request(client(1), &msgs::create_permission(&c, relay_peer))
+                .success
+        );
+        let own_ssh: SocketAddr = "198.51.100.1:22".parse().expect("peer");
+        let sent = h.send(client(1), &msgs::send_indication(own_ssh, b"x"));
+        assert!(
+            sent.is_empty(),
+            "same IP, other port: dropped on the data path"
+        );
+        let sent = h.send(client(1), &msgs::send_indication(relay_peer, b"x"));
+        assert!(
+            sent.iter()
+                .any(|o| matches!(o, Output::Transmit { to, .. } if *to == relay_peer))
+        );
         // Data from the refused peer is not relayed.
         let now = h.now();
         h.core
