@@ -191,3 +191,39 @@ fn logs_never_contain_credentials() {
     assert!(!log.contains(&turn.secret), "secret in log");
     assert!(!log.contains(&u), "username in log");
 }
+
+#[test]
+fn closing_a_tcp_connection_releases_its_allocation_and_quota() {
+    let turn = server();
+    let (u, p) = turn.credentials("alice");
+    let mut first = TurnClient::tcp(turn.udp_addr());
+    first.allocate(&u, &p);
+    let mut second = TurnClient::tcp(turn.udp_addr());
+    second.allocate(&u, &p);
+    let mut third = TurnClient::tcp(turn.udp_addr());
+    let creds = third.login(&u, &p);
+    assert_eq!(
+        third
+            .request(&stun_msgs::allocate(&creds))
+            .and_then(|r| r.code),
+        Some(486)
+    );
+    drop(first);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = third
+            .request(&stun_msgs::allocate(&creds))
+            .expect("answered");
+        if r.success {
+            break;
+        }
+        assert_eq!(r.code, Some(486), "{r:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection's allocation was not released"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let m = turn.metrics();
+    assert!(m.contains("talkbox_turn_allocations 2"), "{m}");
+}

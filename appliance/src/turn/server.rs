@@ -16,23 +16,28 @@
 //! - a bandwidth cap per allocation: the engine relays whatever it gets;
 //! - TCP allocations (RFC 6062) are refused with 442: the relay is UDP only, which is all
 //!   WebRTC needs, and a TCP relay would need its own peer filtering;
+//! - releasing an allocation when its TCP/TLS connection closes (RFC 8656 §3.1);
 //! - ChannelData padding on streams (`framing.rs`), metrics.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
-use stun_proto::types::attribute::{AttributeStaticType, ErrorCode, Fingerprint, XorMappedAddress};
+use stun_proto::types::attribute::{
+    AttributeStaticType, ErrorCode, Fingerprint, Nonce, Realm, Username, XorMappedAddress,
+};
 use stun_proto::types::message::{
-    BINDING, IntegrityAlgorithm, Message, MessageClass, MessageIntegrityCredentials, MessageWrite,
-    MessageWriteExt, MessageWriteVec,
+    BINDING, IntegrityAlgorithm, LongTermCredentials, Message, MessageClass,
+    MessageIntegrityCredentials, MessageWrite, MessageWriteExt, MessageWriteVec,
 };
 use turn_server_proto::api::{
     SocketAllocateError, TcpConnectError, TurnServerApi, TurnServerPollRet,
 };
 use turn_server_proto::server::TurnServer;
 use turn_server_proto::stun as stun_proto;
-use turn_server_proto::types::attribute::{RequestedTransport, XorPeerAddress};
-use turn_server_proto::types::message::{ALLOCATE, CHANNEL_BIND, CONNECT, CREATE_PERMISSION};
+use turn_server_proto::types::attribute::{Lifetime, RequestedTransport, XorPeerAddress};
+use turn_server_proto::types::message::{
+    ALLOCATE, CHANNEL_BIND, CONNECT, CREATE_PERMISSION, REFRESH,
+};
 use turn_server_proto::types::{AddressFamily, TransportType};
 
 use super::Instant;
@@ -131,6 +136,14 @@ struct Owner {
     counted: bool,
 }
 
+/// The last accepted credential and nonce of a TCP/TLS client, to release its allocation
+/// when the connection closes.
+struct TcpAuth {
+    username: String,
+    nonce: String,
+    key: MessageIntegrityCredentials,
+}
+
 /// Usernames handed to the engine, with their expiry, so they can be revoked.
 struct KnownUser {
     expiry: u64,
@@ -145,6 +158,8 @@ pub struct TurnCore {
     owners: HashMap<FiveTuple, Owner>,
     /// Allocate requests passed to the engine, awaiting their relay socket.
     pending: HashMap<FiveTuple, String>,
+    /// TCP/TLS clients only; removed when their connection closes.
+    tcp_auth: HashMap<FiveTuple, TcpAuth>,
     known_users: HashMap<String, KnownUser>,
     /// What each engine said when it was last drained.
     wait_until: Vec<Instant>,
@@ -188,6 +203,7 @@ impl TurnCore {
             relays: HashMap::new(),
             owners: HashMap::new(),
             pending: HashMap::new(),
+            tcp_auth: HashMap::new(),
             known_users: HashMap::new(),
             wait_until: vec![Instant::from_nanos(0); listeners.len()],
             out: VecDeque::new(),
@@ -318,18 +334,46 @@ impl TurnCore {
             client,
         };
         self.pending.remove(&tuple);
+        let last_auth = self.tcp_auth.remove(&tuple);
+        let Some(idx) = self.server_index(Transport::Tcp, listen) else {
+            return;
+        };
+        // RFC 8656 §3.1: the allocation lives as long as its connection. The engine has no call
+        // for that, so it gets the Refresh with lifetime 0 the client would have sent, signed
+        // with the credential and nonce of the client's last accepted request.
+        if self.owners.contains_key(&tuple)
+            && let Some(auth) = last_auth
+            && let Some(refresh) = self.release_request(&auth)
+        {
+            let t =
+                stun_proto::agent::Transmit::new(&refresh[..], TransportType::Tcp, client, listen);
+            let _ = self.servers[idx].recv(t, now.mono);
+        }
+        // Empty data tells the engine the stream ended, so it drops its buffer.
+        let t = stun_proto::agent::Transmit::new(&[][..], TransportType::Tcp, client, listen);
+        let _ = self.servers[idx].recv(t, now.mono);
+        self.drain(idx, now);
+        // If the release failed (its nonce had gone stale), the engine keeps the allocation until
+        // it expires; it stops counting against the quotas now.
         if let Some(owner) = self.owners.get_mut(&tuple)
             && owner.counted
         {
             owner.counted = false;
             self.metrics.allocation_removed();
         }
-        if let Some(idx) = self.server_index(Transport::Tcp, listen) {
-            // Empty data tells the engine the stream ended, so it drops its buffer.
-            let t = stun_proto::agent::Transmit::new(&[][..], TransportType::Tcp, client, listen);
-            let _ = self.servers[idx].recv(t, now.mono);
-            self.drain(idx, now);
-        }
+    }
+
+    /// A Refresh with LIFETIME 0, as the client would send it.
+    fn release_request(&self, auth: &TcpAuth) -> Option<Vec<u8>> {
+        let mut m = Message::builder_request(REFRESH, MessageWriteVec::new());
+        m.add_attribute(&Lifetime::new(0)).ok()?;
+        m.add_attribute(&Username::new(&auth.username).ok()?).ok()?;
+        m.add_attribute(&Realm::new(self.auth.realm()).ok()?).ok()?;
+        m.add_attribute(&Nonce::new(&auth.nonce).ok()?).ok()?;
+        m.add_message_integrity(&auth.key, IntegrityAlgorithm::Sha1)
+            .ok()?;
+        m.add_fingerprint().ok()?;
+        Some(m.finish())
     }
 
     /// The I/O layer's answer to [`Output::BindRelay`].
@@ -426,6 +470,21 @@ impl TurnCore {
                 expiry: cred.expiry,
             },
         );
+        if tuple.transport == Transport::Tcp
+            && let Ok(nonce) = msg.attribute::<Nonce>()
+        {
+            let key = LongTermCredentials::new(cred.username.clone(), cred.password.clone())
+                .to_key(self.auth.realm().to_string())
+                .into();
+            self.tcp_auth.insert(
+                tuple,
+                TcpAuth {
+                    username: cred.username.clone(),
+                    nonce: nonce.nonce().to_string(),
+                    key,
+                },
+            );
+        }
         let method = msg.method();
         if method == ALLOCATE {
             return self.check_allocate(tuple, msg, &cred);
@@ -719,6 +778,7 @@ mod tests {
         core: TurnCore,
         t: Duration,
         next_relay: u16,
+        transport: Transport,
     }
 
     impl Harness {
@@ -737,11 +797,17 @@ mod tests {
                 nonce_lifetime_s: 30,
             };
             let auth = RestAuth::new("test".into(), SECRET.into(), None);
-            let core = TurnCore::new(&[(Transport::Udp, listen())], auth, config, Metrics::new());
+            let core = TurnCore::new(
+                &[(Transport::Udp, listen()), (Transport::Tcp, listen())],
+                auth,
+                config,
+                Metrics::new(),
+            );
             Harness {
                 core,
                 t: Duration::ZERO,
                 next_relay: 20_000,
+                transport: Transport::Udp,
             }
         }
 
@@ -776,7 +842,7 @@ mod tests {
 
         fn send(&mut self, client: SocketAddr, data: &[u8]) -> Vec<Output> {
             let tuple = FiveTuple {
-                transport: Transport::Udp,
+                transport: self.transport,
                 listen: listen(),
                 client,
             };
@@ -921,6 +987,23 @@ mod tests {
         // A retransmitted Allocate on an existing allocation is the engine's to answer.
         let (c1, _) = (h.login(client(1), 3600), ());
         assert_ne!(h.request(client(1), &msgs::allocate(&c1)).code, Some(486));
+    }
+
+    #[test]
+    fn tcp_allocation_is_released_when_its_connection_closes() {
+        let mut h = Harness::new(1, 0);
+        h.transport = Transport::Tcp;
+        let (_, relayed) = h.allocate(client(1));
+        assert_eq!(h.core.allocations(), 1);
+        let now = h.now();
+        h.core.tcp_closed(listen(), client(1), now);
+        let out = h.outputs();
+        assert!(out.contains(&Output::CloseRelay(relayed)), "{out:?}");
+        assert_eq!(h.core.allocations(), 0);
+        assert_eq!(h.core.metrics().allocations(), 0);
+        assert!(h.core.tcp_auth.is_empty());
+        // The quota of one is free again for a new connection.
+        h.allocate(client(2));
     }
 
     #[test]
