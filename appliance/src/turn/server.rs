@@ -5,10 +5,11 @@
 //! [`Output`]s back (bytes to send, relay sockets to bind or close, connections to close). No
 //! sockets, threads or clocks inside, so every behaviour is a deterministic unit test.
 //!
-//! The engine does STUN Binding, Allocate/Refresh/CreatePermission/ChannelBind, Send/Data
-//! indications, ChannelData, realm and nonces (438 when stale) and the RFC lifetimes
-//! (allocations 600 s by default and at most 3600 s, permissions 300 s, channels 600 s — its
-//! constants, not configurable). Wrapped around it here, because its API cannot do them:
+//! The engine does Allocate/Refresh/CreatePermission/ChannelBind, Send/Data indications,
+//! ChannelData, realm and nonces (438 when stale) and the RFC lifetimes (allocations 600 s by
+//! default and at most 3600 s, permissions 300 s, channels 600 s — its constants, not
+//! configurable). Wrapped around it or replaced here, because its API cannot do them:
+//! - STUN Binding: the engine (0.7.3) sends the response to its own listen address;
 //! - REST credentials with two secrets (`auth.rs`): the engine has a static user table;
 //! - peer address filtering (403): the engine installs any permission it is asked for, so
 //!   CreatePermission and ChannelBind for refused peers are answered here and never reach it;
