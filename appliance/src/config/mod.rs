@@ -339,7 +339,8 @@ impl TurnConfig {
                 &[],
                 "Peer networks (CIDR, such as 192.168.10.0/24) the relay may reach although they are \
                  loopback, private, link-local, CGNAT, multicast, ULA or the box's own addresses, \
-                 which are refused by default (relaying into the LAN is the classic TURN hole).",
+                 which are refused by default (relaying into the LAN is the classic TURN hole). \
+                 The box's own relay and SFU media ports are always reachable.",
                 check_cidr,
             ),
             max_allocations_per_user: r.int(

@@ -1,8 +1,8 @@
 //! TURN REST credentials, the scheme Nextcloud Talk and coturn (`use-auth-secret`) share:
 //! username `EXPIRY:NAME` (EXPIRY in Unix seconds), password `base64(HMAC-SHA1(secret, username))`.
 //!
-//! This module is pure: the signaling service calls [`rest_credentials`] to hand credentials to
-//! the meeting page and `GET /turn/credentials`; the TURN service calls [`password_for`] and
+//! This module is pure: the signaling service calls [`rest_credentials`] and [`turn_urls`] to
+//! hand an ICE server entry to the meeting page and `GET /turn/credentials`; the TURN service calls [`password_for`] and
 //! [`expiry_of`] to check them. Nonces, realms and which secret is current live in `auth.rs`.
 
 use base64::Engine;
@@ -31,6 +31,21 @@ pub fn rest_credentials(secret: &str, name: &str, ttl_s: u64, now_unix: u64) -> 
     let username = format!("{}:{name}", now_unix.saturating_add(ttl_s));
     let password = password_for(secret, &username);
     (username, password)
+}
+
+/// The TURN URLs of a box for an ICE server entry: UDP and TCP on `port`, TLS on `tls_port`.
+/// `host` is a DNS name or an IP address (IPv6 is bracketed here).
+pub fn turn_urls(host: &str, port: u16, tls_port: u16) -> Vec<String> {
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    vec![
+        format!("turn:{host}:{port}?transport=udp"),
+        format!("turn:{host}:{port}?transport=tcp"),
+        format!("turns:{host}:{tls_port}?transport=tcp"),
+    ]
 }
 
 /// Why a REST username is not acceptable.
@@ -80,6 +95,22 @@ mod tests {
         assert_eq!(p, password_for("s3cret", &u));
         assert_eq!(expiry_of(&u, 1_003_599), Ok(1_003_600));
         assert_eq!(expiry_of(&u, 1_003_600), Err(UsernameError::Expired));
+    }
+
+    #[test]
+    fn turn_urls_cover_udp_tcp_and_tls() {
+        assert_eq!(
+            turn_urls("talk.example.org", 3478, 5349),
+            vec![
+                "turn:talk.example.org:3478?transport=udp",
+                "turn:talk.example.org:3478?transport=tcp",
+                "turns:talk.example.org:5349?transport=tcp",
+            ]
+        );
+        assert_eq!(
+            turn_urls("2001:db8::1", 3478, 443)[2],
+            "turns:[2001:db8::1]:443?transport=tcp"
+        );
     }
 
     #[test]
