@@ -909,6 +909,25 @@ mod tests {
     }
 
     #[test]
+    fn requested_lifetimes_are_clamped_to_600_and_3600_s() {
+        use turn_server_proto::types::attribute::Lifetime;
+        let mut h = Harness::new(5, 0);
+        let c = h.login(client(1), 7200);
+        let long = msgs::signed(ALLOCATE, &c, |m| {
+            m.add_attribute(&RequestedTransport::new(RequestedTransport::UDP))
+                .expect("add");
+            m.add_attribute(&Lifetime::new(7200)).expect("add");
+        });
+        let r = h.request(client(1), &long);
+        assert_eq!(r.lifetime, Some(3600), "{r:?}");
+        let r = h.request(client(1), &msgs::refresh(&c, 60));
+        assert_eq!(r.lifetime, Some(600), "{r:?}");
+        // Without a refresh the allocation ends after 600 s from that refresh.
+        h.advance(Duration::from_secs(601));
+        assert!(matches!(h.outputs().as_slice(), [Output::CloseRelay(_)]));
+    }
+
+    #[test]
     fn nonce_goes_stale_after_its_lifetime() {
         let mut h = Harness::new(5, 0);
         let (c, _) = h.allocate(client(1));
