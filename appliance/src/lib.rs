@@ -2,6 +2,7 @@
 //!
 //! - [`supervisor`]: `talkbox run`, starts and watches the services as child processes;
 //! - [`web`]: the admin setup page (for now the read-only status page);
+//! - [`turn`]: STUN/TURN for clients behind NATs and firewalls;
 //! - [`config`], [`secrets`], [`tls`], [`storage`]: the box's config, secrets and certificate,
 //!   written crash-safely;
 //! - [`service_runtime`], [`privileges`], [`logging`], [`https`]: what every service process
@@ -20,4 +21,5 @@ pub mod signaling;
 pub mod storage;
 pub mod supervisor;
 pub mod tls;
+pub mod turn;
 pub mod web;

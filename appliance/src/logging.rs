@@ -28,11 +28,26 @@ fn stderr_is_journal() -> bool {
     dev.parse::<u64>().ok() == Some(meta.dev()) && ino.parse::<u64>().ok() == Some(meta.ino())
 }
 
+/// Crates that would log credentials at verbose levels, capped at `warn` (the engine also logs every allocation at `info`).
+const NO_CREDENTIALS_IN_LOGS: &[&str] = &[
+    "turn_server_proto=warn",
+    "stun_proto=off",
+    "turn_types=warn",
+    "stun_types=warn",
+];
+
 /// Installs the global subscriber. `service` names the process in every line.
 pub fn init(service: &str, level: &str) {
     let filter = || {
-        EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new(format!("{level},hyper=warn,rustls=warn,h2=warn")))
+        let f = EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(format!("{level},hyper=warn,rustls=warn,h2=warn")));
+        // The TURN engine traces usernames, nonces and keys at debug/trace level; those lines
+        // must never reach a log, whatever level is asked for. stun_proto also reports every
+        // ordinary 401 challenge as an ERROR, which would let any client flood the log.
+        NO_CREDENTIALS_IN_LOGS
+            .iter()
+            .filter_map(|d| d.parse().ok())
+            .fold(f, |f, d| f.add_directive(d))
     };
     if stderr_is_journal()
         && let Ok(layer) = tracing_journald::layer()

@@ -185,6 +185,15 @@ pub fn read(data: &DataDir, s: Secret) -> Result<String, SecretError> {
     read_file(&s.path(data))
 }
 
+/// Reads the previous version of a secret (`NAME.prev`, kept by a rotation), if there is one.
+pub fn read_previous(data: &DataDir, s: Secret) -> Result<Option<String>, SecretError> {
+    let path = storage::previous_version(&s.path(data));
+    if !path.exists() {
+        return Ok(None);
+    }
+    read_file(&path).map(Some)
+}
+
 fn read_file(path: &Path) -> Result<String, SecretError> {
     let text = fs::read_to_string(path).map_err(|source| SecretError::Io {
         path: path.to_path_buf(),

@@ -166,7 +166,17 @@ pub struct TurnConfig {
     pub tls_port: u16,
     pub relay_port_min: u16,
     pub relay_port_max: u16,
+    pub relay_address: String,
     pub realm: String,
+    pub allowed_peers: Vec<String>,
+    pub max_allocations_per_user: u32,
+    pub max_allocations: u32,
+    pub bandwidth_per_allocation_kbps: u64,
+    pub nonce_lifetime_s: u64,
+    pub max_tcp_connections: u32,
+    pub tcp_handshake_timeout_s: u64,
+    pub tcp_idle_timeout_s: u64,
+    pub metrics_listen: String,
 }
 
 /// `[web]`: the admin setup page.
@@ -231,6 +241,25 @@ fn check_realm(s: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err("expected 1 to 127 printable ASCII characters without spaces".into())
+    }
+}
+
+fn check_cidr(s: &str) -> Result<(), String> {
+    s.parse::<ipnet::IpNet>()
+        .map(|_| ())
+        .or_else(|_| s.parse::<IpAddr>().map(|_| ()))
+        .map_err(|_| {
+            "expected a network in CIDR notation (10.1.0.0/16, fd00::/8) or one IP address".into()
+        })
+}
+
+fn check_loopback_listen(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    match s.parse::<SocketAddr>() {
+        Ok(a) if a.ip().is_loopback() && a.port() != 0 => Ok(()),
+        _ => Err("expected empty or a loopback ADDRESS:PORT such as 127.0.0.1:9478".into()),
     }
 }
 
@@ -470,6 +499,11 @@ impl SfuConfig {
 }
 
 impl TurnConfig {
+    /// The address relay sockets bind to and announce.
+    pub fn relay_ip(&self) -> IpAddr {
+        self.relay_address.parse().unwrap_or(self.listen_address)
+    }
+
     fn read(r: &mut SectionReader<'_, '_>) -> Self {
         let c = Self {
             enabled: r.bool("enabled", true, "Run the STUN/TURN service."),
@@ -486,11 +520,75 @@ impl TurnConfig {
                 "First UDP port of the relay range (keep it outside the kernel's ephemeral range).",
             ),
             relay_port_max: r.port("relay_port_max", 29999, "Last UDP port of the relay range."),
+            relay_address: r.string(
+                "relay_address",
+                "",
+                "Address relay sockets bind to and announce to clients; empty = `listen_address` \
+                 (required when that is 0.0.0.0 or ::).",
+                |s| if s.is_empty() { Ok(()) } else { check_ip(s) },
+            ),
             realm: r.string(
                 "realm",
                 "talkbox",
                 "TURN realm sent to clients.",
                 check_realm,
+            ),
+            allowed_peers: r.string_list(
+                "allowed_peers",
+                &[],
+                "Peer networks (CIDR, such as 192.168.10.0/24) the relay may reach although they are \
+                 loopback, private, link-local, CGNAT, multicast, ULA or the box's own addresses, \
+                 which are refused by default (relaying into the LAN is the classic TURN hole). \
+                 The box's own relay and SFU media ports are always reachable.",
+                check_cidr,
+            ),
+            max_allocations_per_user: r.int(
+                "max_allocations_per_user",
+                50,
+                (1, 100_000),
+                "Allocations one TURN username may hold at once; more are refused with 486.",
+            ) as u32,
+            max_allocations: r.int(
+                "max_allocations",
+                10_000,
+                (1, 1_000_000),
+                "Allocations the server holds at once; more are refused with 486.",
+            ) as u32,
+            bandwidth_per_allocation_kbps: r.int(
+                "bandwidth_per_allocation_kbps",
+                20_000,
+                (0, 10_000_000),
+                "Relayed kbit/s per allocation and direction; packets beyond it are dropped. 0 = no cap.",
+            ) as u64,
+            nonce_lifetime_s: r.int(
+                "nonce_lifetime_s",
+                600,
+                (30, 86_400),
+                "How long a nonce stays valid; after it a request gets 438 (Stale Nonce) and retries.",
+            ) as u64,
+            max_tcp_connections: r.int(
+                "max_tcp_connections",
+                4096,
+                (1, 1_000_000),
+                "Open TURN connections over TCP and TLS at once; further connections are closed at once.",
+            ) as u32,
+            tcp_handshake_timeout_s: r.int(
+                "tcp_handshake_timeout_s",
+                10,
+                (1, 300),
+                "Time a TLS client has to finish its handshake, and a TCP client to complete a message it started.",
+            ) as u64,
+            tcp_idle_timeout_s: r.int(
+                "tcp_idle_timeout_s",
+                600,
+                (10, 86_400),
+                "A TCP or TLS connection that sends nothing for this long is closed.",
+            ) as u64,
+            metrics_listen: r.string(
+                "metrics_listen",
+                "",
+                "Loopback ADDRESS:PORT serving the TURN metrics as Prometheus text at /metrics; empty = not served.",
+                check_loopback_listen,
             ),
         };
         if c.relay_port_min > c.relay_port_max {
@@ -501,6 +599,13 @@ impl TurnConfig {
                     "must not be below turn.relay_port_min ({})",
                     c.relay_port_min
                 ),
+            );
+        }
+        if c.relay_address.is_empty() && c.listen_address.is_unspecified() {
+            r.problem(
+                "listen_address",
+                Some(format!("{:?}", c.listen_address.to_string())),
+                "listens on every address, so set turn.relay_address to the address clients reach the relay on",
             );
         }
         if c.port == c.tls_port {
@@ -971,6 +1076,22 @@ mod tests {
                 .any(|p| p.key == "web.listen" && p.message.contains("collides")),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn turn_on_every_address_needs_a_relay_address() {
+        let p = problems("[turn]\nlisten_address = \"0.0.0.0\"\n");
+        assert_eq!(p[0].key, "turn.listen_address");
+        assert_eq!(p[0].line, 2);
+        assert!(
+            p[0].message.contains("turn.relay_address"),
+            "{}",
+            p[0].message
+        );
+        let c = Config::from_toml("t", "[turn]\nlisten_address = \"::\"\nrelay_address = \"2001:db8::5\"\nallowed_peers = [\"10.1.0.0/16\"]\n")
+            .expect("valid");
+        assert_eq!(c.turn.relay_ip().to_string(), "2001:db8::5");
+        assert!(Config::from_toml("t", "[turn]\nallowed_peers = [\"10.1.0.0/33\"]\n").is_err());
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! temporary data directory, status polling, and process inspection through /proc.
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod stun_msgs;
+pub mod turn;
+
+pub use turn::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
