@@ -58,7 +58,13 @@ pub struct SignalingConfig {
     pub trusted_proxies: Vec<IpAddr>,
     pub stats_allowed_ips: Vec<IpAddr>,
     pub turn_servers: Vec<String>,
+    /// The SFU's proxy-protocol WebSocket (`ws://` on loopback, `wss://` checked against the
+    /// box certificate); `None` = no SFU.
+    pub sfu_url: Option<String>,
 }
+
+/// The local SFU's `/proxy` WebSocket, as `signaling.sfu_url` names it by default.
+pub const DEFAULT_SFU_URL: &str = "ws://127.0.0.1:9090/proxy";
 
 /// One `[[signaling.backend]]`: a Nextcloud server allowed to use this box as its HPB.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +72,10 @@ pub struct BackendConfig {
     pub id: String,
     /// Base URLs (`https://cloud.example.com/`), without a trailing slash.
     pub urls: Vec<String>,
+    /// Inline shared secret (kept for tests and quick setups; `secret_file` is the documented way).
     pub secret: String,
+    /// File holding the shared secret, read by the signaling service before it drops root.
+    pub secret_file: Option<PathBuf>,
     /// Most client sessions at once; 0 = no limit.
     pub session_limit: u32,
     /// Bitrate caps in bit/s; 0 = the `[signaling]` defaults.
@@ -113,15 +122,29 @@ impl BackendConfig {
             secret: r.string(
                 "secret",
                 "",
-                "Shared secret, as entered in Talk's \"High-performance backend\" settings (at least 16 characters).",
+                "Shared secret inline, as entered in Talk's \"High-performance backend\" settings (at least 16 characters). Prefer `secret_file`: a config file may be shown or backed up, a 0600 secret file is not.",
                 |s| {
-                    if s.len() >= 16 && s.len() <= 1024 {
+                    if s.is_empty() || (s.len() >= 16 && s.len() <= 1024) {
                         Ok(())
                     } else {
                         Err("expected 16 to 1024 characters".into())
                     }
                 },
             ),
+            secret_file: Some(r.string(
+                "secret_file",
+                "",
+                "Absolute path of a file holding the shared secret (one line, 16 to 1024 characters), readable by root; the signaling service reads it before dropping privileges. The documented way to give the secret.",
+                |s| {
+                    if s.is_empty() || (s.starts_with('/') && s.len() <= 4096) {
+                        Ok(())
+                    } else {
+                        Err("expected an absolute path such as /var/lib/talkbox/secrets/nc1-secret".into())
+                    }
+                },
+            ))
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from),
             session_limit: r.int("session_limit", 0, (0, 1_000_000), "Most client sessions of this backend at once; 0 = no limit.") as u32,
             max_stream_bitrate: r.int("max_stream_bitrate", 0, (0, 100_000_000), "Camera bitrate cap in bit/s for this backend; 0 = `signaling.max_stream_bitrate`.") as u64,
             max_screen_bitrate: r.int("max_screen_bitrate", 0, (0, 100_000_000), "Screen-share bitrate cap in bit/s for this backend; 0 = `signaling.max_screen_bitrate`.") as u64,
@@ -136,12 +159,16 @@ impl BackendConfig {
                 "every [[signaling.backend]] needs at least one URL",
             );
         }
-        if b.secret.is_empty() {
-            r.problem(
-                "secret",
+        match (b.secret.is_empty(), b.secret_file.is_none()) {
+            (true, true) => r.problem(
+                "secret_file",
                 None,
-                "every [[signaling.backend]] needs the shared secret",
-            );
+                "every [[signaling.backend]] needs the shared secret: set secret_file (or secret)",
+            ),
+            (false, false) => {
+                r.problem("secret", None, "set either secret_file or secret, not both")
+            }
+            _ => {}
         }
         b
     }
@@ -324,7 +351,7 @@ impl SignalingConfig {
         );
         let tables = r.table_array(
             "backend",
-            "Nextcloud servers allowed to use this box (`[[signaling.backend]]` with `id`, `urls`, `secret`, and optional `session_limit`, `max_stream_bitrate`, `max_screen_bitrate`).",
+            "Nextcloud servers allowed to use this box (`[[signaling.backend]]` with `id`, `urls`, `secret_file` (or `secret`), and optional `session_limit`, `max_stream_bitrate`, `max_screen_bitrate`).",
             |e| {
                 BackendConfig::read(e);
             },
@@ -367,8 +394,20 @@ impl SignalingConfig {
             builtin_backend: r.bool(
                 "builtin_backend",
                 true,
-                "Serve stand-alone rooms (meeting page, links) from the built-in backend.",
+                "Serve stand-alone rooms (meeting page, links, `/api/v1/rooms`) from the built-in backend.",
             ),
+            sfu_url: Some(r.string(
+                "sfu_url",
+                DEFAULT_SFU_URL,
+                "The SFU's proxy-protocol WebSocket (`/proxy`): `ws://` only on loopback, `wss://` verified against the box certificate; empty = no SFU (no `mcu` feature).",
+                |s| {
+                    let ok = s.is_empty()
+                        || ((s.starts_with("ws://") || s.starts_with("wss://"))
+                            && s.parse::<axum::http::Uri>().is_ok_and(|u| u.host().is_some()));
+                    if ok { Ok(()) } else { Err("expected a ws:// or wss:// URL such as ws://127.0.0.1:9090/proxy, or empty".into()) }
+                },
+            ))
+            .filter(|s| !s.is_empty()),
             hello_timeout_ms: r.int("hello_timeout_ms", 2000, (100, 60_000), "A client must send `hello` within this time after connecting.") as u64,
             backend_timeout_s: r.int("backend_timeout_s", 10, (1, 120), "Timeout of requests to Nextcloud (auth, room, ping, capabilities).") as u64,
             connections_per_host: r.int("connections_per_host", 8, (1, 1024), "Most simultaneous requests to one Nextcloud host.") as u32,

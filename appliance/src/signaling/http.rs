@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/serverinfo", get(serverinfo))
         .route("/metrics", get(metrics))
         .route("/turn/credentials", get(turn_credentials))
+        .merge(super::meeting::routes())
         .layer(DefaultBodyLimit::max(MAX_BACKEND_BODY))
         .with_state(state)
         .layer(axum::middleware::map_response(feature_headers))
@@ -139,8 +140,9 @@ async fn room_request(
         server.backends.all().cloned().collect()
     } else {
         match server.backends.for_url(backend_url) {
-            Some(b) => vec![b.clone()],
-            None => {
+            // The built-in backend is answered in-process; it takes no requests over HTTP.
+            Some(b) if b.id != super::builtin::BUILTIN_ID => vec![b.clone()],
+            _ => {
                 server.backend_request_failed(ip);
                 return (StatusCode::FORBIDDEN, axum::Json(json!({"type":"error","error":{"code":"invalid_backend","message":"The backend URL is not allowed."}}))).into_response();
             }

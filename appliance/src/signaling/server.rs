@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::api::{self, ApiError, ClientMessage};
+use super::backend_client::{self, BackendClient};
 use super::backends::{Backend, Backends, base_url};
+use super::builtin::{BUILTIN_ID, BuiltinBackend};
 use super::checksum;
 use super::hub::{BackendCall, ClientType, Hub, NewSession, Out, Sid, Target};
 use super::jwt;
@@ -58,14 +60,15 @@ pub struct Server {
     pub config: SignalingConfig,
     pub backends: Backends,
     pub nextcloud: NextcloudClient,
+    pub builtin: Option<Arc<BuiltinBackend>>,
     pub codec: SessionIdCodec,
     pub internal_secret: Vec<u8>,
     pub turn_secret: Vec<u8>,
+    /// The box's TURN port (`[turn] port`) for the meeting page's ICE servers; `None` = no TURN.
+    pub turn_port: Option<u16>,
     hub: Mutex<Hub>,
     conns: Mutex<HashMap<Sid, Conn>>,
     parked: Mutex<HashMap<Sid, Vec<Arc<str>>>>,
-    /// The Nextcloud URL each session talks to (its hello auth URL).
-    backend_urls: Mutex<HashMap<Sid, String>>,
     throttle: Mutex<Throttle>,
     next_conn: AtomicU64,
     pub counters: Counters,
@@ -91,28 +94,40 @@ pub struct ConnState {
 }
 
 impl Server {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: SignalingConfig,
         backends: Backends,
         nextcloud: NextcloudClient,
+        builtin: Option<Arc<BuiltinBackend>>,
         codec: SessionIdCodec,
         internal_secret: Vec<u8>,
         turn_secret: Vec<u8>,
+        turn_port: Option<u16>,
     ) -> Self {
         Self {
             config,
             backends,
             nextcloud,
+            builtin,
             codec,
             internal_secret,
             turn_secret,
+            turn_port,
             hub: Mutex::new(Hub::new()),
             conns: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
-            backend_urls: Mutex::new(HashMap::new()),
             throttle: Mutex::new(Throttle::default()),
             next_conn: AtomicU64::new(1),
             counters: Counters::default(),
+        }
+    }
+
+    /// Who answers `backend`'s requests: the built-in backend in-process, or its Nextcloud.
+    pub fn client_for(&self, backend: &Backend) -> &dyn BackendClient {
+        match &self.builtin {
+            Some(b) if backend.id == BUILTIN_ID => b.as_ref(),
+            _ => &self.nextcloud,
         }
     }
 
@@ -178,6 +193,7 @@ impl Server {
         match call {
             BackendCall::RoomLeave {
                 backend,
+                url,
                 room,
                 user_id,
                 room_session_id,
@@ -185,21 +201,13 @@ impl Server {
                 let Some(b) = self.backends.by_id(&backend).cloned() else {
                     return;
                 };
-                let url = b
-                    .urls
-                    .first()
-                    .map(|u| signaling_backend_url(u))
-                    .unwrap_or_default();
-                if url.is_empty() {
-                    return;
-                }
                 self.counters
                     .backend_requests
                     .fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self
-                    .nextcloud
-                    .room(&b, &url, &room, &user_id, &room_session_id, true)
-                    .await
+                let client = self.client_for(&b);
+                if let Err(e) =
+                    backend_client::room(client, &b, &url, &room, &user_id, &room_session_id, true)
+                        .await
                 {
                     self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(room, error = %e, "room leave request failed");
@@ -212,7 +220,7 @@ impl Server {
         let _ = conn.tx.send(Outbound::Text(Arc::from(v.to_string()))).await;
     }
 
-    fn throttled(&self, ip: IpAddr, action: &'static str) -> bool {
+    pub fn throttled(&self, ip: IpAddr, action: &'static str) -> bool {
         let allowed = lock(&self.throttle).allowed(ip, action, Instant::now());
         if !allowed {
             self.counters.bruteforce.fetch_add(1, Ordering::Relaxed);
@@ -220,7 +228,7 @@ impl Server {
         !allowed
     }
 
-    fn failed_attempt(&self, ip: IpAddr, action: &'static str) {
+    pub fn failed_attempt(&self, ip: IpAddr, action: &'static str) {
         lock(&self.throttle).failed(ip, action, Instant::now());
     }
 
@@ -276,7 +284,6 @@ impl Server {
             "bye" => {
                 self.send_to(conn, api::bye("", id)).await;
                 let out = self.hub().remove_session(sid);
-                lock(&self.backend_urls).remove(&sid);
                 lock(&self.conns).remove(&sid);
                 self.apply(out).await;
                 let _ = conn.tx.send(Outbound::Close).await;
@@ -362,7 +369,7 @@ impl Server {
             return Err(ApiError::new("too_many_requests", "Too many requests."));
         }
         let result = self.authenticate(hello).await;
-        let (backend, url, new) = match result {
+        let (backend, _url, new) = match result {
             Ok(x) => x,
             Err(e) => {
                 if matches!(
@@ -407,7 +414,6 @@ impl Server {
             hub.add_session(sid, public, private, new, Instant::now());
             sid
         };
-        lock(&self.backend_urls).insert(sid, url);
         self.register(conn, sid);
         let reply = self.hub().hello_reply(sid, &hello.version, id);
         if let Some(r) = reply {
@@ -447,9 +453,10 @@ impl Server {
                 let url = signaling_backend_url(&base_url(backend_url));
                 Ok((
                     backend,
-                    url,
+                    url.clone(),
                     NewSession {
                         backend: String::new(),
+                        backend_url: url.clone(),
                         client_type: ClientType::Internal,
                         user_id: String::new(),
                         user_data: None,
@@ -468,17 +475,13 @@ impl Server {
                     .for_url(&url)
                     .cloned()
                     .ok_or_else(invalid_backend)?;
+                let client = self.client_for(&backend);
                 let (user_id, user_data) = if hello.version == "2.0" {
                     let token = params["token"].as_str().ok_or_else(jwt::invalid_token)?;
-                    let caps = self.nextcloud.capabilities(&url, false).await;
+                    let caps = client.capabilities(&url, false).await;
                     let key = match caps.hello_v2_key.clone() {
                         Some(k) => Some(k),
-                        None => self
-                            .nextcloud
-                            .capabilities(&url, true)
-                            .await
-                            .hello_v2_key
-                            .clone(),
+                        None => client.capabilities(&url, true).await.hello_v2_key.clone(),
                     };
                     let c = jwt::verify(token, key.as_deref(), unix_now())?;
                     (c.user_id, c.user_data)
@@ -486,8 +489,7 @@ impl Server {
                     self.counters
                         .backend_requests
                         .fetch_add(1, Ordering::Relaxed);
-                    self.nextcloud
-                        .auth(&backend, &url, &params)
+                    backend_client::auth(client, &backend, &url, &params)
                         .await
                         .inspect_err(|_| {
                             self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
@@ -495,9 +497,10 @@ impl Server {
                 };
                 Ok((
                     backend,
-                    url,
+                    url.clone(),
                     NewSession {
                         backend: String::new(),
+                        backend_url: url.clone(),
                         client_type: ClientType::Client,
                         user_id,
                         user_data,
@@ -553,12 +556,17 @@ impl Server {
         if let Some(e) = self.hub().already_joined(sid, &room.roomid) {
             return Err(e);
         }
-        let (backend_id, user_id, client_type) = {
+        let (backend_id, url, user_id, client_type) = {
             let hub = self.hub();
             let s = hub
                 .session(sid)
                 .ok_or_else(|| ApiError::new("no_such_session", "session is gone"))?;
-            (s.backend.clone(), s.user_id.clone(), s.client_type)
+            (
+                s.backend.clone(),
+                s.backend_url.clone(),
+                s.user_id.clone(),
+                s.client_type,
+            )
         };
         let backend = self
             .backends
@@ -567,20 +575,23 @@ impl Server {
             .ok_or_else(|| ApiError::new("invalid_backend", "backend is gone"))?;
         let talk_session = room.sessionid.clone().unwrap_or_default();
         let (properties, permissions) = if client_type == ClientType::Client {
-            let url = lock(&self.backend_urls)
-                .get(&sid)
-                .cloned()
-                .unwrap_or_default();
             self.counters
                 .backend_requests
                 .fetch_add(1, Ordering::Relaxed);
-            let r = self
-                .nextcloud
-                .room(&backend, &url, &room.roomid, &user_id, &talk_session, false)
-                .await
-                .inspect_err(|_| {
-                    self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
-                })?;
+            let client = self.client_for(&backend);
+            let r = backend_client::room(
+                client,
+                &backend,
+                &url,
+                &room.roomid,
+                &user_id,
+                &talk_session,
+                false,
+            )
+            .await
+            .inspect_err(|_| {
+                self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
+            })?;
             let perms = r["permissions"].as_array().map(|a| {
                 a.iter()
                     .filter_map(|p| p.as_str().map(str::to_string))
@@ -771,8 +782,6 @@ impl Server {
         let gone: Vec<Sid> = out.close.clone();
         self.apply(out).await;
         let hub = self.hub();
-        let mut urls = lock(&self.backend_urls);
-        urls.retain(|sid, _| hub.session(*sid).is_some());
         let mut parked = lock(&self.parked);
         parked.retain(|sid, _| hub.session(*sid).is_some());
         drop(gone);
@@ -789,23 +798,17 @@ impl Server {
                 continue;
             };
             let url = signaling_backend_url(base);
-            let limit = self
-                .nextcloud
+            let client = self.client_for(&backend);
+            let limit = client
                 .capabilities(&url, false)
                 .await
                 .session_ping_limit
                 .unwrap_or(50);
             for chunk in list.chunks(limit.max(1)) {
-                let entries: Vec<Value> = chunk
-                    .iter()
-                    .map(|(u, s)| json!({"userid": u, "sessionid": s}))
-                    .collect();
-                let body =
-                    json!({"type":"ping","ping":{"version":"1.0","roomid":room,"entries":entries}});
                 self.counters
                     .backend_requests
                     .fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self.nextcloud.request(&backend, &url, &body).await {
+                if let Err(e) = backend_client::ping(client, &backend, &url, &room, chunk).await {
                     self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(room, error = %e, "ping failed");
                 }
