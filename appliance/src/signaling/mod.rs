@@ -15,6 +15,7 @@ pub mod hub;
 pub mod jwt;
 pub mod meeting;
 pub mod nextcloud;
+pub mod proxy_client;
 pub mod server;
 pub mod session_id;
 pub mod throttle;
@@ -44,6 +45,9 @@ struct Prepared {
     block_key: String,
     /// The built-in backend's room file, in a directory the service user owns.
     rooms_file: Option<std::path::PathBuf>,
+    /// The proxy token key (private PEM) and the box certificate, for the SFU client.
+    proxy_key: String,
+    box_cert: Option<Vec<u8>>,
 }
 
 /// Runs the signaling service process.
@@ -75,6 +79,8 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
         turn_secret: secrets::read(data, Secret::TurnSecret)?,
         hash_key: secrets::read(data, Secret::SessionHashKey)?,
         block_key: secrets::read(data, Secret::SessionBlockKey)?,
+        proxy_key: secrets::proxy_token_keys(data)?.0,
+        box_cert: std::fs::read(tls::cert_path(data)).ok(),
         rooms_file: if config.signaling.builtin_backend {
             Some(rooms_dir(config, data)?.join("rooms.json"))
         } else {
@@ -121,6 +127,13 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         Some(f) => Some(Arc::new(builtin::BuiltinBackend::new(Some(f))?)),
         None => None,
     };
+    let proxy = match &cfg.sfu_url {
+        Some(url) => Some(Arc::new(
+            proxy_client::ProxyClient::new(url, &p.proxy_key, p.box_cert.as_deref())
+                .context("signaling.sfu_url")?,
+        )),
+        None => None,
+    };
     let codec = session_id::SessionIdCodec::new(p.hash_key.as_bytes(), p.block_key.as_bytes())
         .context("the session keys in the secrets directory")?;
     let server = Arc::new(server::Server::new(
@@ -128,6 +141,7 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         backends,
         client,
         builtin,
+        proxy.clone(),
         codec,
         p.internal_secret.into_bytes(),
         p.turn_secret.into_bytes(),
@@ -153,6 +167,9 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
             limits,
             ctx.shutdown.clone(),
         ));
+    }
+    if let Some(proxy) = proxy {
+        tokio::spawn(proxy.run(server.clone(), ctx.shutdown.clone()));
     }
     let timers = server.clone();
     let mut stop = ctx.shutdown.clone();

@@ -24,6 +24,9 @@ use super::checksum;
 use super::hub::{BackendCall, ClientType, Hub, NewSession, Out, Sid, Target};
 use super::jwt;
 use super::nextcloud::{NextcloudClient, signaling_backend_url};
+use super::proxy_client::{
+    self, MEDIA_AUDIO, MEDIA_SCREEN, MEDIA_VIDEO, Owner, ProxyClient, SfuHandle,
+};
 use super::session_id::{SessionIdCodec, SessionIdData};
 use super::throttle::Throttle;
 use crate::config::SignalingConfig;
@@ -34,6 +37,28 @@ pub const QUEUE_FRAMES: usize = 1024;
 const PARKED_FRAMES: usize = 1000;
 /// How long a sender waits for a slow receiver before that receiver is dropped.
 const SLOW_RECEIVER: Duration = Duration::from_secs(10);
+
+/// `message` data types that go to the SFU when the recipient is a session (reference §1.6).
+const SFU_TYPES: &[&str] = &[
+    "offer",
+    "answer",
+    "candidate",
+    "endOfCandidates",
+    "requestoffer",
+    "sendoffer",
+    "selectStream",
+    "unshareScreen",
+];
+
+/// Upstream waits this long after `unshareScreen` before it closes the screen publisher.
+const UNSHARE_SCREEN_DELAY: Duration = Duration::from_secs(1);
+
+fn client_not_found() -> ApiError {
+    ApiError::new(
+        "client_not_found",
+        "No MCU client found to send message to.",
+    )
+}
 
 /// What a connection's writer task is asked to do.
 #[derive(Debug, Clone)]
@@ -61,6 +86,8 @@ pub struct Server {
     pub backends: Backends,
     pub nextcloud: NextcloudClient,
     pub builtin: Option<Arc<BuiltinBackend>>,
+    /// The SFU client (`signaling.sfu_url`), if an SFU is configured.
+    pub proxy: Option<Arc<ProxyClient>>,
     pub codec: SessionIdCodec,
     pub internal_secret: Vec<u8>,
     pub turn_secret: Vec<u8>,
@@ -100,6 +127,7 @@ impl Server {
         backends: Backends,
         nextcloud: NextcloudClient,
         builtin: Option<Arc<BuiltinBackend>>,
+        proxy: Option<Arc<ProxyClient>>,
         codec: SessionIdCodec,
         internal_secret: Vec<u8>,
         turn_secret: Vec<u8>,
@@ -110,6 +138,7 @@ impl Server {
             backends,
             nextcloud,
             builtin,
+            proxy,
             codec,
             internal_secret,
             turn_secret,
@@ -181,6 +210,14 @@ impl Server {
             lock(&self.parked).remove(&sid);
             if let Some(c) = conn {
                 let _ = c.tx.send(Outbound::Close).await;
+            }
+        }
+        if let Some(proxy) = &self.proxy {
+            for sid in &out.left {
+                let gone = lock(&proxy.clients).remove_session(*sid);
+                for (client_id, publisher) in gone {
+                    proxy.delete(client_id, publisher);
+                }
             }
         }
         for call in out.backend {
@@ -656,8 +693,20 @@ impl Server {
             )
         })?;
         let target = self.target(&m.recipient)?;
-        // The SFU seam: with an SFU connected, offers/answers/candidates to a session would be
-        // handed to it here (reference §1.6); without one they pass through like any data.
+        // With an SFU connected, offers, answers, candidates and the like to a session are
+        // the SFU's (reference §1.6); without one they pass through like any data.
+        if let (false, Target::Session(to), Some(kind)) = (
+            control,
+            &target,
+            m.data["type"]
+                .as_str()
+                .filter(|k| SFU_TYPES.contains(k) && self.sfu_active()),
+        ) {
+            let to = to.ok_or_else(client_not_found)?;
+            return self
+                .sfu_message(sid, to, kind, &m.data, msg.id.clone())
+                .await;
+        }
         let out = self.hub().route(sid, target, m, control)?;
         self.apply(out).await;
         Ok(())
@@ -773,6 +822,354 @@ impl Server {
             }
         };
         self.apply(out).await;
+        Ok(())
+    }
+
+    fn sfu_active(&self) -> bool {
+        self.proxy.is_some() && self.hub().sfu_connected()
+    }
+
+    /// Sends an SFU-originated `message` (answer, offer, candidate) to session `to`, as coming
+    /// from session `from`, in the shape Talk clients expect (upstream `sendMcuMessageResponse`).
+    pub async fn send_sfu_frame(
+        self: &Arc<Self>,
+        to: Sid,
+        from: Sid,
+        kind: &str,
+        room_type: &str,
+        payload: Value,
+        sfu_sid: &str,
+    ) {
+        let (to_public, from_public) = {
+            let hub = self.hub();
+            match (hub.session(to), hub.session(from)) {
+                (Some(t), Some(f)) => (t.public_id.clone(), f.public_id.clone()),
+                _ => return,
+            }
+        };
+        let frame = json!({"type":"message","message":{
+            "sender":{"type":"session","sessionid":from_public},
+            "data":{"to":to_public,"from":from_public,"type":kind,"roomType":room_type,"payload":payload,"sid":sfu_sid},
+        }});
+        let mut out = Out::default();
+        out.frames.push((to, Arc::from(frame.to_string())));
+        self.apply(out).await;
+    }
+
+    /// Something the SFU sent on its own for one of its clients: a trickled candidate or an
+    /// updated offer, delivered to the session that owns the client.
+    pub async fn sfu_to_client(self: &Arc<Self>, owner: &Owner, kind: &str, payload: Value) {
+        let Some(proxy) = &self.proxy else { return };
+        let (to, from, stream, handle) = {
+            let clients = lock(&proxy.clients);
+            match owner {
+                Owner::Publisher { session, stream } => (
+                    *session,
+                    *session,
+                    stream.clone(),
+                    clients.publisher(*session, stream).cloned(),
+                ),
+                Owner::Subscriber {
+                    session,
+                    publisher,
+                    stream,
+                } => (
+                    *session,
+                    *publisher,
+                    stream.clone(),
+                    clients.subscriber(*session, *publisher, stream).cloned(),
+                ),
+            }
+        };
+        if let Some(h) = handle {
+            self.send_sfu_frame(to, from, kind, &stream, payload, &h.sid)
+                .await;
+        }
+    }
+
+    /// May `sid` send media of this kind (upstream `IsAllowedToSend`)?
+    fn may_send(&self, sid: Sid, room_type: &str) -> bool {
+        let hub = self.hub();
+        let Some(s) = hub.session(sid) else {
+            return false;
+        };
+        if room_type == "screen" {
+            s.has_permission("publish-screen")
+        } else {
+            s.has_permission("publish-media")
+                || s.has_permission("publish-audio")
+                || s.has_permission("publish-video")
+        }
+    }
+
+    /// A Talk client's SFU message (`data.type` in [`SFU_TYPES`]) from `sid` to session `to`.
+    async fn sfu_message(
+        self: &Arc<Self>,
+        sid: Sid,
+        to: Sid,
+        kind: &str,
+        data: &Value,
+        request_id: Option<String>,
+    ) -> Result<(), ApiError> {
+        let proxy = self.proxy.clone().ok_or_else(client_not_found)?;
+        let room_type = data["roomType"].as_str().unwrap_or("video").to_string();
+        if room_type != "video" && room_type != "screen" {
+            return Err(ApiError::new(
+                "invalid_format",
+                "roomType must be video or screen.",
+            ));
+        }
+        let client_sid = data["sid"].as_str().unwrap_or("").to_string();
+        match kind {
+            "offer" => {
+                let sdp = data["payload"]["sdp"]
+                    .as_str()
+                    .ok_or_else(|| ApiError::new("no_sdp", "The offer has no SDP."))?;
+                let media = if room_type == "screen" {
+                    MEDIA_SCREEN
+                } else {
+                    proxy_client::offered_media(sdp)
+                };
+                let (allowed, backend) = {
+                    let hub = self.hub();
+                    let s = hub.session(sid).ok_or_else(client_not_found)?;
+                    (
+                        super::hub::publish_allowed(
+                            s,
+                            &room_type,
+                            media & MEDIA_AUDIO != 0,
+                            media & MEDIA_VIDEO != 0,
+                        ),
+                        s.backend.clone(),
+                    )
+                };
+                if !allowed {
+                    return Err(ApiError::new("not_allowed", "Not allowed to publish."));
+                }
+                let existing = lock(&proxy.clients).publisher(sid, &room_type).cloned();
+                let handle = match existing {
+                    Some(h) => h,
+                    None => {
+                        let max = self
+                            .backends
+                            .by_id(&backend)
+                            .map(|b| {
+                                if room_type == "screen" {
+                                    b.max_screen_bitrate
+                                } else {
+                                    b.max_stream_bitrate
+                                }
+                            })
+                            .unwrap_or(0);
+                        let asked = data["bitrate"].as_u64().unwrap_or(0);
+                        let bitrate = if asked == 0 || (max > 0 && asked > max) {
+                            max
+                        } else {
+                            asked
+                        };
+                        let mut settings = json!({"bitrate": bitrate, "mediatypes": media});
+                        for (from, to) in [
+                            ("audiocodec", "audiocodec"),
+                            ("videocodec", "videocodec"),
+                            ("vp9profile", "vp9_profile"),
+                            ("h264profile", "h264_profile"),
+                        ] {
+                            if let Some(v) = data[from].as_str().filter(|v| !v.is_empty()) {
+                                settings[to] = Value::String(v.to_string());
+                            }
+                        }
+                        let answer = proxy
+                            .command(json!({"type":"create-publisher","sid":client_sid,"streamType":room_type,
+                                "bitrate":bitrate,"mediatypes":media,"publisherSettings":settings}))
+                            .await?;
+                        let client_id = answer["id"]
+                            .as_str()
+                            .filter(|i| !i.is_empty())
+                            .ok_or_else(|| {
+                                ApiError::new("processing_failed", "The SFU gave no publisher id.")
+                            })?;
+                        let h = SfuHandle {
+                            client_id: client_id.to_string(),
+                            sid: client_sid.clone(),
+                        };
+                        let old = lock(&proxy.clients).add(
+                            Owner::Publisher {
+                                session: sid,
+                                stream: room_type.clone(),
+                            },
+                            h.clone(),
+                        );
+                        if let Some(old) = old {
+                            proxy.delete(old.client_id, true);
+                        }
+                        h
+                    }
+                };
+                let answer = proxy
+                    .payload(
+                        "offer",
+                        &handle.client_id,
+                        Some(&client_sid),
+                        Some(&data["payload"]),
+                    )
+                    .await?;
+                if answer["type"] == "answer" {
+                    self.send_sfu_frame(sid, sid, "answer", &room_type, answer, &handle.sid)
+                        .await;
+                }
+                Ok(())
+            }
+            "answer" | "candidate" | "endOfCandidates" | "selectStream" => {
+                if kind == "selectStream" && to == sid {
+                    return Ok(());
+                }
+                let handle = if to == sid {
+                    if !self.may_send(sid, &room_type) {
+                        return Err(ApiError::new(
+                            "not_allowed",
+                            "Not allowed to send candidate.",
+                        ));
+                    }
+                    lock(&proxy.clients).publisher(sid, &room_type).cloned()
+                } else {
+                    lock(&proxy.clients)
+                        .subscriber(sid, to, &room_type)
+                        .cloned()
+                };
+                let handle = handle.ok_or_else(client_not_found)?;
+                proxy
+                    .payload(
+                        kind,
+                        &handle.client_id,
+                        Some(&client_sid),
+                        Some(&data["payload"]),
+                    )
+                    .await?;
+                Ok(())
+            }
+            "requestoffer" | "sendoffer" => {
+                // Subscribing may wait for the SFU; other messages of this client go on.
+                let (subscriber, publisher) = if kind == "requestoffer" {
+                    (sid, to)
+                } else {
+                    (to, sid)
+                };
+                if subscriber == publisher {
+                    return Ok(());
+                }
+                if kind == "requestoffer" && !self.hub().in_same_call(subscriber, publisher) {
+                    return Err(ApiError::new(
+                        "not_allowed",
+                        "Not allowed to request offer.",
+                    ));
+                }
+                if kind == "sendoffer" && !self.may_send(sid, &room_type) {
+                    return Err(ApiError::new("not_allowed", "Not allowed to send offer"));
+                }
+                let me = self.clone();
+                let kind = kind.to_string();
+                tokio::spawn(async move {
+                    let r = me
+                        .subscribe(
+                            &proxy,
+                            subscriber,
+                            publisher,
+                            &room_type,
+                            &kind,
+                            &client_sid,
+                        )
+                        .await;
+                    if let Err(e) = r {
+                        let mut out = Out::default();
+                        out.frames
+                            .push((sid, Arc::from(e.to_json(request_id.as_deref()).to_string())));
+                        me.apply(out).await;
+                    }
+                });
+                Ok(())
+            }
+            "unshareScreen" => {
+                if to == sid {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(UNSHARE_SCREEN_DELAY).await;
+                        let gone = lock(&proxy.clients)
+                            .publisher(sid, "screen")
+                            .map(|h| h.client_id.clone());
+                        if let Some(id) = gone {
+                            lock(&proxy.clients).remove(&id);
+                            proxy.delete(id, true);
+                        }
+                    });
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Gets or creates the subscriber of `subscriber` to `publisher`'s stream and sends the
+    /// SFU's offer for it to the subscriber (`requestoffer`, `sendoffer`).
+    async fn subscribe(
+        self: &Arc<Self>,
+        proxy: &Arc<ProxyClient>,
+        subscriber: Sid,
+        publisher: Sid,
+        room_type: &str,
+        kind: &str,
+        client_sid: &str,
+    ) -> Result<(), ApiError> {
+        let publisher_id = lock(&proxy.clients)
+            .publisher(publisher, room_type)
+            .map(|h| h.client_id.clone())
+            .ok_or_else(client_not_found)?;
+        let existing = lock(&proxy.clients)
+            .subscriber(subscriber, publisher, room_type)
+            .cloned();
+        let handle = match existing {
+            Some(h) => h,
+            None => {
+                let answer = proxy
+                    .command(json!({"type":"create-subscriber","streamType":room_type,"publisherId":publisher_id}))
+                    .await?;
+                let client_id =
+                    answer["id"]
+                        .as_str()
+                        .filter(|i| !i.is_empty())
+                        .ok_or_else(|| {
+                            ApiError::new("processing_failed", "The SFU gave no subscriber id.")
+                        })?;
+                let h = SfuHandle {
+                    client_id: client_id.to_string(),
+                    sid: answer["sid"].as_str().unwrap_or("").to_string(),
+                };
+                let old = lock(&proxy.clients).add(
+                    Owner::Subscriber {
+                        session: subscriber,
+                        publisher,
+                        stream: room_type.to_string(),
+                    },
+                    h.clone(),
+                );
+                if let Some(old) = old {
+                    proxy.delete(old.client_id, false);
+                }
+                h
+            }
+        };
+        let offer = proxy
+            .payload(kind, &handle.client_id, Some(client_sid), None)
+            .await?;
+        if offer["type"] == "offer" {
+            self.send_sfu_frame(
+                subscriber,
+                publisher,
+                "offer",
+                room_type,
+                offer,
+                &handle.sid,
+            )
+            .await;
+        }
         Ok(())
     }
 

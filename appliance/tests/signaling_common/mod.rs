@@ -23,6 +23,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
+pub mod fake_proxy;
+
 pub const TALK_SECRET: &str = "fake-talk-secret-0123456789";
 
 pub fn free_port() -> u16 {
