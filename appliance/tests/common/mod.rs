@@ -2,6 +2,8 @@
 //! temporary data directory, status polling, and process inspection through /proc.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -1,0 +1,138 @@
+//! Headless Debian Chromium driven over WebDriver (fantoccini + /usr/bin/chromedriver), with
+//! fake camera and microphone, a fresh profile per browser, and nothing left running: the
+//! driver and the browser it starts share a process group that is killed on drop.
+//! Needs `apt-get install chromium chromium-driver`.
+
+#![allow(dead_code)]
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Flags of every test browser (reference peers-on-loopback.md B.3).
+pub const CHROMIUM_FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+];
+
+pub struct Browser {
+    pub client: fantoccini::Client,
+    driver: Child,
+    driver_gone: bool,
+    _profile: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium session; `extra` flags are added.
+    pub async fn start(extra: &[&str]) -> Browser {
+        assert!(
+            std::path::Path::new(CHROMEDRIVER).exists(),
+            "{CHROMEDRIVER} is missing: apt-get install -y chromium chromium-driver"
+        );
+        let port = free_port();
+        let driver = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group: the browser it starts is killed with it.
+            .process_group(0)
+            .spawn()
+            .expect("start chromedriver");
+        let profile = tempfile::tempdir().expect("profile dir");
+        let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(format!("--user-data-dir={}", profile.path().display()));
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({"binary": CHROMIUM, "args": args}),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let mut last = None;
+        for _ in 0..100 {
+            match fantoccini::ClientBuilder::new(
+                hyper_util::client::legacy::connect::HttpConnector::new(),
+            )
+            .capabilities(caps.clone())
+            .connect(&url)
+            .await
+            {
+                Ok(client) => {
+                    return Browser {
+                        client,
+                        driver,
+                        driver_gone: false,
+                        _profile: profile,
+                    };
+                }
+                Err(e) => last = Some(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut b = driver;
+        kill_group(&mut b);
+        panic!("no WebDriver session with chromedriver: {last:?}");
+    }
+
+    /// Evaluates a JavaScript expression (`return …;` body) and returns its value.
+    pub async fn eval(&self, script: &str) -> Value {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+    }
+
+    /// Polls `script` until it returns `want`, or panics after `timeout` with what it returned.
+    pub async fn wait_for(&self, script: &str, want: &Value, timeout: Duration) {
+        let start = std::time::Instant::now();
+        let mut last = Value::Null;
+        while start.elapsed() < timeout {
+            last = self.eval(script).await;
+            if &last == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("waited {timeout:?} for `{script}` to be {want}; it is {last}");
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.client.clone().close().await;
+        kill_group(&mut self.driver);
+        self.driver_gone = true;
+    }
+}
+
+fn kill_group(child: &mut Child) {
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.driver_gone {
+            kill_group(&mut self.driver);
+        }
+    }
+}
