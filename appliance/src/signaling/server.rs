@@ -50,6 +50,10 @@ const SFU_TYPES: &[&str] = &[
     "unshareScreen",
 ];
 
+/// How long a dial-out request waits for the internal client's answer (upstream
+/// `startDialoutTimeout`).
+const DIALOUT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Upstream waits this long after `unshareScreen` before it closes the screen publisher.
 const UNSHARE_SCREEN_DELAY: Duration = Duration::from_secs(1);
 
@@ -97,6 +101,8 @@ pub struct Server {
     conns: Mutex<HashMap<Sid, Conn>>,
     parked: Mutex<HashMap<Sid, Vec<Arc<str>>>>,
     throttle: Mutex<Throttle>,
+    /// Dial-out requests waiting for their internal client's answer: message id → (client, answer).
+    dialouts: Mutex<HashMap<String, (Sid, tokio::sync::oneshot::Sender<Value>)>>,
     next_conn: AtomicU64,
     pub counters: Counters,
 }
@@ -147,6 +153,7 @@ impl Server {
             conns: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
             throttle: Mutex::new(Throttle::default()),
+            dialouts: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             counters: Counters::default(),
         }
@@ -798,6 +805,23 @@ impl Server {
             }
             "dialout" => {
                 let d = i.dialout.clone().unwrap_or(Value::Null);
+                // The answer to a dial-out request we sent goes to the waiting backend request;
+                // an error answer goes nowhere else.
+                if let Some(id) = msg.id.as_deref() {
+                    let waiter = {
+                        let mut w = lock(&self.dialouts);
+                        match w.get(id) {
+                            Some((owner, _)) if *owner == sid => w.remove(id),
+                            _ => None,
+                        }
+                    };
+                    if let Some((_, tx)) = waiter {
+                        let _ = tx.send(d.clone());
+                        if d["type"] == "error" {
+                            return Ok(());
+                        }
+                    }
+                }
                 let room = d["roomid"].as_str().unwrap_or("").to_string();
                 let mut hub = self.hub();
                 let backend = hub
@@ -1294,10 +1318,37 @@ impl Server {
                 };
                 let id = checksum::new_random();
                 let request = json!({"id": id, "type":"internal","internal":{"type":"dialout","dialout":{"roomid":room,"backend":backend.urls.first(),"request":body}}});
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                lock(&self.dialouts).insert(id.clone(), (client, tx));
                 let mut out = Out::default();
                 out.frames.push((client, Arc::from(request.to_string())));
                 self.apply(out).await;
-                return Ok(json!({"type":"dialout","dialout":{}}));
+                let answer = tokio::time::timeout(DIALOUT_TIMEOUT, rx).await;
+                lock(&self.dialouts).remove(&id);
+                let d = match answer {
+                    Ok(Ok(d)) => d,
+                    _ => {
+                        return err(
+                            StatusCode::BAD_GATEWAY,
+                            "timeout",
+                            "Timeout while waiting for dialout to start.",
+                        );
+                    }
+                };
+                return match (d["type"].as_str(), d["status"]["status"].as_str()) {
+                    (Some("status"), Some("accepted")) => {
+                        Ok(json!({"type":"dialout","dialout":{"callid": d["status"]["callid"]}}))
+                    }
+                    (Some("error"), _) => Err((
+                        StatusCode::BAD_GATEWAY,
+                        json!({"type":"dialout","dialout":{"error": d["error"]}}),
+                    )),
+                    _ => err(
+                        StatusCode::BAD_GATEWAY,
+                        "unsupported_status",
+                        "The dial-out client answered with an unsupported status.",
+                    ),
+                };
             }
             _ => {
                 return Err((
