@@ -161,6 +161,22 @@ async fn talk_clients_publish_and_subscribe_through_the_proxy_protocol() {
     let e = alice.recv_type("error").await;
     assert_eq!(e["error"]["code"], "client_not_found", "{e}");
 
+    // Talk takes alice's publish permissions away: her publisher on the SFU is closed.
+    alice
+        .send(msg(&alice_sid, json!({"type":"offer","roomType":"video","sid":"s-3","payload":{"type":"offer","sdp":OFFER_SDP}})))
+        .await;
+    recv_data(&mut alice, "answer").await;
+    let republished = proxy.received_of("command", "create-publisher").len();
+    assert_eq!(
+        republished, 2,
+        "a new publisher after the SFU closed the first"
+    );
+    let body = json!({"type":"participants","participants":{"changed":[{"sessionId":"talk-alice","inCall":7,"permissions":[]}],"users":[]}});
+    let (status, _, _) = backend_post(sig.http, "room1", &body, TALK_SECRET, None).await;
+    assert_eq!(status, 200);
+    let d = proxy.wait_for("command", "delete-publisher").await;
+    assert_eq!(d["command"]["clientId"], "pub-3");
+
     // Leaving the room deletes the session's subscribers on the SFU.
     bob.send(json!({"id":"l","type":"room","room":{"roomid":""}}))
         .await;

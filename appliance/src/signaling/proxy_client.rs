@@ -152,6 +152,14 @@ impl SfuClients {
         ids
     }
 
+    /// Every publisher: (session, stream type, client id).
+    pub fn publishers(&self) -> Vec<(Sid, String, String)> {
+        self.publishers
+            .iter()
+            .map(|((s, t), h)| (*s, t.clone(), h.client_id.clone()))
+            .collect()
+    }
+
     pub fn clear(&mut self) {
         *self = Self::default();
     }

@@ -926,6 +926,24 @@ impl Server {
         }
     }
 
+    /// Closes publishers whose session lost the permission to publish them (Talk changed the
+    /// participant's permissions), as upstream does.
+    fn close_forbidden_publishers(&self) {
+        let Some(proxy) = &self.proxy else { return };
+        let publishers = lock(&proxy.clients).publishers();
+        for (session, stream, client_id) in publishers {
+            if !self.may_send(session, &stream) {
+                tracing::info!(
+                    session,
+                    stream,
+                    "publishing no longer allowed; closing the publisher"
+                );
+                lock(&proxy.clients).remove(&client_id);
+                proxy.delete(client_id, true);
+            }
+        }
+    }
+
     /// A Talk client's SFU message (`data.type` in [`SFU_TYPES`]) from `sid` to session `to`.
     async fn sfu_message(
         self: &Arc<Self>,
@@ -1288,7 +1306,11 @@ impl Server {
             "delete" => self
                 .hub()
                 .backend_delete(b, room, &strings(&body["userids"])),
-            "participants" | "incall" => self.hub().backend_participants(b, room, body),
+            "participants" | "incall" => {
+                let out = self.hub().backend_participants(b, room, body);
+                self.close_forbidden_publishers();
+                out
+            }
             "message" => self.hub().backend_message(b, room, &body["data"]),
             "switchto" => {
                 let target = body["roomid"].as_str().unwrap_or("").to_string();

@@ -215,6 +215,8 @@ function onEvent(e) {
       if (j.sessionid === call.me) continue;
       const p = peer(j.sessionid);
       p.name = (j.user && j.user.displayname) || 'Guest';
+      // Newcomers learn our mute state the way Talk clients tell it: a message to them.
+      if (call.local && !call.audioOn) sendMessage(j.sessionid, { type: 'mute', payload: { name: 'audio' } });
       for (const t of Object.values(p.tiles)) t.querySelector('.name').textContent = labelOf(p, t.dataset.roomType);
     }
   } else if (e.target === 'room' && e.type === 'leave') {
