@@ -16,15 +16,9 @@ use signaling_common::fake_proxy::*;
 use signaling_common::*;
 
 async fn post(sig: &Signaling, path: &str, body: &Value) -> Value {
-    let payload = body.to_string();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-        sig.http,
-        payload.len()
-    );
-    let (status, _, text) = raw_http(sig.http, req.as_bytes()).await;
-    assert!(status < 300, "{path}: {status} {text}");
-    serde_json::from_str(&text).expect("json")
+    let (status, v) = post_json(sig.http, path, body).await;
+    assert!(status < 300, "{path}: {status} {v}");
+    v
 }
 
 #[tokio::test]

@@ -11,14 +11,7 @@ use serde_json::{Value, json};
 use signaling_common::*;
 
 async fn post(sig: &Signaling, path: &str, body: &Value) -> (u16, Value) {
-    let payload = body.to_string();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-        sig.http,
-        payload.len()
-    );
-    let (status, _, text) = raw_http(sig.http, req.as_bytes()).await;
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    post_json(sig.http, path, body).await
 }
 
 async fn hello_builtin(sig: &Signaling, grant: &Value) -> (Client, Value) {

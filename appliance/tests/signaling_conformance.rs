@@ -673,3 +673,37 @@ async fn dialout_waits_for_the_sip_bridge_and_answers_its_call_id() {
         assert_eq!(serde_json::from_str::<Value>(&text).expect("json"), body);
     }
 }
+
+#[tokio::test]
+async fn the_leave_request_goes_to_the_url_the_session_said_hello_with() {
+    let talk = start_fake_talk(es256().1).await;
+    let port = talk.addr.port();
+    // One Nextcloud reachable under two names; the session uses the second.
+    let other = format!("http://localhost:{port}");
+    let sig = start_signaling_urls(&[talk.base(), other.clone()], "").await;
+    let auth_url = format!("{other}/ocs/v2.php/apps/spreed/api/v3/signaling/backend");
+    let (mut c, _) = Client::hello_v1(&sig.ws_url(), &auth_url, "alice").await;
+    c.join("r", "talk-a").await;
+    c.send(json!({"id":"l","type":"room","room":{"roomid":""}}))
+        .await;
+    c.recv_type("room").await;
+    let mut leave = None;
+    for _ in 0..50 {
+        leave = talk
+            .requests_of("room")
+            .into_iter()
+            .find(|r| r["room"]["action"] == "leave");
+        if leave.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let leave = leave.expect("a leave request");
+    assert_eq!(leave["_host"], format!("localhost:{port}"), "{leave}");
+    let join = talk
+        .requests_of("room")
+        .into_iter()
+        .find(|r| r["room"]["action"].is_null())
+        .expect("join");
+    assert_eq!(join["_host"], format!("localhost:{port}"));
+}

@@ -400,12 +400,7 @@ impl SignalingConfig {
                 "sfu_url",
                 DEFAULT_SFU_URL,
                 "The SFU's proxy-protocol WebSocket (`/proxy`): `ws://` only on loopback, `wss://` verified against the box certificate; empty = no SFU (no `mcu` feature).",
-                |s| {
-                    let ok = s.is_empty()
-                        || ((s.starts_with("ws://") || s.starts_with("wss://"))
-                            && s.parse::<axum::http::Uri>().is_ok_and(|u| u.host().is_some()));
-                    if ok { Ok(()) } else { Err("expected a ws:// or wss:// URL such as ws://127.0.0.1:9090/proxy, or empty".into()) }
-                },
+                check_sfu_url,
             ))
             .filter(|s| !s.is_empty()),
             hello_timeout_ms: r.int("hello_timeout_ms", 2000, (100, 60_000), "A client must send `hello` within this time after connecting.") as u64,
@@ -449,6 +444,32 @@ impl SignalingConfig {
             ),
         }
     }
+}
+
+/// `ws://` only to this machine (the proxy hello token would travel in clear otherwise);
+/// `wss://` anywhere.
+fn check_sfu_url(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let uri = s
+        .parse::<axum::http::Uri>()
+        .ok()
+        .filter(|u| matches!(u.scheme_str(), Some("ws") | Some("wss")) && u.host().is_some());
+    let Some(uri) = uri else {
+        return Err(
+            "expected a ws:// or wss:// URL such as ws://127.0.0.1:9090/proxy, or empty".into(),
+        );
+    };
+    let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
+    let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if uri.scheme_str() == Some("ws") && !loopback {
+        return Err(
+            "plain ws:// only to a loopback address; use wss:// for an SFU on another machine"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 fn reader_socket_addr(s: &str) -> Result<SocketAddr, String> {
@@ -1082,6 +1103,29 @@ mod tests {
         );
         assert_eq!(c.signaling.backends[0].session_limit, 5);
         assert!(!c.signaling.allow_all, "allow_all is off by default");
+    }
+
+    #[test]
+    fn sfu_url_is_plain_only_on_loopback() {
+        for ok in [
+            "",
+            "ws://127.0.0.1:9090/proxy",
+            "ws://[::1]:9/proxy",
+            "ws://localhost:9/proxy",
+            "wss://sfu.example.org/proxy",
+        ] {
+            check_sfu_url(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "ws://10.0.0.2:9090/proxy",
+            "http://127.0.0.1/proxy",
+            "ws://",
+            "sfu",
+        ] {
+            assert!(check_sfu_url(bad).is_err(), "{bad}");
+        }
+        let p = problems("[signaling]\nsfu_url = \"ws://192.0.2.1/proxy\"\n");
+        assert_eq!(p[0].key, "signaling.sfu_url");
     }
 
     #[test]
