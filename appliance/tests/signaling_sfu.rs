@@ -177,6 +177,20 @@ async fn talk_clients_publish_and_subscribe_through_the_proxy_protocol() {
     let d = proxy.wait_for("command", "delete-publisher").await;
     assert_eq!(d["command"]["clientId"], "pub-3");
 
+    proxy.push(json!({"type":"event","event":{"type":"update-load","load":42}}));
+    let mut info = Value::Null;
+    for _ in 0..50 {
+        let (_, _, text) = http_get(sig.http, "/api/v1/serverinfo").await;
+        info = serde_json::from_str(&text).expect("json");
+        if info["sfu"]["load"] == 42 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(info["sfu"]["connected"], true, "{info}");
+    assert_eq!(info["sfu"]["load"], 42, "{info}");
+    assert_eq!(info["sfu"]["subscribers"], 1, "{info}");
+
     // Leaving the room deletes the session's subscribers on the SFU.
     bob.send(json!({"id":"l","type":"room","room":{"roomid":""}}))
         .await;

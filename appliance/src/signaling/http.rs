@@ -198,11 +198,21 @@ async fn serverinfo(
     if !stats_allowed(&st.server, peer) {
         return error(StatusCode::FORBIDDEN, "Authentication check failed");
     }
-    let sfu = st.server.hub().sfu_connected();
+    let server = &st.server;
+    let connected = server.hub().sfu_connected();
+    let sfu = match &server.proxy {
+        Some(p) => {
+            let (publishers, subscribers) =
+                p.clients.lock().map(|c| c.counts()).unwrap_or_default();
+            json!({"mode": "proxy", "url": server.config.sfu_url, "connected": connected,
+                   "load": p.load(), "publishers": publishers, "subscribers": subscribers})
+        }
+        None => json!({"mode": "none"}),
+    };
     axum::Json(json!({
         "version": api::SERVER_VERSION,
-        "features": api::features(sfu),
-        "sfu": {"mode": if sfu { "proxy" } else { "none" }},
+        "features": api::features(connected),
+        "sfu": sfu,
     }))
     .into_response()
 }
