@@ -347,19 +347,20 @@ impl BuiltinBackend {
         })
     }
 
-    /// Sets the in-call flags of a room session and returns the `incall` backend request Talk
-    /// would send for it: (room id, request body).
+    /// Sets the in-call flags of a room session of `room` and returns the `incall` backend
+    /// request Talk would send for it.
     pub fn in_call(
         &self,
+        room: &str,
         room_session_id: &str,
         in_call: u32,
-    ) -> Result<(String, Value), ApiError> {
+    ) -> Result<Value, ApiError> {
         let mut tickets = lock(&self.tickets);
         let t = tickets
             .get_mut(room_session_id)
-            .ok_or_else(|| invalid("no_such_session", "This room session is not known."))?;
+            .filter(|t| t.room == room)
+            .ok_or_else(|| invalid("no_such_session", "This room session is not in this room."))?;
         t.in_call = in_call;
-        let room = t.room.clone();
         let entry = |rsid: &str, t: &Ticket| {
             json!({
                 "sessionId": rsid,
@@ -376,10 +377,7 @@ impl BuiltinBackend {
             .filter(|(_, t)| t.room == room && t.in_call != 0)
             .map(|(k, t)| entry(k, t))
             .collect();
-        Ok((
-            room,
-            json!({"type":"incall","incall":{"incall":in_call,"changed":changed,"users":users}}),
-        ))
+        Ok(json!({"type":"incall","incall":{"incall":in_call,"changed":changed,"users":users}}))
     }
 
     /// Talk's answer to a `room` request.
@@ -590,15 +588,18 @@ mod tests {
         let now = Instant::now();
         let a = b.join("room1", "A", None, now, 1).expect("a");
         let c = b.join("room1", "C", None, now, 1).expect("c");
-        b.in_call(&a.sessionid, 7).expect("a in call");
-        let (room, body) = b.in_call(&c.sessionid, 3).expect("c in call");
-        assert_eq!(room, "room1");
+        b.in_call("room1", &a.sessionid, 7).expect("a in call");
+        assert!(
+            b.in_call("room2", &c.sessionid, 3).is_err(),
+            "a ticket is for its room"
+        );
+        let body = b.in_call("room1", &c.sessionid, 3).expect("c in call");
         assert_eq!(body["type"], "incall");
         assert_eq!(
             body["incall"]["changed"][0]["sessionId"],
             c.sessionid.as_str()
         );
         assert_eq!(body["incall"]["users"].as_array().map(Vec::len), Some(2));
-        assert!(b.in_call("nope", 1).is_err());
+        assert!(b.in_call("room1", "nope", 1).is_err());
     }
 }

@@ -261,6 +261,13 @@ async fn join(
         return Err(too_many());
     }
     let v = parse_body(&body)?;
+    // Opening a link to a room that does not exist creates it: that counts as a creation.
+    if b.room_info(&room).is_none() {
+        if server.throttled(ip, "create_room") {
+            return Err(too_many());
+        }
+        server.failed_attempt(ip, "create_room");
+    }
     let name = opt_str(&v, "displayname")?.unwrap_or("");
     let password = opt_str(&v, "password")?.unwrap_or("");
     let key = opt_str(&v, "moderator_key")?;
@@ -299,12 +306,11 @@ async fn in_call(
         ));
     };
     let flags = v["incall"].as_u64().filter(|f| *f <= 15).unwrap_or(0) as u32;
-    let (ticket_room, request) = b.in_call(rsid, flags)?;
-    let backend = server.backends.builtin().cloned();
-    let Some(backend) = backend.filter(|_| ticket_room == room) else {
+    let request = b.in_call(&room, rsid, flags)?;
+    let Some(backend) = server.backends.builtin().cloned() else {
         return Err(Reject(
             StatusCode::NOT_FOUND,
-            ApiError::new("no_such_session", "This room session is not in this room."),
+            ApiError::new("builtin_disabled", "Stand-alone rooms are switched off."),
         ));
     };
     // The same handler Talk's `incall` request reaches over the backend API.
