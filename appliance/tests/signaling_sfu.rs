@@ -28,9 +28,9 @@ fn has_mcu(welcome: &Value) -> bool {
         .is_some_and(|f| f.contains(&json!("mcu")) && f.contains(&json!("simulcast")))
 }
 
-/// Connects until the welcome lists the SFU features (or not), 10 s at most.
+/// Connects until the welcome lists the SFU features (or not), 20 s at most.
 async fn welcome_with_mcu(sig: &Signaling, want: bool) {
-    for _ in 0..100 {
+    for _ in 0..200 {
         let c = Client::connect(&sig.ws_url()).await;
         if has_mcu(&c.welcome) == want {
             return;
@@ -241,4 +241,11 @@ async fn mcu_features_follow_the_sfu_connection() {
     let m = recv_data(&mut bob, "offer").await;
     assert_eq!(m["data"]["payload"]["sdp"], "v=0 p2p");
     assert!(proxy.received_of("command", "create-publisher").is_empty());
+    // The client keeps trying (backoff 1 s doubling) and gets the features back.
+    proxy.restart();
+    welcome_with_mcu(&sig, true).await;
+    assert!(
+        proxy.state.hellos.lock().expect("lock").len() >= 2,
+        "a second hello"
+    );
 }

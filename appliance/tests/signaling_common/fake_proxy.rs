@@ -61,6 +61,11 @@ impl FakeProxy {
         let _ = self.stop.send(true);
     }
 
+    /// Accepts connections again after [`Self::stop`].
+    pub fn restart(&self) {
+        let _ = self.stop.send(false);
+    }
+
     pub fn received_of(&self, kind: &str, sub: &str) -> Vec<Value> {
         self.state
             .received
@@ -224,9 +229,11 @@ async fn session(ctx: Ctx, socket: WebSocket) {
                     return;
                 }
             }
-            _ = stop.changed() => {
-                let _ = sink.send(Message::Close(None)).await;
-                return;
+            r = stop.changed() => {
+                if r.is_err() || *stop.borrow() {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return;
+                }
             }
         }
     }
