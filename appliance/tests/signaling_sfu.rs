@@ -249,3 +249,54 @@ async fn mcu_features_follow_the_sfu_connection() {
         "a second hello"
     );
 }
+
+#[tokio::test]
+async fn wss_to_the_sfu_is_checked_against_the_box_certificate() {
+    let talk = start_fake_talk(String::new()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let (tls_tx, tls_rx) = tokio::sync::oneshot::channel();
+    let proxy = start_fake_proxy_tls(listener, tls_rx);
+    let sig = start_signaling(&talk.base(), &format!("sfu_url = \"{}\"", proxy.tls_url())).await;
+    let (_, public) = appliance::secrets::proxy_token_keys(&sig.data).expect("proxy key");
+    *proxy.state.public_key.lock().expect("lock") = Some(public);
+    // The SFU presents the box's own certificate, the only one the client trusts.
+    let tls = appliance::tls::load_server_config(&sig.data).expect("box certificate");
+    let _ = tls_tx.send(tls);
+    welcome_with_mcu(&sig, true).await;
+    assert_eq!(
+        proxy.state.hellos.lock().expect("lock")[0]["iss"],
+        "talkbox-signaling"
+    );
+}
+
+#[tokio::test]
+async fn an_sfu_with_another_certificate_is_refused() {
+    let talk = start_fake_talk(String::new()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let (tls_tx, tls_rx) = tokio::sync::oneshot::channel();
+    let proxy = start_fake_proxy_tls(listener, tls_rx);
+    let sig = start_signaling(&talk.base(), &format!("sfu_url = \"{}\"", proxy.tls_url())).await;
+    let (_, public) = appliance::secrets::proxy_token_keys(&sig.data).expect("proxy key");
+    *proxy.state.public_key.lock().expect("lock") = Some(public);
+    // A certificate valid for 127.0.0.1 but not the box's.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(other.signing_key.serialize_der()).expect("key");
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![other.cert.der().clone()], key)
+    .expect("tls config");
+    let _ = tls_tx.send(std::sync::Arc::new(tls));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c = Client::connect(&sig.ws_url()).await;
+    assert!(!has_mcu(&c.welcome), "{}", c.welcome);
+    assert!(proxy.state.hellos.lock().expect("lock").is_empty());
+}

@@ -51,6 +51,10 @@ impl FakeProxy {
         format!("ws://{}/proxy", self.addr)
     }
 
+    pub fn tls_url(&self) -> String {
+        format!("wss://{}/proxy", self.addr)
+    }
+
     /// Sends a server message (an event) to every connected signaling server.
     pub fn push(&self, v: Value) {
         let _ = self.push.send(v);
@@ -93,6 +97,49 @@ impl FakeProxy {
 }
 
 pub async fn start_fake_proxy() -> FakeProxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind fake proxy");
+    let (proxy, app) = fake_proxy_app(listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    proxy
+}
+
+/// A fake proxy for `listener`, served over TLS once `tls` is given (the box certificate,
+/// which exists only after the signaling data directory does): until then it accepts
+/// connections and drops them.
+pub fn start_fake_proxy_tls(
+    listener: tokio::net::TcpListener,
+    tls: tokio::sync::oneshot::Receiver<Arc<rustls::ServerConfig>>,
+) -> FakeProxy {
+    let (proxy, app) = fake_proxy_app(listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let accept_and_drop = async {
+            loop {
+                let _ = listener.accept().await;
+            }
+        };
+        let tls = tokio::select! {
+            t = tls => t,
+            _ = accept_and_drop => return,
+        };
+        let Ok(tls) = tls else { return };
+        let (_keep, never) = tokio::sync::watch::channel(false);
+        appliance::https::serve(
+            listener,
+            tls,
+            app,
+            appliance::https::Limits::default(),
+            never,
+        )
+        .await;
+    });
+    proxy
+}
+
+fn fake_proxy_app(addr: SocketAddr) -> (FakeProxy, axum::Router) {
     let state = Arc::new(FakeProxyState::default());
     let (push, _) = broadcast::channel(64);
     let (stop, stop_rx) = watch::channel(false);
@@ -104,19 +151,15 @@ pub async fn start_fake_proxy() -> FakeProxy {
     let app = axum::Router::new()
         .route("/proxy", get(upgrade))
         .with_state(ctx);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind fake proxy");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    FakeProxy {
-        addr,
-        state,
-        push,
-        stop,
-    }
+    (
+        FakeProxy {
+            addr,
+            state,
+            push,
+            stop,
+        },
+        app,
+    )
 }
 
 async fn upgrade(State(ctx): State<Ctx>, ws: WebSocketUpgrade) -> Response {
