@@ -626,3 +626,84 @@ async fn repeated_failed_hellos_are_throttled_per_address() {
     }
     assert_eq!(last["error"]["code"], "too_many_requests");
 }
+
+#[tokio::test]
+async fn dialout_waits_for_the_sip_bridge_and_answers_its_call_id() {
+    let (talk, sig) = setup(es256().1, "").await;
+    let secret = sig.secret(Secret::InternalSecret);
+    let random = checksum::new_random();
+    let token = checksum::calculate(&random, b"", secret.as_bytes());
+    let mut bridge = Client::connect(&sig.ws_url()).await;
+    bridge.send(json!({"type":"hello","hello":{"version":"1.0","features":["start-dialout"],"auth":{"type":"internal","params":{"random":random,"token":token,"backend":talk.base()}}}})).await;
+    assert_eq!(bridge.recv().await["type"], "hello");
+    let base = talk.base();
+    for (answer, status, body) in [
+        (
+            json!({"type":"status","status":{"callid":"call-1","status":"accepted"}}),
+            200,
+            json!({"type":"dialout","dialout":{"callid":"call-1"}}),
+        ),
+        (
+            json!({"type":"error","error":{"code":"invalid_number","message":"bad number"}}),
+            502,
+            json!({"type":"dialout","dialout":{"error":{"code":"invalid_number","message":"bad number"}}}),
+        ),
+    ] {
+        let http = sig.http;
+        let base = base.clone();
+        let request = tokio::spawn(async move {
+            backend_post(
+                http,
+                "123",
+                &json!({"type":"dialout","dialout":{"number":"+4912345","options":{"actorId":"a"}}}),
+                TALK_SECRET,
+                Some(&base),
+            )
+            .await
+        });
+        let r = bridge.recv_type("internal").await;
+        assert_eq!(r["internal"]["dialout"]["roomid"], "123", "{r}");
+        assert_eq!(r["internal"]["dialout"]["request"]["number"], "+4912345");
+        let mut reply = json!({"type":"internal","internal":{"type":"dialout","dialout":answer}});
+        reply["id"] = r["id"].clone();
+        reply["internal"]["dialout"]["roomid"] = json!("123");
+        bridge.send(reply).await;
+        let (s, _, text) = request.await.expect("request");
+        assert_eq!(s, status, "{text}");
+        assert_eq!(serde_json::from_str::<Value>(&text).expect("json"), body);
+    }
+}
+
+#[tokio::test]
+async fn the_leave_request_goes_to_the_url_the_session_said_hello_with() {
+    let talk = start_fake_talk(es256().1).await;
+    let port = talk.addr.port();
+    // One Nextcloud reachable under two names; the session uses the second.
+    let other = format!("http://localhost:{port}");
+    let sig = start_signaling_urls(&[talk.base(), other.clone()], "").await;
+    let auth_url = format!("{other}/ocs/v2.php/apps/spreed/api/v3/signaling/backend");
+    let (mut c, _) = Client::hello_v1(&sig.ws_url(), &auth_url, "alice").await;
+    c.join("r", "talk-a").await;
+    c.send(json!({"id":"l","type":"room","room":{"roomid":""}}))
+        .await;
+    c.recv_type("room").await;
+    let mut leave = None;
+    for _ in 0..50 {
+        leave = talk
+            .requests_of("room")
+            .into_iter()
+            .find(|r| r["room"]["action"] == "leave");
+        if leave.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let leave = leave.expect("a leave request");
+    assert_eq!(leave["_host"], format!("localhost:{port}"), "{leave}");
+    let join = talk
+        .requests_of("room")
+        .into_iter()
+        .find(|r| r["room"]["action"].is_null())
+        .expect("join");
+    assert_eq!(join["_host"], format!("localhost:{port}"));
+}

@@ -67,10 +67,10 @@ async fn chromium_peers_relayed_only_through_our_turn_exchange_data_and_video() 
         .replace("__USER__", &user)
         .replace("__PASS__", &pass);
     let url = serve_page(html);
-    let browser = Browser::start().await;
+    let browser = Browser::start(&[]).await;
     browser.client.goto(&url).await.expect("open the test page");
     let result = browser
-        .wait_for("window.result", Duration::from_secs(60))
+        .wait_until_set("window.result", Duration::from_secs(60))
         .await;
     let metrics = turn.metrics();
     browser.close().await;

@@ -58,7 +58,13 @@ pub struct SignalingConfig {
     pub trusted_proxies: Vec<IpAddr>,
     pub stats_allowed_ips: Vec<IpAddr>,
     pub turn_servers: Vec<String>,
+    /// The SFU's proxy-protocol WebSocket (`ws://` on loopback, `wss://` checked against the
+    /// box certificate); `None` = no SFU.
+    pub sfu_url: Option<String>,
 }
+
+/// The local SFU's `/proxy` WebSocket, as `signaling.sfu_url` names it by default.
+pub const DEFAULT_SFU_URL: &str = "ws://127.0.0.1:9090/proxy";
 
 /// One `[[signaling.backend]]`: a Nextcloud server allowed to use this box as its HPB.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +72,10 @@ pub struct BackendConfig {
     pub id: String,
     /// Base URLs (`https://cloud.example.com/`), without a trailing slash.
     pub urls: Vec<String>,
+    /// Inline shared secret (kept for tests and quick setups; `secret_file` is the documented way).
     pub secret: String,
+    /// File holding the shared secret, read by the signaling service before it drops root.
+    pub secret_file: Option<PathBuf>,
     /// Most client sessions at once; 0 = no limit.
     pub session_limit: u32,
     /// Bitrate caps in bit/s; 0 = the `[signaling]` defaults.
@@ -113,15 +122,29 @@ impl BackendConfig {
             secret: r.string(
                 "secret",
                 "",
-                "Shared secret, as entered in Talk's \"High-performance backend\" settings (at least 16 characters).",
+                "Shared secret inline, as entered in Talk's \"High-performance backend\" settings (at least 16 characters). Prefer `secret_file`: a config file may be shown or backed up, a 0600 secret file is not.",
                 |s| {
-                    if s.len() >= 16 && s.len() <= 1024 {
+                    if s.is_empty() || (s.len() >= 16 && s.len() <= 1024) {
                         Ok(())
                     } else {
                         Err("expected 16 to 1024 characters".into())
                     }
                 },
             ),
+            secret_file: Some(r.string(
+                "secret_file",
+                "",
+                "Absolute path of a file holding the shared secret (one line, 16 to 1024 characters), readable by root; the signaling service reads it before dropping privileges. The documented way to give the secret.",
+                |s| {
+                    if s.is_empty() || (s.starts_with('/') && s.len() <= 4096) {
+                        Ok(())
+                    } else {
+                        Err("expected an absolute path such as /var/lib/talkbox/secrets/nc1-secret".into())
+                    }
+                },
+            ))
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from),
             session_limit: r.int("session_limit", 0, (0, 1_000_000), "Most client sessions of this backend at once; 0 = no limit.") as u32,
             max_stream_bitrate: r.int("max_stream_bitrate", 0, (0, 100_000_000), "Camera bitrate cap in bit/s for this backend; 0 = `signaling.max_stream_bitrate`.") as u64,
             max_screen_bitrate: r.int("max_screen_bitrate", 0, (0, 100_000_000), "Screen-share bitrate cap in bit/s for this backend; 0 = `signaling.max_screen_bitrate`.") as u64,
@@ -136,12 +159,16 @@ impl BackendConfig {
                 "every [[signaling.backend]] needs at least one URL",
             );
         }
-        if b.secret.is_empty() {
-            r.problem(
-                "secret",
+        match (b.secret.is_empty(), b.secret_file.is_none()) {
+            (true, true) => r.problem(
+                "secret_file",
                 None,
-                "every [[signaling.backend]] needs the shared secret",
-            );
+                "every [[signaling.backend]] needs the shared secret: set secret_file (or secret)",
+            ),
+            (false, false) => {
+                r.problem("secret", None, "set either secret_file or secret, not both")
+            }
+            _ => {}
         }
         b
     }
@@ -353,7 +380,7 @@ impl SignalingConfig {
         );
         let tables = r.table_array(
             "backend",
-            "Nextcloud servers allowed to use this box (`[[signaling.backend]]` with `id`, `urls`, `secret`, and optional `session_limit`, `max_stream_bitrate`, `max_screen_bitrate`).",
+            "Nextcloud servers allowed to use this box (`[[signaling.backend]]` with `id`, `urls`, `secret_file` (or `secret`), and optional `session_limit`, `max_stream_bitrate`, `max_screen_bitrate`).",
             |e| {
                 BackendConfig::read(e);
             },
@@ -396,8 +423,15 @@ impl SignalingConfig {
             builtin_backend: r.bool(
                 "builtin_backend",
                 true,
-                "Serve stand-alone rooms (meeting page, links) from the built-in backend.",
+                "Serve stand-alone rooms (meeting page, links, `/api/v1/rooms`) from the built-in backend.",
             ),
+            sfu_url: Some(r.string(
+                "sfu_url",
+                DEFAULT_SFU_URL,
+                "The SFU's proxy-protocol WebSocket (`/proxy`): `ws://` only on loopback, `wss://` verified against the box certificate; empty = no SFU (no `mcu` feature).",
+                check_sfu_url,
+            ))
+            .filter(|s| !s.is_empty()),
             hello_timeout_ms: r.int("hello_timeout_ms", 2000, (100, 60_000), "A client must send `hello` within this time after connecting.") as u64,
             backend_timeout_s: r.int("backend_timeout_s", 10, (1, 120), "Timeout of requests to Nextcloud (auth, room, ping, capabilities).") as u64,
             connections_per_host: r.int("connections_per_host", 8, (1, 1024), "Most simultaneous requests to one Nextcloud host.") as u32,
@@ -439,6 +473,32 @@ impl SignalingConfig {
             ),
         }
     }
+}
+
+/// `ws://` only to this machine (the proxy hello token would travel in clear otherwise);
+/// `wss://` anywhere.
+fn check_sfu_url(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let uri = s
+        .parse::<axum::http::Uri>()
+        .ok()
+        .filter(|u| matches!(u.scheme_str(), Some("ws") | Some("wss")) && u.host().is_some());
+    let Some(uri) = uri else {
+        return Err(
+            "expected a ws:// or wss:// URL such as ws://127.0.0.1:9090/proxy, or empty".into(),
+        );
+    };
+    let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
+    let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if uri.scheme_str() == Some("ws") && !loopback {
+        return Err(
+            "plain ws:// only to a loopback address; use wss:// for an SFU on another machine"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 fn reader_socket_addr(s: &str) -> Result<SocketAddr, String> {
@@ -1164,6 +1224,29 @@ mod tests {
         );
         assert_eq!(c.signaling.backends[0].session_limit, 5);
         assert!(!c.signaling.allow_all, "allow_all is off by default");
+    }
+
+    #[test]
+    fn sfu_url_is_plain_only_on_loopback() {
+        for ok in [
+            "",
+            "ws://127.0.0.1:9090/proxy",
+            "ws://[::1]:9/proxy",
+            "ws://localhost:9/proxy",
+            "wss://sfu.example.org/proxy",
+        ] {
+            check_sfu_url(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "ws://10.0.0.2:9090/proxy",
+            "http://127.0.0.1/proxy",
+            "ws://",
+            "sfu",
+        ] {
+            assert!(check_sfu_url(bad).is_err(), "{bad}");
+        }
+        let p = problems("[signaling]\nsfu_url = \"ws://192.0.2.1/proxy\"\n");
+        assert_eq!(p[0].key, "signaling.sfu_url");
     }
 
     #[test]

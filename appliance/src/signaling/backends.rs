@@ -4,9 +4,54 @@
 //! on is ignored, as upstream does) or a request's `Spreed-Signaling-Backend` header. A URL
 //! that matches no `[[signaling.backend]]` is refused with `invalid_backend`, unless
 //! `allow_all` is on (test setups), in which case it is accepted with the box's own backend
-//! secret. No I/O.
+//! secret. [`read_secret_files`] reads the `secret_file`s (the service calls it as root, before
+//! dropping privileges); everything else here does no I/O.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
 
 use crate::config::{BackendConfig, SignalingConfig};
+
+/// Largest backend secret file accepted.
+const MAX_SECRET_FILE_BYTES: u64 = 4096;
+
+/// Reads one backend secret file: one line of 16 to 1024 characters.
+pub fn read_secret_file(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("reading backend secret file {}", path.display()))?;
+    if !meta.is_file() || meta.len() > MAX_SECRET_FILE_BYTES {
+        bail!(
+            "backend secret file {}: expected a regular file of at most {MAX_SECRET_FILE_BYTES} bytes",
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading backend secret file {}", path.display()))?;
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.len() < 16 || secret.len() > 1024 || secret.contains('\n') {
+        bail!(
+            "backend secret file {}: expected one line of 16 to 1024 characters",
+            path.display()
+        );
+    }
+    Ok(secret.to_string())
+}
+
+/// The secrets of every backend, by id: the file's content where `secret_file` is set.
+pub fn read_secret_files(config: &SignalingConfig) -> Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for b in &config.backends {
+        let secret = match &b.secret_file {
+            Some(path) => read_secret_file(path)
+                .with_context(|| format!("signaling.backend {:?} secret_file", b.id))?,
+            None => b.secret.clone(),
+        };
+        out.insert(b.id.clone(), secret);
+    }
+    Ok(out)
+}
 
 /// Id of the backend that stands for "any URL" when `allow_all` is on.
 pub const ALLOW_ALL_ID: &str = "allow-all";
@@ -25,6 +70,9 @@ pub struct Backend {
 pub struct Backends {
     list: Vec<Backend>,
     allow_all: Option<Backend>,
+    /// The built-in backend of stand-alone rooms (`signaling.builtin_backend`); found by its URL
+    /// ([`super::builtin::BUILTIN_URL`]) and id, never by a backend request's HMAC.
+    builtin: Option<Backend>,
 }
 
 /// The Nextcloud base URL of a hello `auth.url` or a backend header.
@@ -34,7 +82,12 @@ pub fn base_url(url: &str) -> String {
 }
 
 impl Backends {
-    pub fn new(config: &SignalingConfig, own_secret: &str) -> Self {
+    /// `secrets` maps backend ids to their secrets ([`read_secret_files`]).
+    pub fn new(
+        config: &SignalingConfig,
+        secrets: &HashMap<String, String>,
+        own_secret: &str,
+    ) -> Self {
         let bitrate = |v: u64, default: u64| if v == 0 { default } else { v };
         let list = config
             .backends
@@ -42,7 +95,7 @@ impl Backends {
             .map(|b: &BackendConfig| Backend {
                 id: b.id.clone(),
                 urls: b.urls.clone(),
-                secret: b.secret.as_bytes().to_vec(),
+                secret: secrets.get(&b.id).unwrap_or(&b.secret).as_bytes().to_vec(),
                 session_limit: b.session_limit,
                 max_stream_bitrate: bitrate(b.max_stream_bitrate, config.max_stream_bitrate),
                 max_screen_bitrate: bitrate(b.max_screen_bitrate, config.max_screen_bitrate),
@@ -56,7 +109,24 @@ impl Backends {
             max_stream_bitrate: config.max_stream_bitrate,
             max_screen_bitrate: config.max_screen_bitrate,
         });
-        Self { list, allow_all }
+        let builtin = config.builtin_backend.then(|| Backend {
+            id: super::builtin::BUILTIN_ID.into(),
+            urls: vec![super::builtin::BUILTIN_URL.into()],
+            // Never used: the built-in backend is answered in-process, not over HTTP.
+            secret: Vec::new(),
+            session_limit: 0,
+            max_stream_bitrate: config.max_stream_bitrate,
+            max_screen_bitrate: config.max_screen_bitrate,
+        });
+        Self {
+            list,
+            allow_all,
+            builtin,
+        }
+    }
+
+    pub fn builtin(&self) -> Option<&Backend> {
+        self.builtin.as_ref()
     }
 
     /// The backend serving `url`, if any.
@@ -65,6 +135,7 @@ impl Backends {
         let lower = base.to_ascii_lowercase();
         self.list
             .iter()
+            .chain(self.builtin.as_ref())
             .find(|b| {
                 b.urls
                     .iter()
@@ -77,6 +148,7 @@ impl Backends {
         self.list
             .iter()
             .chain(self.allow_all.as_ref())
+            .chain(self.builtin.as_ref())
             .find(|b| b.id == id)
     }
 
@@ -104,7 +176,12 @@ mod tests {
 
     #[test]
     fn hello_url_is_matched_by_its_nextcloud_base() {
-        let b = Backends::new(&config(""), "own-secret-own-secret-own-secret");
+        let c = config("");
+        let b = Backends::new(
+            &c,
+            &read_secret_files(&c).expect("inline"),
+            "own-secret-own-secret-own-secret",
+        );
         let url = "https://cloud.example.com/ocs/v2.php/apps/spreed/api/v3/signaling/backend";
         assert_eq!(b.for_url(url).map(|b| b.id.as_str()), Some("nc1"));
         assert_eq!(
@@ -123,9 +200,40 @@ mod tests {
     }
 
     #[test]
+    fn secret_file_is_read_and_checked() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("nc1-secret");
+        std::fs::write(&path, "file-secret-0123456789\n").expect("write");
+        let c = Config::from_toml(
+            "t",
+            &format!(
+                "[[signaling.backend]]\nid = \"nc1\"\nurls = [\"https://cloud.example.com/\"]\nsecret_file = \"{}\"\n",
+                path.display()
+            ),
+        )
+        .expect("valid")
+        .signaling;
+        let secrets = read_secret_files(&c).expect("read");
+        let b = Backends::new(&c, &secrets, "own-secret-own-secret-own-secret");
+        assert_eq!(
+            b.by_id("nc1").map(|b| b.secret.clone()),
+            Some(b"file-secret-0123456789".to_vec())
+        );
+        std::fs::write(&path, "short\n").expect("write");
+        let e = read_secret_files(&c).expect_err("too short");
+        assert!(format!("{e:#}").contains("nc1-secret"), "{e:#}");
+        let both = Config::from_toml(
+            "t",
+            "[[signaling.backend]]\nid = \"a\"\nurls = [\"https://a/\"]\nsecret = \"0123456789abcdef0\"\nsecret_file = \"/x\"\n",
+        );
+        assert!(both.is_err(), "secret and secret_file together are refused");
+    }
+
+    #[test]
     fn allow_all_accepts_any_url_with_the_own_secret() {
         let b = Backends::new(
             &config("allow_all = true"),
+            &HashMap::new(),
             "own-secret-own-secret-own-secret",
         );
         let any = b.for_url("http://10.0.0.1:1234/auth").expect("allowed");

@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/serverinfo", get(serverinfo))
         .route("/metrics", get(metrics))
         .route("/turn/credentials", get(turn_credentials))
+        .merge(super::meeting::routes())
         .layer(DefaultBodyLimit::max(MAX_BACKEND_BODY))
         .with_state(state)
         .layer(axum::middleware::map_response(feature_headers))
@@ -139,8 +140,9 @@ async fn room_request(
         server.backends.all().cloned().collect()
     } else {
         match server.backends.for_url(backend_url) {
-            Some(b) => vec![b.clone()],
-            None => {
+            // The built-in backend is answered in-process; it takes no requests over HTTP.
+            Some(b) if b.id != super::builtin::BUILTIN_ID => vec![b.clone()],
+            _ => {
                 server.backend_request_failed(ip);
                 return (StatusCode::FORBIDDEN, axum::Json(json!({"type":"error","error":{"code":"invalid_backend","message":"The backend URL is not allowed."}}))).into_response();
             }
@@ -196,11 +198,21 @@ async fn serverinfo(
     if !stats_allowed(&st.server, peer) {
         return error(StatusCode::FORBIDDEN, "Authentication check failed");
     }
-    let sfu = st.server.hub().sfu_connected();
+    let server = &st.server;
+    let connected = server.hub().sfu_connected();
+    let sfu = match &server.proxy {
+        Some(p) => {
+            let (publishers, subscribers) =
+                p.clients.lock().map(|c| c.counts()).unwrap_or_default();
+            json!({"mode": "proxy", "url": server.config.sfu_url, "connected": connected,
+                   "load": p.load(), "publishers": publishers, "subscribers": subscribers})
+        }
+        None => json!({"mode": "none"}),
+    };
     axum::Json(json!({
         "version": api::SERVER_VERSION,
-        "features": api::features(sfu),
-        "sfu": {"mode": if sfu { "proxy" } else { "none" }},
+        "features": api::features(connected),
+        "sfu": sfu,
     }))
     .into_response()
 }

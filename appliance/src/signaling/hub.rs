@@ -52,6 +52,8 @@ impl ClientType {
 #[derive(Debug, Clone)]
 pub struct NewSession {
     pub backend: String,
+    /// Where this session's backend requests go (its hello `auth.url`, or the backend's).
+    pub backend_url: String,
     pub client_type: ClientType,
     pub user_id: String,
     pub user_data: Option<Value>,
@@ -64,6 +66,7 @@ pub struct Session {
     pub public_id: String,
     pub private_id: String,
     pub backend: String,
+    pub backend_url: String,
     pub client_type: ClientType,
     pub user_id: String,
     pub user_data: Option<Value>,
@@ -136,6 +139,7 @@ pub enum BackendCall {
     /// `room` with `action: leave` for a Talk session that left or expired.
     RoomLeave {
         backend: String,
+        url: String,
         room: String,
         user_id: String,
         room_session_id: String,
@@ -149,6 +153,8 @@ pub struct Out {
     /// Connections to close after their frames are sent, with the `bye` reason already queued.
     pub close: Vec<Sid>,
     pub backend: Vec<BackendCall>,
+    /// Sessions that left their room or ended: their SFU publishers and subscribers go.
+    pub left: Vec<Sid>,
 }
 
 impl Out {
@@ -165,6 +171,7 @@ impl Out {
         self.frames.extend(other.frames);
         self.close.extend(other.close);
         self.backend.extend(other.backend);
+        self.left.extend(other.left);
     }
 }
 
@@ -271,6 +278,7 @@ impl Hub {
             public_id,
             private_id,
             backend: n.backend,
+            backend_url: n.backend_url,
             client_type: n.client_type,
             user_id: n.user_id,
             user_data: n.user_data,
@@ -335,6 +343,9 @@ impl Hub {
     /// Ends a session (bye, expiry, or a closed connection of a session that cannot resume).
     pub fn remove_session(&mut self, sid: Sid) -> Out {
         let mut out = self.leave_room(sid);
+        if !out.left.contains(&sid) {
+            out.left.push(sid);
+        }
         // Virtual sessions die with their internal client.
         let owned: Vec<Sid> = self
             .sessions
@@ -510,8 +521,10 @@ impl Hub {
         };
         let rsid = s.room_session_id.take();
         s.in_call = 0;
-        let (backend, user_id, public_id, client_type) = (
+        out.left.push(sid);
+        let (backend, url, user_id, public_id, client_type) = (
             s.backend.clone(),
+            s.backend_url.clone(),
             s.user_id.clone(),
             s.public_id.clone(),
             s.client_type,
@@ -537,6 +550,7 @@ impl Hub {
         if let (ClientType::Client, Some(rsid)) = (client_type, rsid) {
             out.backend.push(BackendCall::RoomLeave {
                 backend,
+                url,
                 room: room_id,
                 user_id,
                 room_session_id: rsid,
@@ -822,6 +836,7 @@ impl Hub {
                 sid,
                 public_id: public_id.clone(),
                 private_id: String::new(),
+                backend_url: String::new(),
                 backend,
                 client_type: ClientType::Virtual,
                 user_id,
@@ -1276,6 +1291,22 @@ impl Hub {
         out
     }
 
+    /// Whether two sessions are in the same room and both in the call (upstream `isInSameCall`):
+    /// the condition for subscribing to another session's stream. Internal clients may always.
+    pub fn in_same_call(&self, a: Sid, b: Sid) -> bool {
+        let (Some(x), Some(y)) = (self.sessions.get(&a), self.sessions.get(&b)) else {
+            return false;
+        };
+        if x.client_type == ClientType::Internal {
+            return true;
+        }
+        x.backend == y.backend
+            && x.room.is_some()
+            && x.room == y.room
+            && x.in_call & IN_CALL != 0
+            && y.in_call & IN_CALL != 0
+    }
+
     /// Talk sessions to keep alive with `ping`: (backend, room, [(user id, Talk session id)]).
     pub fn ping_entries(&self) -> Vec<PingBatch> {
         let mut v = Vec::new();
@@ -1339,6 +1370,7 @@ mod tests {
                     user_id: format!("user{i}"),
                     user_data: None,
                     features: vec![],
+                    backend_url: String::new(),
                 },
                 now,
             );
@@ -1409,6 +1441,7 @@ mod tests {
             out.backend,
             vec![BackendCall::RoomLeave {
                 backend: "nc".into(),
+                url: String::new(),
                 room: "r".into(),
                 user_id: "user1".into(),
                 room_session_id: "t1".into()
@@ -1566,6 +1599,7 @@ mod tests {
                 user_id: String::new(),
                 user_data: None,
                 features: vec![],
+                backend_url: String::new(),
             },
             now,
         );
@@ -1640,6 +1674,7 @@ mod tests {
                 user_id: String::new(),
                 user_data: None,
                 features: vec![],
+                backend_url: String::new(),
             },
             now,
         );

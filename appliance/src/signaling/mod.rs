@@ -5,13 +5,17 @@
 //! - [`checksum`], [`jwt`], [`session_id`]: the authentication primitives;
 
 pub mod api;
+pub mod backend_client;
 pub mod backends;
+pub mod builtin;
 pub mod checksum;
 pub mod connection;
 pub mod http;
 pub mod hub;
 pub mod jwt;
+pub mod meeting;
 pub mod nextcloud;
+pub mod proxy_client;
 pub mod server;
 pub mod session_id;
 pub mod throttle;
@@ -34,10 +38,16 @@ struct Prepared {
     listener: StdTcpListener,
     http_listener: Option<StdTcpListener>,
     backend_secret: String,
+    backend_secrets: std::collections::HashMap<String, String>,
     internal_secret: String,
     turn_secret: String,
     hash_key: String,
     block_key: String,
+    /// The built-in backend's room file, in a directory the service user owns.
+    rooms_file: Option<std::path::PathBuf>,
+    /// The proxy token key (private PEM) and the box certificate, for the SFU client.
+    proxy_key: String,
+    box_cert: Option<Vec<u8>>,
 }
 
 /// Runs the signaling service process.
@@ -64,29 +74,78 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
         listener,
         http_listener,
         backend_secret: secrets::read(data, Secret::BackendSecret)?,
+        backend_secrets: backends::read_secret_files(&config.signaling)?,
         internal_secret: secrets::read(data, Secret::InternalSecret)?,
         turn_secret: secrets::read(data, Secret::TurnSecret)?,
         hash_key: secrets::read(data, Secret::SessionHashKey)?,
         block_key: secrets::read(data, Secret::SessionBlockKey)?,
+        proxy_key: secrets::proxy_token_keys(data)?.0,
+        box_cert: std::fs::read(tls::cert_path(data)).ok(),
+        rooms_file: if config.signaling.builtin_backend {
+            Some(rooms_dir(config, data)?.join("rooms.json"))
+        } else {
+            None
+        },
     })
+}
+
+/// `DATA_DIR/rooms/`, where the built-in backend keeps its rooms. The service writes it after
+/// dropping root, so when started as root it hands the directory to the service user and lets
+/// that user pass through the data directory (0711: no listing; secrets/ and tls/ stay 0700).
+fn rooms_dir(config: &Config, data: &DataDir) -> Result<std::path::PathBuf> {
+    let dir = data.root.join("rooms");
+    crate::storage::ensure_private_dir(&dir, 0o700)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    crate::storage::remove_stale_temporaries(&dir);
+    if nix::unistd::Uid::effective().is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let user = nix::unistd::User::from_name(&config.supervisor.user)
+            .with_context(|| format!("looking up user {}", config.supervisor.user))?
+            .with_context(|| format!("user {} does not exist", config.supervisor.user))?;
+        let chown = |p: &std::path::Path| {
+            nix::unistd::chown(p, Some(user.uid), Some(user.gid))
+                .with_context(|| format!("giving {} to {}", p.display(), user.name))
+        };
+        chown(&dir)?;
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            chown(&e.path())?;
+        }
+        std::fs::set_permissions(&data.root, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("setting {} to 0711", data.root.display()))?;
+    }
+    Ok(dir)
 }
 
 async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
     let cfg = ctx.config.signaling.clone();
-    let backends = backends::Backends::new(&cfg, &p.backend_secret);
+    let backends = backends::Backends::new(&cfg, &p.backend_secrets, &p.backend_secret);
     let client = nextcloud::NextcloudClient::new(
         Duration::from_secs(cfg.backend_timeout_s),
         cfg.connections_per_host as usize,
     )?;
+    let builtin = match p.rooms_file.clone() {
+        Some(f) => Some(Arc::new(builtin::BuiltinBackend::new(Some(f))?)),
+        None => None,
+    };
+    let proxy = match &cfg.sfu_url {
+        Some(url) => Some(Arc::new(
+            proxy_client::ProxyClient::new(url, &p.proxy_key, p.box_cert.as_deref())
+                .context("signaling.sfu_url")?,
+        )),
+        None => None,
+    };
     let codec = session_id::SessionIdCodec::new(p.hash_key.as_bytes(), p.block_key.as_bytes())
         .context("the session keys in the secrets directory")?;
     let server = Arc::new(server::Server::new(
         cfg.clone(),
         backends,
         client,
+        builtin,
+        proxy.clone(),
         codec,
         p.internal_secret.into_bytes(),
         p.turn_secret.into_bytes(),
+        ctx.config.turn.enabled.then_some(ctx.config.turn.port),
     ));
     let state = http::AppState {
         server: server.clone(),
@@ -108,6 +167,9 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
             limits,
             ctx.shutdown.clone(),
         ));
+    }
+    if let Some(proxy) = proxy {
+        tokio::spawn(proxy.run(server.clone(), ctx.shutdown.clone()));
     }
     let timers = server.clone();
     let mut stop = ctx.shutdown.clone();

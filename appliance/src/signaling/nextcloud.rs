@@ -16,10 +16,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::api::{self, ApiError};
+use super::backend_client::{BackendClient, BoxFuture};
 use super::backends::{Backend, base_url};
 use super::checksum;
 
@@ -246,58 +247,20 @@ impl NextcloudClient {
         }
         Ok(data)
     }
+}
 
-    /// `auth` (hello v1): returns (user id, user data).
-    pub async fn auth(
-        &self,
-        backend: &Backend,
-        url: &str,
-        params: &Value,
-    ) -> Result<(String, Option<Value>), ApiError> {
-        let d = self
-            .request(
-                backend,
-                url,
-                &json!({"type":"auth","auth":{"version":"1.0","params":params}}),
-            )
-            .await?;
-        if d["type"] != "auth" {
-            return Err(ApiError::new(
-                "auth_failed",
-                "Nextcloud did not confirm the ticket.",
-            ));
-        }
-        let user = d["auth"]["userid"].as_str().unwrap_or("").to_string();
-        Ok((
-            user,
-            d["auth"].get("user").cloned().filter(|u| !u.is_null()),
-        ))
+impl BackendClient for NextcloudClient {
+    fn capabilities<'a>(&'a self, url: &'a str, refresh: bool) -> BoxFuture<'a, Arc<Capabilities>> {
+        Box::pin(NextcloudClient::capabilities(self, url, refresh))
     }
 
-    /// `room` join or leave; returns the `room` object of the answer.
-    pub async fn room(
-        &self,
-        backend: &Backend,
-        url: &str,
-        room: &str,
-        user: &str,
-        talk_session: &str,
-        leave: bool,
-    ) -> Result<Value, ApiError> {
-        let mut r = json!({"version":"1.0","roomid":room,"userid":user,"sessionid":talk_session});
-        if leave {
-            r["action"] = Value::String("leave".into());
-        }
-        let d = self
-            .request(backend, url, &json!({"type":"room","room":r}))
-            .await?;
-        if d["type"] != "room" {
-            return Err(ApiError::new(
-                "room_join_failed",
-                "Nextcloud did not confirm the room.",
-            ));
-        }
-        Ok(d["room"].clone())
+    fn request<'a>(
+        &'a self,
+        backend: &'a Backend,
+        url: &'a str,
+        body: &'a Value,
+    ) -> BoxFuture<'a, Result<Value, ApiError>> {
+        Box::pin(NextcloudClient::request(self, backend, url, body))
     }
 }
 
@@ -312,6 +275,7 @@ pub fn signaling_backend_url(base: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn capabilities_are_read_from_the_ocs_envelope() {

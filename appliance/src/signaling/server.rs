@@ -17,11 +17,16 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::api::{self, ApiError, ClientMessage};
+use super::backend_client::{self, BackendClient};
 use super::backends::{Backend, Backends, base_url};
+use super::builtin::{BUILTIN_ID, BuiltinBackend};
 use super::checksum;
 use super::hub::{BackendCall, ClientType, Hub, NewSession, Out, Sid, Target};
 use super::jwt;
 use super::nextcloud::{NextcloudClient, signaling_backend_url};
+use super::proxy_client::{
+    self, MEDIA_AUDIO, MEDIA_SCREEN, MEDIA_VIDEO, Owner, ProxyClient, SfuHandle,
+};
 use super::session_id::{SessionIdCodec, SessionIdData};
 use super::throttle::Throttle;
 use crate::config::SignalingConfig;
@@ -32,6 +37,32 @@ pub const QUEUE_FRAMES: usize = 1024;
 const PARKED_FRAMES: usize = 1000;
 /// How long a sender waits for a slow receiver before that receiver is dropped.
 const SLOW_RECEIVER: Duration = Duration::from_secs(10);
+
+/// `message` data types that go to the SFU when the recipient is a session (reference §1.6).
+const SFU_TYPES: &[&str] = &[
+    "offer",
+    "answer",
+    "candidate",
+    "endOfCandidates",
+    "requestoffer",
+    "sendoffer",
+    "selectStream",
+    "unshareScreen",
+];
+
+/// How long a dial-out request waits for the internal client's answer (upstream
+/// `startDialoutTimeout`).
+const DIALOUT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Upstream waits this long after `unshareScreen` before it closes the screen publisher.
+const UNSHARE_SCREEN_DELAY: Duration = Duration::from_secs(1);
+
+fn client_not_found() -> ApiError {
+    ApiError::new(
+        "client_not_found",
+        "No MCU client found to send message to.",
+    )
+}
 
 /// What a connection's writer task is asked to do.
 #[derive(Debug, Clone)]
@@ -58,15 +89,20 @@ pub struct Server {
     pub config: SignalingConfig,
     pub backends: Backends,
     pub nextcloud: NextcloudClient,
+    pub builtin: Option<Arc<BuiltinBackend>>,
+    /// The SFU client (`signaling.sfu_url`), if an SFU is configured.
+    pub proxy: Option<Arc<ProxyClient>>,
     pub codec: SessionIdCodec,
     pub internal_secret: Vec<u8>,
     pub turn_secret: Vec<u8>,
+    /// The box's TURN port (`[turn] port`) for the meeting page's ICE servers; `None` = no TURN.
+    pub turn_port: Option<u16>,
     hub: Mutex<Hub>,
     conns: Mutex<HashMap<Sid, Conn>>,
     parked: Mutex<HashMap<Sid, Vec<Arc<str>>>>,
-    /// The Nextcloud URL each session talks to (its hello auth URL).
-    backend_urls: Mutex<HashMap<Sid, String>>,
     throttle: Mutex<Throttle>,
+    /// Dial-out requests waiting for their internal client's answer: message id → (client, answer).
+    dialouts: Mutex<HashMap<String, (Sid, tokio::sync::oneshot::Sender<Value>)>>,
     next_conn: AtomicU64,
     pub counters: Counters,
 }
@@ -91,28 +127,43 @@ pub struct ConnState {
 }
 
 impl Server {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: SignalingConfig,
         backends: Backends,
         nextcloud: NextcloudClient,
+        builtin: Option<Arc<BuiltinBackend>>,
+        proxy: Option<Arc<ProxyClient>>,
         codec: SessionIdCodec,
         internal_secret: Vec<u8>,
         turn_secret: Vec<u8>,
+        turn_port: Option<u16>,
     ) -> Self {
         Self {
             config,
             backends,
             nextcloud,
+            builtin,
+            proxy,
             codec,
             internal_secret,
             turn_secret,
+            turn_port,
             hub: Mutex::new(Hub::new()),
             conns: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
-            backend_urls: Mutex::new(HashMap::new()),
             throttle: Mutex::new(Throttle::default()),
+            dialouts: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             counters: Counters::default(),
+        }
+    }
+
+    /// Who answers `backend`'s requests: the built-in backend in-process, or its Nextcloud.
+    pub fn client_for(&self, backend: &Backend) -> &dyn BackendClient {
+        match &self.builtin {
+            Some(b) if backend.id == BUILTIN_ID => b.as_ref(),
+            _ => &self.nextcloud,
         }
     }
 
@@ -168,6 +219,14 @@ impl Server {
                 let _ = c.tx.send(Outbound::Close).await;
             }
         }
+        if let Some(proxy) = &self.proxy {
+            for sid in &out.left {
+                let gone = lock(&proxy.clients).remove_session(*sid);
+                for (client_id, publisher) in gone {
+                    proxy.delete(client_id, publisher);
+                }
+            }
+        }
         for call in out.backend {
             let me = self.clone();
             tokio::spawn(async move { me.backend_call(call).await });
@@ -178,6 +237,7 @@ impl Server {
         match call {
             BackendCall::RoomLeave {
                 backend,
+                url,
                 room,
                 user_id,
                 room_session_id,
@@ -185,21 +245,13 @@ impl Server {
                 let Some(b) = self.backends.by_id(&backend).cloned() else {
                     return;
                 };
-                let url = b
-                    .urls
-                    .first()
-                    .map(|u| signaling_backend_url(u))
-                    .unwrap_or_default();
-                if url.is_empty() {
-                    return;
-                }
                 self.counters
                     .backend_requests
                     .fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self
-                    .nextcloud
-                    .room(&b, &url, &room, &user_id, &room_session_id, true)
-                    .await
+                let client = self.client_for(&b);
+                if let Err(e) =
+                    backend_client::room(client, &b, &url, &room, &user_id, &room_session_id, true)
+                        .await
                 {
                     self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(room, error = %e, "room leave request failed");
@@ -212,7 +264,7 @@ impl Server {
         let _ = conn.tx.send(Outbound::Text(Arc::from(v.to_string()))).await;
     }
 
-    fn throttled(&self, ip: IpAddr, action: &'static str) -> bool {
+    pub fn throttled(&self, ip: IpAddr, action: &'static str) -> bool {
         let allowed = lock(&self.throttle).allowed(ip, action, Instant::now());
         if !allowed {
             self.counters.bruteforce.fetch_add(1, Ordering::Relaxed);
@@ -220,7 +272,7 @@ impl Server {
         !allowed
     }
 
-    fn failed_attempt(&self, ip: IpAddr, action: &'static str) {
+    pub fn failed_attempt(&self, ip: IpAddr, action: &'static str) {
         lock(&self.throttle).failed(ip, action, Instant::now());
     }
 
@@ -276,7 +328,6 @@ impl Server {
             "bye" => {
                 self.send_to(conn, api::bye("", id)).await;
                 let out = self.hub().remove_session(sid);
-                lock(&self.backend_urls).remove(&sid);
                 lock(&self.conns).remove(&sid);
                 self.apply(out).await;
                 let _ = conn.tx.send(Outbound::Close).await;
@@ -362,7 +413,7 @@ impl Server {
             return Err(ApiError::new("too_many_requests", "Too many requests."));
         }
         let result = self.authenticate(hello).await;
-        let (backend, url, new) = match result {
+        let (backend, _url, new) = match result {
             Ok(x) => x,
             Err(e) => {
                 if matches!(
@@ -407,7 +458,6 @@ impl Server {
             hub.add_session(sid, public, private, new, Instant::now());
             sid
         };
-        lock(&self.backend_urls).insert(sid, url);
         self.register(conn, sid);
         let reply = self.hub().hello_reply(sid, &hello.version, id);
         if let Some(r) = reply {
@@ -447,9 +497,10 @@ impl Server {
                 let url = signaling_backend_url(&base_url(backend_url));
                 Ok((
                     backend,
-                    url,
+                    url.clone(),
                     NewSession {
                         backend: String::new(),
+                        backend_url: url.clone(),
                         client_type: ClientType::Internal,
                         user_id: String::new(),
                         user_data: None,
@@ -468,17 +519,13 @@ impl Server {
                     .for_url(&url)
                     .cloned()
                     .ok_or_else(invalid_backend)?;
+                let client = self.client_for(&backend);
                 let (user_id, user_data) = if hello.version == "2.0" {
                     let token = params["token"].as_str().ok_or_else(jwt::invalid_token)?;
-                    let caps = self.nextcloud.capabilities(&url, false).await;
+                    let caps = client.capabilities(&url, false).await;
                     let key = match caps.hello_v2_key.clone() {
                         Some(k) => Some(k),
-                        None => self
-                            .nextcloud
-                            .capabilities(&url, true)
-                            .await
-                            .hello_v2_key
-                            .clone(),
+                        None => client.capabilities(&url, true).await.hello_v2_key.clone(),
                     };
                     let c = jwt::verify(token, key.as_deref(), unix_now())?;
                     (c.user_id, c.user_data)
@@ -486,8 +533,7 @@ impl Server {
                     self.counters
                         .backend_requests
                         .fetch_add(1, Ordering::Relaxed);
-                    self.nextcloud
-                        .auth(&backend, &url, &params)
+                    backend_client::auth(client, &backend, &url, &params)
                         .await
                         .inspect_err(|_| {
                             self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
@@ -495,9 +541,10 @@ impl Server {
                 };
                 Ok((
                     backend,
-                    url,
+                    url.clone(),
                     NewSession {
                         backend: String::new(),
+                        backend_url: url.clone(),
                         client_type: ClientType::Client,
                         user_id,
                         user_data,
@@ -553,12 +600,17 @@ impl Server {
         if let Some(e) = self.hub().already_joined(sid, &room.roomid) {
             return Err(e);
         }
-        let (backend_id, user_id, client_type) = {
+        let (backend_id, url, user_id, client_type) = {
             let hub = self.hub();
             let s = hub
                 .session(sid)
                 .ok_or_else(|| ApiError::new("no_such_session", "session is gone"))?;
-            (s.backend.clone(), s.user_id.clone(), s.client_type)
+            (
+                s.backend.clone(),
+                s.backend_url.clone(),
+                s.user_id.clone(),
+                s.client_type,
+            )
         };
         let backend = self
             .backends
@@ -567,20 +619,23 @@ impl Server {
             .ok_or_else(|| ApiError::new("invalid_backend", "backend is gone"))?;
         let talk_session = room.sessionid.clone().unwrap_or_default();
         let (properties, permissions) = if client_type == ClientType::Client {
-            let url = lock(&self.backend_urls)
-                .get(&sid)
-                .cloned()
-                .unwrap_or_default();
             self.counters
                 .backend_requests
                 .fetch_add(1, Ordering::Relaxed);
-            let r = self
-                .nextcloud
-                .room(&backend, &url, &room.roomid, &user_id, &talk_session, false)
-                .await
-                .inspect_err(|_| {
-                    self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
-                })?;
+            let client = self.client_for(&backend);
+            let r = backend_client::room(
+                client,
+                &backend,
+                &url,
+                &room.roomid,
+                &user_id,
+                &talk_session,
+                false,
+            )
+            .await
+            .inspect_err(|_| {
+                self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
+            })?;
             let perms = r["permissions"].as_array().map(|a| {
                 a.iter()
                     .filter_map(|p| p.as_str().map(str::to_string))
@@ -645,8 +700,20 @@ impl Server {
             )
         })?;
         let target = self.target(&m.recipient)?;
-        // The SFU seam: with an SFU connected, offers/answers/candidates to a session would be
-        // handed to it here (reference §1.6); without one they pass through like any data.
+        // With an SFU connected, offers, answers, candidates and the like to a session are
+        // the SFU's (reference §1.6); without one they pass through like any data.
+        if let (false, Target::Session(to), Some(kind)) = (
+            control,
+            &target,
+            m.data["type"]
+                .as_str()
+                .filter(|k| SFU_TYPES.contains(k) && self.sfu_active()),
+        ) {
+            let to = to.ok_or_else(client_not_found)?;
+            return self
+                .sfu_message(sid, to, kind, &m.data, msg.id.clone())
+                .await;
+        }
         let out = self.hub().route(sid, target, m, control)?;
         self.apply(out).await;
         Ok(())
@@ -738,6 +805,23 @@ impl Server {
             }
             "dialout" => {
                 let d = i.dialout.clone().unwrap_or(Value::Null);
+                // The answer to a dial-out request we sent goes to the waiting backend request;
+                // an error answer goes nowhere else.
+                if let Some(id) = msg.id.as_deref() {
+                    let waiter = {
+                        let mut w = lock(&self.dialouts);
+                        match w.get(id) {
+                            Some((owner, _)) if *owner == sid => w.remove(id),
+                            _ => None,
+                        }
+                    };
+                    if let Some((_, tx)) = waiter {
+                        let _ = tx.send(d.clone());
+                        if d["type"] == "error" {
+                            return Ok(());
+                        }
+                    }
+                }
                 let room = d["roomid"].as_str().unwrap_or("").to_string();
                 let mut hub = self.hub();
                 let backend = hub
@@ -765,14 +849,378 @@ impl Server {
         Ok(())
     }
 
+    fn sfu_active(&self) -> bool {
+        self.proxy.is_some() && self.hub().sfu_connected()
+    }
+
+    /// Sends an SFU-originated `message` (answer, offer, candidate) to session `to`, as coming
+    /// from session `from`, in the shape Talk clients expect (upstream `sendMcuMessageResponse`).
+    pub async fn send_sfu_frame(
+        self: &Arc<Self>,
+        to: Sid,
+        from: Sid,
+        kind: &str,
+        room_type: &str,
+        payload: Value,
+        sfu_sid: &str,
+    ) {
+        let (to_public, from_public) = {
+            let hub = self.hub();
+            match (hub.session(to), hub.session(from)) {
+                (Some(t), Some(f)) => (t.public_id.clone(), f.public_id.clone()),
+                _ => return,
+            }
+        };
+        let frame = json!({"type":"message","message":{
+            "sender":{"type":"session","sessionid":from_public},
+            "data":{"to":to_public,"from":from_public,"type":kind,"roomType":room_type,"payload":payload,"sid":sfu_sid},
+        }});
+        let mut out = Out::default();
+        out.frames.push((to, Arc::from(frame.to_string())));
+        self.apply(out).await;
+    }
+
+    /// Something the SFU sent on its own for one of its clients: a trickled candidate or an
+    /// updated offer, delivered to the session that owns the client.
+    pub async fn sfu_to_client(self: &Arc<Self>, owner: &Owner, kind: &str, payload: Value) {
+        let Some(proxy) = &self.proxy else { return };
+        let (to, from, stream, handle) = {
+            let clients = lock(&proxy.clients);
+            match owner {
+                Owner::Publisher { session, stream } => (
+                    *session,
+                    *session,
+                    stream.clone(),
+                    clients.publisher(*session, stream).cloned(),
+                ),
+                Owner::Subscriber {
+                    session,
+                    publisher,
+                    stream,
+                } => (
+                    *session,
+                    *publisher,
+                    stream.clone(),
+                    clients.subscriber(*session, *publisher, stream).cloned(),
+                ),
+            }
+        };
+        if let Some(h) = handle {
+            self.send_sfu_frame(to, from, kind, &stream, payload, &h.sid)
+                .await;
+        }
+    }
+
+    /// May `sid` send media of this kind (upstream `IsAllowedToSend`)?
+    fn may_send(&self, sid: Sid, room_type: &str) -> bool {
+        let hub = self.hub();
+        let Some(s) = hub.session(sid) else {
+            return false;
+        };
+        if room_type == "screen" {
+            s.has_permission("publish-screen")
+        } else {
+            s.has_permission("publish-media")
+                || s.has_permission("publish-audio")
+                || s.has_permission("publish-video")
+        }
+    }
+
+    /// Closes publishers whose session lost the permission to publish them (Talk changed the
+    /// participant's permissions), as upstream does.
+    fn close_forbidden_publishers(&self) {
+        let Some(proxy) = &self.proxy else { return };
+        let publishers = lock(&proxy.clients).publishers();
+        for (session, stream, client_id) in publishers {
+            if !self.may_send(session, &stream) {
+                tracing::info!(
+                    session,
+                    stream,
+                    "publishing no longer allowed; closing the publisher"
+                );
+                lock(&proxy.clients).remove(&client_id);
+                proxy.delete(client_id, true);
+            }
+        }
+    }
+
+    /// A Talk client's SFU message (`data.type` in [`SFU_TYPES`]) from `sid` to session `to`.
+    async fn sfu_message(
+        self: &Arc<Self>,
+        sid: Sid,
+        to: Sid,
+        kind: &str,
+        data: &Value,
+        request_id: Option<String>,
+    ) -> Result<(), ApiError> {
+        let proxy = self.proxy.clone().ok_or_else(client_not_found)?;
+        let room_type = data["roomType"].as_str().unwrap_or("video").to_string();
+        if room_type != "video" && room_type != "screen" {
+            return Err(ApiError::new(
+                "invalid_format",
+                "roomType must be video or screen.",
+            ));
+        }
+        let client_sid = data["sid"].as_str().unwrap_or("").to_string();
+        match kind {
+            "offer" => {
+                let sdp = data["payload"]["sdp"]
+                    .as_str()
+                    .ok_or_else(|| ApiError::new("no_sdp", "The offer has no SDP."))?;
+                let media = if room_type == "screen" {
+                    MEDIA_SCREEN
+                } else {
+                    proxy_client::offered_media(sdp)
+                };
+                let (allowed, backend) = {
+                    let hub = self.hub();
+                    let s = hub.session(sid).ok_or_else(client_not_found)?;
+                    (
+                        super::hub::publish_allowed(
+                            s,
+                            &room_type,
+                            media & MEDIA_AUDIO != 0,
+                            media & MEDIA_VIDEO != 0,
+                        ),
+                        s.backend.clone(),
+                    )
+                };
+                if !allowed {
+                    return Err(ApiError::new("not_allowed", "Not allowed to publish."));
+                }
+                let existing = lock(&proxy.clients).publisher(sid, &room_type).cloned();
+                let handle = match existing {
+                    Some(h) => h,
+                    None => {
+                        let max = self
+                            .backends
+                            .by_id(&backend)
+                            .map(|b| {
+                                if room_type == "screen" {
+                                    b.max_screen_bitrate
+                                } else {
+                                    b.max_stream_bitrate
+                                }
+                            })
+                            .unwrap_or(0);
+                        let asked = data["bitrate"].as_u64().unwrap_or(0);
+                        let bitrate = if asked == 0 || (max > 0 && asked > max) {
+                            max
+                        } else {
+                            asked
+                        };
+                        let mut settings = json!({"bitrate": bitrate, "mediatypes": media});
+                        for (from, to) in [
+                            ("audiocodec", "audiocodec"),
+                            ("videocodec", "videocodec"),
+                            ("vp9profile", "vp9_profile"),
+                            ("h264profile", "h264_profile"),
+                        ] {
+                            if let Some(v) = data[from].as_str().filter(|v| !v.is_empty()) {
+                                settings[to] = Value::String(v.to_string());
+                            }
+                        }
+                        let answer = proxy
+                            .command(json!({"type":"create-publisher","sid":client_sid,"streamType":room_type,
+                                "bitrate":bitrate,"mediatypes":media,"publisherSettings":settings}))
+                            .await?;
+                        let client_id = answer["id"]
+                            .as_str()
+                            .filter(|i| !i.is_empty())
+                            .ok_or_else(|| {
+                                ApiError::new("processing_failed", "The SFU gave no publisher id.")
+                            })?;
+                        let h = SfuHandle {
+                            client_id: client_id.to_string(),
+                            sid: client_sid.clone(),
+                        };
+                        let old = lock(&proxy.clients).add(
+                            Owner::Publisher {
+                                session: sid,
+                                stream: room_type.clone(),
+                            },
+                            h.clone(),
+                        );
+                        if let Some(old) = old {
+                            proxy.delete(old.client_id, true);
+                        }
+                        h
+                    }
+                };
+                let answer = proxy
+                    .payload(
+                        "offer",
+                        &handle.client_id,
+                        Some(&client_sid),
+                        Some(&data["payload"]),
+                    )
+                    .await?;
+                if answer["type"] == "answer" {
+                    self.send_sfu_frame(sid, sid, "answer", &room_type, answer, &handle.sid)
+                        .await;
+                }
+                Ok(())
+            }
+            "answer" | "candidate" | "endOfCandidates" | "selectStream" => {
+                if kind == "selectStream" && to == sid {
+                    return Ok(());
+                }
+                let handle = if to == sid {
+                    if !self.may_send(sid, &room_type) {
+                        return Err(ApiError::new(
+                            "not_allowed",
+                            "Not allowed to send candidate.",
+                        ));
+                    }
+                    lock(&proxy.clients).publisher(sid, &room_type).cloned()
+                } else {
+                    lock(&proxy.clients)
+                        .subscriber(sid, to, &room_type)
+                        .cloned()
+                };
+                let handle = handle.ok_or_else(client_not_found)?;
+                proxy
+                    .payload(
+                        kind,
+                        &handle.client_id,
+                        Some(&client_sid),
+                        Some(&data["payload"]),
+                    )
+                    .await?;
+                Ok(())
+            }
+            "requestoffer" | "sendoffer" => {
+                // Subscribing may wait for the SFU; other messages of this client go on.
+                let (subscriber, publisher) = if kind == "requestoffer" {
+                    (sid, to)
+                } else {
+                    (to, sid)
+                };
+                if subscriber == publisher {
+                    return Ok(());
+                }
+                if kind == "requestoffer" && !self.hub().in_same_call(subscriber, publisher) {
+                    return Err(ApiError::new(
+                        "not_allowed",
+                        "Not allowed to request offer.",
+                    ));
+                }
+                if kind == "sendoffer" && !self.may_send(sid, &room_type) {
+                    return Err(ApiError::new("not_allowed", "Not allowed to send offer"));
+                }
+                let me = self.clone();
+                let kind = kind.to_string();
+                tokio::spawn(async move {
+                    let r = me
+                        .subscribe(
+                            &proxy,
+                            subscriber,
+                            publisher,
+                            &room_type,
+                            &kind,
+                            &client_sid,
+                        )
+                        .await;
+                    if let Err(e) = r {
+                        let mut out = Out::default();
+                        out.frames
+                            .push((sid, Arc::from(e.to_json(request_id.as_deref()).to_string())));
+                        me.apply(out).await;
+                    }
+                });
+                Ok(())
+            }
+            "unshareScreen" => {
+                if to == sid {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(UNSHARE_SCREEN_DELAY).await;
+                        let gone = lock(&proxy.clients)
+                            .publisher(sid, "screen")
+                            .map(|h| h.client_id.clone());
+                        if let Some(id) = gone {
+                            lock(&proxy.clients).remove(&id);
+                            proxy.delete(id, true);
+                        }
+                    });
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Gets or creates the subscriber of `subscriber` to `publisher`'s stream and sends the
+    /// SFU's offer for it to the subscriber (`requestoffer`, `sendoffer`).
+    async fn subscribe(
+        self: &Arc<Self>,
+        proxy: &Arc<ProxyClient>,
+        subscriber: Sid,
+        publisher: Sid,
+        room_type: &str,
+        kind: &str,
+        client_sid: &str,
+    ) -> Result<(), ApiError> {
+        let publisher_id = lock(&proxy.clients)
+            .publisher(publisher, room_type)
+            .map(|h| h.client_id.clone())
+            .ok_or_else(client_not_found)?;
+        let existing = lock(&proxy.clients)
+            .subscriber(subscriber, publisher, room_type)
+            .cloned();
+        let handle = match existing {
+            Some(h) => h,
+            None => {
+                let answer = proxy
+                    .command(json!({"type":"create-subscriber","streamType":room_type,"publisherId":publisher_id}))
+                    .await?;
+                let client_id =
+                    answer["id"]
+                        .as_str()
+                        .filter(|i| !i.is_empty())
+                        .ok_or_else(|| {
+                            ApiError::new("processing_failed", "The SFU gave no subscriber id.")
+                        })?;
+                let h = SfuHandle {
+                    client_id: client_id.to_string(),
+                    sid: answer["sid"].as_str().unwrap_or("").to_string(),
+                };
+                let old = lock(&proxy.clients).add(
+                    Owner::Subscriber {
+                        session: subscriber,
+                        publisher,
+                        stream: room_type.to_string(),
+                    },
+                    h.clone(),
+                );
+                if let Some(old) = old {
+                    proxy.delete(old.client_id, false);
+                }
+                h
+            }
+        };
+        let offer = proxy
+            .payload(kind, &handle.client_id, Some(client_sid), None)
+            .await?;
+        if offer["type"] == "offer" {
+            self.send_sfu_frame(
+                subscriber,
+                publisher,
+                "offer",
+                room_type,
+                offer,
+                &handle.sid,
+            )
+            .await;
+        }
+        Ok(())
+    }
+
     /// Periodic work: expiry of sessions and transient data.
     pub async fn tick(self: &Arc<Self>) {
         let out = self.hub().expire(Instant::now());
         let gone: Vec<Sid> = out.close.clone();
         self.apply(out).await;
         let hub = self.hub();
-        let mut urls = lock(&self.backend_urls);
-        urls.retain(|sid, _| hub.session(*sid).is_some());
         let mut parked = lock(&self.parked);
         parked.retain(|sid, _| hub.session(*sid).is_some());
         drop(gone);
@@ -789,23 +1237,17 @@ impl Server {
                 continue;
             };
             let url = signaling_backend_url(base);
-            let limit = self
-                .nextcloud
+            let client = self.client_for(&backend);
+            let limit = client
                 .capabilities(&url, false)
                 .await
                 .session_ping_limit
                 .unwrap_or(50);
             for chunk in list.chunks(limit.max(1)) {
-                let entries: Vec<Value> = chunk
-                    .iter()
-                    .map(|(u, s)| json!({"userid": u, "sessionid": s}))
-                    .collect();
-                let body =
-                    json!({"type":"ping","ping":{"version":"1.0","roomid":room,"entries":entries}});
                 self.counters
                     .backend_requests
                     .fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self.nextcloud.request(&backend, &url, &body).await {
+                if let Err(e) = backend_client::ping(client, &backend, &url, &room, chunk).await {
                     self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(room, error = %e, "ping failed");
                 }
@@ -864,7 +1306,11 @@ impl Server {
             "delete" => self
                 .hub()
                 .backend_delete(b, room, &strings(&body["userids"])),
-            "participants" | "incall" => self.hub().backend_participants(b, room, body),
+            "participants" | "incall" => {
+                let out = self.hub().backend_participants(b, room, body);
+                self.close_forbidden_publishers();
+                out
+            }
             "message" => self.hub().backend_message(b, room, &body["data"]),
             "switchto" => {
                 let target = body["roomid"].as_str().unwrap_or("").to_string();
@@ -894,10 +1340,37 @@ impl Server {
                 };
                 let id = checksum::new_random();
                 let request = json!({"id": id, "type":"internal","internal":{"type":"dialout","dialout":{"roomid":room,"backend":backend.urls.first(),"request":body}}});
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                lock(&self.dialouts).insert(id.clone(), (client, tx));
                 let mut out = Out::default();
                 out.frames.push((client, Arc::from(request.to_string())));
                 self.apply(out).await;
-                return Ok(json!({"type":"dialout","dialout":{}}));
+                let answer = tokio::time::timeout(DIALOUT_TIMEOUT, rx).await;
+                lock(&self.dialouts).remove(&id);
+                let d = match answer {
+                    Ok(Ok(d)) => d,
+                    _ => {
+                        return err(
+                            StatusCode::BAD_GATEWAY,
+                            "timeout",
+                            "Timeout while waiting for dialout to start.",
+                        );
+                    }
+                };
+                return match (d["type"].as_str(), d["status"]["status"].as_str()) {
+                    (Some("status"), Some("accepted")) => {
+                        Ok(json!({"type":"dialout","dialout":{"callid": d["status"]["callid"]}}))
+                    }
+                    (Some("error"), _) => Err((
+                        StatusCode::BAD_GATEWAY,
+                        json!({"type":"dialout","dialout":{"error": d["error"]}}),
+                    )),
+                    _ => err(
+                        StatusCode::BAD_GATEWAY,
+                        "unsupported_status",
+                        "The dial-out client answered with an unsupported status.",
+                    ),
+                };
             }
             _ => {
                 return Err((

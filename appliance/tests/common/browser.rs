@@ -1,88 +1,131 @@
-//! Driving Debian's headless Chromium through chromedriver (WebDriver, `fantoccini`) in tests,
-//! and serving a test page from a tiny local HTTP server.
+//! Headless Debian Chromium driven over WebDriver (fantoccini + /usr/bin/chromedriver), with
+//! fake camera and microphone, a fresh profile per browser, and nothing left running: the
+//! driver and the browser it starts share a process group that is killed on drop. Also a tiny
+//! HTTP server for test pages. Needs `apt-get install chromium chromium-driver`.
 //!
-//! Packages: `chromium` and `chromium-driver`. A missing binary fails the test with the package
-//! to install, never skips it. Flags follow reference/peers-on-loopback.md B.3: loopback ICE is
-//! allowed, mDNS hiding is off, media devices are fake, and every run gets a fresh profile.
+//! Flags follow reference/peers-on-loopback.md B.3: loopback ICE is allowed and mDNS hiding of
+//! host candidates is off, so WebRTC works between peers on 127.0.0.1.
+
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fantoccini::{Client, ClientBuilder};
 use serde_json::{Value, json};
 
-pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+pub const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// A headless Chromium session; the driver and the profile go away on drop.
+/// Flags of every test browser (reference peers-on-loopback.md B.3).
+pub const CHROMIUM_FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--disable-dev-shm-usage",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+];
+
 pub struct Browser {
-    pub client: Client,
+    pub client: fantoccini::Client,
     driver: Child,
+    driver_gone: bool,
     _profile: tempfile::TempDir,
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 impl Browser {
-    /// Starts chromedriver and a headless Chromium with fake media devices.
-    pub async fn start() -> Browser {
-        super::require_program(CHROMIUM, "chromium");
-        super::require_program(CHROMEDRIVER, "chromium-driver");
-        let port = super::free_port();
+    /// Starts chromedriver and a headless Chromium session; `extra` flags are added.
+    pub async fn start(extra: &[&str]) -> Browser {
+        assert!(
+            std::path::Path::new(CHROMEDRIVER).exists(),
+            "{CHROMEDRIVER} is missing: apt-get install -y chromium chromium-driver"
+        );
+        let port = free_port();
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // Its own process group: the browser it starts is killed with it.
+            .process_group(0)
             .spawn()
             .expect("start chromedriver");
         let profile = tempfile::tempdir().expect("profile dir");
-        let args = vec![
-            "--headless".to_string(),
-            "--no-sandbox".into(),
-            "--disable-gpu".into(),
-            "--disable-dev-shm-usage".into(),
-            "--disable-background-networking".into(),
-            "--disable-component-update".into(),
-            "--disable-sync".into(),
-            "--no-first-run".into(),
-            "--use-fake-device-for-media-stream".into(),
-            "--use-fake-ui-for-media-stream".into(),
-            "--allow-loopback-in-peer-connection".into(),
-            "--disable-features=WebRtcHideLocalIpsWithMdns".into(),
-            format!("--user-data-dir={}", profile.path().display()),
-        ];
+        let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(format!("--user-data-dir={}", profile.path().display()));
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
-            json!({ "binary": CHROMIUM, "args": args }),
+            json!({"binary": CHROMIUM, "args": args}),
         );
         let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let client = loop {
-            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-            match ClientBuilder::new(connector)
-                .capabilities(caps.clone())
-                .connect(&url)
-                .await
+        let mut last = None;
+        for _ in 0..100 {
+            match fantoccini::ClientBuilder::new(
+                hyper_util::client::legacy::connect::HttpConnector::new(),
+            )
+            .capabilities(caps.clone())
+            .connect(&url)
+            .await
             {
-                Ok(c) => break c,
-                Err(e) if Instant::now() > deadline => {
-                    panic!("no WebDriver session from chromedriver: {e}")
+                Ok(client) => {
+                    return Browser {
+                        client,
+                        driver,
+                        driver_gone: false,
+                        _profile: profile,
+                    };
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => last = Some(e.to_string()),
             }
-        };
-        Browser {
-            client,
-            driver,
-            _profile: profile,
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let mut b = driver;
+        kill_group(&mut b);
+        panic!("no WebDriver session with chromedriver: {last:?}");
     }
 
-    /// Polls the JavaScript expression `expr` until it is neither null nor undefined.
-    pub async fn wait_for(&self, expr: &str, timeout: Duration) -> Result<Value, String> {
-        let deadline = Instant::now() + timeout;
+    /// Evaluates a JavaScript expression (`return …;` body) and returns its value.
+    pub async fn eval(&self, script: &str) -> Value {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+    }
+
+    /// Polls `script` until it returns `want`, or panics after `timeout` with what it returned.
+    pub async fn wait_for(&self, script: &str, want: &Value, timeout: Duration) {
+        let start = std::time::Instant::now();
+        let mut last = Value::Null;
+        while start.elapsed() < timeout {
+            last = self.eval(script).await;
+            if &last == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("waited {timeout:?} for `{script}` to be {want}; it is {last}");
+    }
+
+    /// Polls the JavaScript expression `expr` until it is neither null nor undefined, and
+    /// returns its value; an error says what stayed unset.
+    pub async fn wait_until_set(&self, expr: &str, timeout: Duration) -> Result<Value, String> {
+        let start = std::time::Instant::now();
         let script = format!("return ({expr}) ?? null;");
         loop {
             match self.client.execute(&script, vec![]).await {
@@ -90,32 +133,39 @@ impl Browser {
                 Ok(v) => return Ok(v),
                 Err(e) => return Err(format!("script failed: {e}")),
             }
-            if Instant::now() > deadline {
+            if start.elapsed() > timeout {
                 return Err(format!("`{expr}` stayed null for {timeout:?}"));
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
-    /// Ends the session and the driver.
     pub async fn close(mut self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        kill_group(&mut self.driver);
+        self.driver_gone = true;
     }
+}
+
+fn kill_group(child: &mut Child) {
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        if !self.driver_gone {
+            kill_group(&mut self.driver);
+        }
     }
 }
 
 /// Serves `html` at `http://127.0.0.1:PORT/` (any path) from a background thread; returns the
 /// URL. 127.0.0.1 is a secure context, so getUserMedia works there.
 pub fn serve_page(html: String) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind page server");
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind page server");
     let port = listener.local_addr().expect("addr").port();
     std::thread::spawn(move || {
         for stream in listener.incoming() {

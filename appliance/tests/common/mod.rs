@@ -6,6 +6,7 @@ pub mod browser;
 pub mod stun_msgs;
 pub mod turn;
 
+#[allow(unused_imports)]
 pub use turn::*;
 
 use std::path::{Path, PathBuf};

@@ -23,6 +23,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
+pub mod fake_proxy;
+
 pub const TALK_SECRET: &str = "fake-talk-secret-0123456789";
 
 pub fn free_port() -> u16 {
@@ -124,7 +126,10 @@ async fn backend(
         );
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    st.requests.lock().expect("lock").push(req.clone());
+    // Recorded with the Host it was sent to, so tests can tell which backend URL was used.
+    let mut recorded = req.clone();
+    recorded["_host"] = Value::String(h("host"));
+    st.requests.lock().expect("lock").push(recorded);
     match req["type"].as_str() {
         Some("auth") => {
             let ticket = req["auth"]["params"]["ticket"].as_str().unwrap_or("");
@@ -202,10 +207,17 @@ impl Signaling {
 }
 
 pub async fn start_signaling(talk_base: &str, extra: &str) -> Signaling {
+    start_signaling_urls(&[talk_base.to_string()], extra).await
+}
+
+/// A signaling process whose one backend has these URLs.
+pub async fn start_signaling_urls(talk_bases: &[String], extra: &str) -> Signaling {
     let dir = tempfile::tempdir().expect("tempdir");
     let (p1, p2) = (free_port(), free_port());
+    let urls: Vec<String> = talk_bases.iter().map(|b| format!("\"{b}/\"")).collect();
+    let urls = urls.join(", ");
     let text = format!(
-        "[signaling]\nlisten = \"127.0.0.1:{p1}\"\nhttp_listen = \"127.0.0.1:{p2}\"\n{extra}\n[[signaling.backend]]\nid = \"nc1\"\nurls = [\"{talk_base}/\"]\nsecret = \"{TALK_SECRET}\"\n"
+        "[signaling]\nlisten = \"127.0.0.1:{p1}\"\nhttp_listen = \"127.0.0.1:{p2}\"\n{extra}\n[[signaling.backend]]\nid = \"nc1\"\nurls = [{urls}]\nsecret = \"{TALK_SECRET}\"\n"
     );
     let config_path: PathBuf = dir.path().join("talkbox.toml");
     std::fs::write(&config_path, &text).expect("config");
@@ -393,6 +405,17 @@ pub async fn raw_http(server: SocketAddr, request: &[u8]) -> (u16, HeaderMap, St
         }
     }
     (status, headers, body.to_string())
+}
+
+/// POSTs a JSON body (room API): (status, JSON answer or null).
+pub async fn post_json(server: SocketAddr, path: &str, body: &Value) -> (u16, Value) {
+    let payload = body.to_string();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {server}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+        payload.len()
+    );
+    let (status, _, text) = raw_http(server, req.as_bytes()).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 pub async fn http_get(server: SocketAddr, path: &str) -> (u16, HeaderMap, String) {
