@@ -42,7 +42,7 @@ impl Service {
 
     /// Whether this build contains the service.
     pub fn built(self) -> bool {
-        matches!(self, Service::Web | Service::Signaling)
+        matches!(self, Service::Web | Service::Signaling | Service::Sfu)
     }
 
     /// Whether the config asks for the service.

@@ -1,0 +1,927 @@
+//! A media worker: one thread, pinned to a core, owning one UDP socket, its sessions, a timer
+//! queue and the forwarding table of the publishers placed on it.
+//!
+//! The control plane talks to it only through [`WorkerHandle`] (commands over a channel plus an
+//! eventfd wake-up) and hears back through the event callback given at spawn. Inside, the loop
+//! is: wait for the socket, the eventfd or the next timer; run commands; receive a batch and
+//! demultiplex it (4-tuple map first, then the ufrag in a STUN binding request; anything else
+//! is dropped and counted); fire due timers; forward what publishers produced; send a batch.
+//! A panic inside one session (str0m fails fast by policy) closes that session only.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{RtpPacket, RtpWrite, SeqNo};
+use str0m::{Event, IceConnectionState, Input, Output};
+
+use crate::demux::{self, SessionKey};
+use crate::forward::KeyframeThrottle;
+use crate::io::{BATCH, DatagramIo, OutDatagram, RecvMeta};
+use crate::session::{PublishedTrack, Role, Session, SessionError, SessionSetup, StreamType};
+
+/// A reply to a command, called once from the worker thread.
+pub type Reply<T> = Box<dyn FnOnce(Result<T, WorkerError>) + Send>;
+
+/// Why a command failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum WorkerError {
+    #[error("no such session")]
+    UnknownSession,
+    #[error("a session with this number exists")]
+    SessionExists,
+    #[error("no such publisher")]
+    UnknownPublisher,
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("the session failed and was closed")]
+    SessionFailed,
+}
+
+/// What the control plane asks of a worker. Session numbers are chosen by the control plane
+/// and are unique per worker.
+pub enum WorkerCommand {
+    CreatePublisher {
+        session: u32,
+        stream_type: StreamType,
+        reply: Reply<()>,
+    },
+    CreateSubscriber {
+        session: u32,
+        publisher: u32,
+        reply: Reply<()>,
+    },
+    /// Publisher: the client's offer; replies with our answer.
+    Offer {
+        session: u32,
+        sdp: String,
+        reply: Reply<String>,
+    },
+    /// Subscriber: replies with our offer.
+    RequestOffer {
+        session: u32,
+        reply: Reply<String>,
+    },
+    /// Subscriber: the client's answer.
+    Answer {
+        session: u32,
+        sdp: String,
+        reply: Reply<()>,
+    },
+    Candidate {
+        session: u32,
+        candidate: String,
+        reply: Reply<()>,
+    },
+    Close {
+        session: u32,
+        reply: Reply<()>,
+    },
+    Stats {
+        reply: Reply<WorkerStats>,
+    },
+    Shutdown,
+}
+
+/// What a worker tells the control plane on its own initiative.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerEvent {
+    /// A session ended without being asked to (ICE timeout, DTLS failure, its publisher left).
+    SessionClosed {
+        key: SessionKey,
+        reason: &'static str,
+    },
+}
+
+/// Counters of one worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    pub sessions: usize,
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub dropped_unknown: u64,
+    pub dropped_send: u64,
+    pub rtp_forwarded: u64,
+    pub channel_messages_forwarded: u64,
+    pub session_panics: u64,
+}
+
+/// How a worker runs.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub index: u16,
+    /// Core to pin the thread to, if any.
+    pub core: Option<usize>,
+    pub setup: SessionSetup,
+    /// A session that receives nothing for this long is closed (covers clients that vanish
+    /// before or after connecting).
+    pub ice_timeout: Duration,
+    /// Least time between keyframe requests to one publisher stream.
+    pub keyframe_interval: Duration,
+}
+
+struct Wake(OwnedFd);
+
+impl Wake {
+    fn new() -> io::Result<Wake> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        Ok(Wake(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+    fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+/// The control plane's end of a worker.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    pub index: u16,
+    pub local_addr: SocketAddr,
+    tx: mpsc::Sender<WorkerCommand>,
+    wake: Arc<Wake>,
+    load: Arc<AtomicU64>,
+}
+
+impl WorkerHandle {
+    /// Sends a command; false if the worker has stopped.
+    pub fn send(&self, cmd: WorkerCommand) -> bool {
+        let ok = self.tx.send(cmd).is_ok();
+        self.wake.ring();
+        ok
+    }
+    /// Number of sessions on the worker (for placement).
+    pub fn load(&self) -> u64 {
+        self.load.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts a worker thread on `io`; `events` is called from that thread.
+pub fn spawn<I: DatagramIo + Send + 'static>(
+    config: WorkerConfig,
+    io: I,
+    events: Box<dyn Fn(WorkerEvent) + Send>,
+) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel();
+    let wake = Arc::new(Wake::new()?);
+    let load = Arc::new(AtomicU64::new(0));
+    let local_addr = io.local_addr()?;
+    let handle = WorkerHandle {
+        index: config.index,
+        local_addr,
+        tx,
+        wake: wake.clone(),
+        load: load.clone(),
+    };
+    let name = format!("media-worker-{}", config.index);
+    let join = std::thread::Builder::new().name(name).spawn(move || {
+        if let Some(core) = config.core {
+            pin_to_core(core);
+        }
+        let mut w = Worker::new(config, io, rx, wake, load, events);
+        w.run();
+    })?;
+    Ok((handle, join))
+}
+
+fn pin_to_core(core: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(core).is_ok()
+        && let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+    {
+        tracing::warn!(core, error = %e, "could not pin media worker");
+    }
+}
+
+struct Worker<I> {
+    config: WorkerConfig,
+    io: I,
+    local_addr: SocketAddr,
+    rx: mpsc::Receiver<WorkerCommand>,
+    wake: Arc<Wake>,
+    load: Arc<AtomicU64>,
+    events: Box<dyn Fn(WorkerEvent) + Send>,
+    sessions: HashMap<u32, Session>,
+    by_addr: HashMap<SocketAddr, u32>,
+    /// publisher → subscribers.
+    routes: HashMap<u32, Vec<u32>>,
+    /// (publisher, mid) → throttle.
+    keyframes: HashMap<(u32, Mid), KeyframeThrottle>,
+    timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    out: Vec<OutDatagram>,
+    stats: WorkerStats,
+    seed: u64,
+    stop: bool,
+}
+
+/// What a session produced that concerns others.
+enum Produced {
+    Rtp(Box<RtpPacket>),
+    ChannelOpen(str0m::channel::ChannelId, String),
+    ChannelData(bool, Vec<u8>),
+    KeyframeRequest(Mid, KeyframeRequestKind),
+    MediaAdded(Mid, MediaKind),
+    Connected,
+    Closed(&'static str),
+}
+
+impl<I: DatagramIo> Worker<I> {
+    fn new(
+        config: WorkerConfig,
+        io: I,
+        rx: mpsc::Receiver<WorkerCommand>,
+        wake: Arc<Wake>,
+        load: Arc<AtomicU64>,
+        events: Box<dyn Fn(WorkerEvent) + Send>,
+    ) -> Self {
+        let local_addr = io
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let seed = Instant::now().elapsed().as_nanos() as u64
+            ^ (u64::from(config.index) << 48)
+            ^ std::process::id() as u64;
+        Self {
+            config,
+            io,
+            local_addr,
+            rx,
+            wake,
+            load,
+            events,
+            sessions: HashMap::new(),
+            by_addr: HashMap::new(),
+            routes: HashMap::new(),
+            keyframes: HashMap::new(),
+            timers: BinaryHeap::new(),
+            out: Vec::with_capacity(256),
+            stats: WorkerStats::default(),
+            seed: seed | 1,
+            stop: false,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: numbering starts and ufrag salts, not secrets.
+        self.seed ^= self.seed >> 12;
+        self.seed ^= self.seed << 25;
+        self.seed ^= self.seed >> 27;
+        self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn run(&mut self) {
+        let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); BATCH];
+        let mut meta = vec![
+            RecvMeta {
+                len: 0,
+                source: self.local_addr
+            };
+            BATCH
+        ];
+        let mut housekeeping = Instant::now();
+        while !self.stop {
+            let now = Instant::now();
+            let next = self
+                .timers
+                .peek()
+                .map(|Reverse((t, _))| *t)
+                .unwrap_or(now + Duration::from_millis(200))
+                .min(housekeeping + Duration::from_millis(250));
+            let wait_ms = next.saturating_duration_since(now).as_millis().min(250) as i32;
+            self.wait(wait_ms);
+            self.wake.drain();
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.command(cmd);
+            }
+            // Receive until the socket is empty, but flush between batches.
+            for _ in 0..8 {
+                let n = match self.io.recv_batch(&mut bufs, &mut meta) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "media socket receive failed");
+                        0
+                    }
+                };
+                let now = Instant::now();
+                for i in 0..n {
+                    let m = meta[i];
+                    self.datagram(&bufs[i][..m.len], m.source, now);
+                }
+                self.flush();
+                if n < BATCH {
+                    break;
+                }
+            }
+            let now = Instant::now();
+            self.fire_timers(now);
+            if now >= housekeeping + Duration::from_millis(250) {
+                housekeeping = now;
+                self.housekeeping(now);
+            }
+            self.flush();
+        }
+    }
+
+    fn wait(&self, timeout_ms: i32) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.io.readiness_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll reads and writes the two live pollfd entries.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms.max(0)) };
+    }
+
+    fn flush(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let n = self.io.send_batch(&self.out).unwrap_or(0);
+        self.stats.datagrams_out += n as u64;
+        self.stats.dropped_send += (self.out.len() - n) as u64;
+        self.out.clear();
+    }
+
+    fn key(&self, session: u32) -> SessionKey {
+        SessionKey {
+            worker: self.config.index,
+            session,
+        }
+    }
+
+    fn new_credentials(&mut self, session: u32) -> (String, String) {
+        let salt = self.random() as u16;
+        let ufrag = demux::ufrag_for(self.key(session), salt);
+        let pass = format!("{:016x}{:016x}", self.random(), self.random());
+        (ufrag, pass)
+    }
+
+    fn command(&mut self, cmd: WorkerCommand) {
+        let now = Instant::now();
+        match cmd {
+            WorkerCommand::CreatePublisher {
+                session,
+                stream_type,
+                reply,
+            } => {
+                if self.sessions.contains_key(&session) {
+                    return reply(Err(WorkerError::SessionExists));
+                }
+                let (ufrag, pass) = self.new_credentials(session);
+                let s = Session::new_publisher(
+                    self.key(session),
+                    ufrag,
+                    &pass,
+                    stream_type,
+                    &self.config.setup,
+                    now,
+                );
+                self.sessions.insert(session, s);
+                self.routes.insert(session, Vec::new());
+                self.update_load();
+                reply(Ok(()))
+            }
+            WorkerCommand::CreateSubscriber {
+                session,
+                publisher,
+                reply,
+            } => {
+                if self.sessions.contains_key(&session) {
+                    return reply(Err(WorkerError::SessionExists));
+                }
+                if !self
+                    .sessions
+                    .get(&publisher)
+                    .is_some_and(|p| p.is_publisher())
+                {
+                    return reply(Err(WorkerError::UnknownPublisher));
+                }
+                let (ufrag, pass) = self.new_credentials(session);
+                let s = Session::new_subscriber(
+                    self.key(session),
+                    ufrag,
+                    &pass,
+                    publisher,
+                    &self.config.setup,
+                    now,
+                );
+                self.sessions.insert(session, s);
+                self.routes.entry(publisher).or_default().push(session);
+                self.update_load();
+                reply(Ok(()))
+            }
+            WorkerCommand::Offer {
+                session,
+                sdp,
+                reply,
+            } => {
+                let r = self.with_session(session, now, |s| s.accept_offer(&sdp));
+                reply(r)
+            }
+            WorkerCommand::RequestOffer { session, reply } => {
+                let Some(publisher) = self.sessions.get(&session).and_then(|s| match &s.role {
+                    Role::Subscriber { publisher, .. } => Some(*publisher),
+                    Role::Publisher { .. } => None,
+                }) else {
+                    return reply(Err(if self.sessions.contains_key(&session) {
+                        WorkerError::Session(SessionError::WrongRole("subscriber"))
+                    } else {
+                        WorkerError::UnknownSession
+                    }));
+                };
+                let (tracks, label) = match self.sessions.get(&publisher).map(|p| &p.role) {
+                    Some(Role::Publisher {
+                        tracks, channel, ..
+                    }) => (
+                        tracks.clone(),
+                        channel
+                            .as_ref()
+                            .map(|(_, l)| l.clone())
+                            .unwrap_or_else(|| "status".to_string()),
+                    ),
+                    _ => return reply(Err(WorkerError::UnknownPublisher)),
+                };
+                let starts: Vec<(u16, u32)> = (0..tracks.len())
+                    .map(|_| {
+                        let r = self.random();
+                        ((r as u16) & 0x7fff, (r >> 32) as u32)
+                    })
+                    .collect();
+                let mut i = 0;
+                let r = self.with_session(session, now, |s| {
+                    s.create_offer(&tracks, &label, || {
+                        let v = starts.get(i).copied().unwrap_or((1, 0));
+                        i += 1;
+                        v
+                    })
+                });
+                reply(r)
+            }
+            WorkerCommand::Answer {
+                session,
+                sdp,
+                reply,
+            } => {
+                let r = self.with_session(session, now, |s| s.accept_answer(&sdp));
+                reply(r)
+            }
+            WorkerCommand::Candidate {
+                session,
+                candidate,
+                reply,
+            } => {
+                let r = self.with_session(session, now, |s| s.add_remote_candidate(&candidate));
+                reply(r)
+            }
+            WorkerCommand::Close { session, reply } => {
+                if self.sessions.contains_key(&session) {
+                    self.close(session, None);
+                    reply(Ok(()))
+                } else {
+                    reply(Err(WorkerError::UnknownSession))
+                }
+            }
+            WorkerCommand::Stats { reply } => {
+                let mut s = self.stats;
+                s.sessions = self.sessions.len();
+                reply(Ok(s))
+            }
+            WorkerCommand::Shutdown => self.stop = true,
+        }
+    }
+
+    /// Runs `f` on a session, then drains what it produced.
+    fn with_session<T>(
+        &mut self,
+        session: u32,
+        now: Instant,
+        f: impl FnOnce(&mut Session) -> Result<T, SessionError>,
+    ) -> Result<T, WorkerError> {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Err(WorkerError::UnknownSession);
+        };
+        let r = match catch_unwind(AssertUnwindSafe(|| f(s))) {
+            Ok(r) => r.map_err(WorkerError::from),
+            Err(_) => {
+                self.stats.session_panics += 1;
+                self.close(session, Some("internal error"));
+                return Err(WorkerError::SessionFailed);
+            }
+        };
+        self.drain(session, now);
+        r
+    }
+
+    fn update_load(&self) {
+        self.load
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Handles one received datagram.
+    fn datagram(&mut self, buf: &[u8], source: SocketAddr, now: Instant) {
+        self.stats.datagrams_in += 1;
+        let (session, from_stun) = match self.by_addr.get(&source) {
+            Some(s) => (*s, false),
+            None => {
+                let Some(key) = demux::binding_request_ufrag(buf).and_then(demux::parse_ufrag)
+                else {
+                    self.stats.dropped_unknown += 1;
+                    return;
+                };
+                match self.sessions.get(&key.session) {
+                    Some(s)
+                        if key.worker == self.config.index
+                            && demux::binding_request_ufrag(buf) == Some(s.ufrag.as_str()) =>
+                    {
+                        (key.session, true)
+                    }
+                    _ => {
+                        self.stats.dropped_unknown += 1;
+                        return;
+                    }
+                }
+            }
+        };
+        let destination = self.destination_for(source);
+        let Ok(input) = Receive::new(Protocol::Udp, source, destination, buf) else {
+            // Not STUN, DTLS, RTP or RTCP: drop.
+            self.stats.dropped_unknown += 1;
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        s.last_rx = now;
+        let ok = catch_unwind(AssertUnwindSafe(|| {
+            s.rtc.handle_input(Input::Receive(now, input)).is_ok()
+        }));
+        match ok {
+            Ok(true) => {}
+            Ok(false) => {
+                // A datagram str0m refuses (bad SRTP, malformed RTCP): drop, keep the session.
+                self.stats.dropped_unknown += 1;
+            }
+            Err(_) => {
+                self.stats.session_panics += 1;
+                self.close(session, Some("internal error"));
+                return;
+            }
+        }
+        let before = self.out.len();
+        self.drain(session, now);
+        if from_stun && self.out[before..].iter().any(|d| d.destination == source) {
+            // str0m answered the check (integrity verified): remember the 4-tuple.
+            self.by_addr.insert(source, session);
+        }
+    }
+
+    /// The local address to report for a datagram: the announced candidate of the source's
+    /// family (str0m matches it against its local candidates).
+    fn destination_for(&self, source: SocketAddr) -> SocketAddr {
+        self.config
+            .setup
+            .candidates
+            .iter()
+            .find(|c| c.is_ipv4() == source.is_ipv4())
+            .copied()
+            .unwrap_or(self.local_addr)
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((t, session))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(s) = self.sessions.get_mut(&session) else {
+                continue;
+            };
+            // Entries are not removed when a session reschedules; skip stale ones.
+            if s.next_timeout != Some(t) {
+                continue;
+            }
+            s.next_timeout = None;
+            let r = catch_unwind(AssertUnwindSafe(|| s.rtc.handle_input(Input::Timeout(now))));
+            if r.is_err() {
+                self.stats.session_panics += 1;
+                self.close(session, Some("internal error"));
+                continue;
+            }
+            self.drain(session, now);
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let timeout = self.config.ice_timeout;
+        let stale: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                now.saturating_duration_since(s.last_rx) > timeout || !s.rtc.is_alive()
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.close(k, Some("ice timeout"));
+        }
+        // Deferred keyframe requests that came due.
+        let due: Vec<(u32, Mid)> = self
+            .keyframes
+            .iter_mut()
+            .filter_map(|(k, t)| t.poll(now).then_some(*k))
+            .collect();
+        for (p, mid) in due {
+            self.send_keyframe_request(p, mid, KeyframeRequestKind::Pli, now);
+        }
+    }
+
+    /// Polls a session until it has nothing more to say, routing what it produced.
+    fn drain(&mut self, session: u32, now: Instant) {
+        let mut produced = Vec::new();
+        loop {
+            let Some(s) = self.sessions.get_mut(&session) else {
+                return;
+            };
+            let r = catch_unwind(AssertUnwindSafe(|| s.rtc.poll_output()));
+            let out = match r {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => {
+                    tracing::debug!(session = %s.key, error = %e, "session failed");
+                    produced.push(Produced::Closed("failed"));
+                    break;
+                }
+                Err(_) => {
+                    self.stats.session_panics += 1;
+                    produced.push(Produced::Closed("internal error"));
+                    break;
+                }
+            };
+            match out {
+                Output::Timeout(t) => {
+                    if s.next_timeout != Some(t) {
+                        s.next_timeout = Some(t);
+                        self.timers.push(Reverse((t, session)));
+                    }
+                    break;
+                }
+                Output::Transmit(t) => self.out.push(OutDatagram {
+                    destination: t.destination,
+                    data: t.contents.into(),
+                }),
+                Output::Event(e) => match e {
+                    Event::Connected => {
+                        s.connected = true;
+                        produced.push(Produced::Connected);
+                    }
+                    Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                        produced.push(Produced::Closed("ice disconnected"));
+                    }
+                    Event::MediaAdded(m) => produced.push(Produced::MediaAdded(m.mid, m.kind)),
+                    Event::RtpPacket(p) => produced.push(Produced::Rtp(Box::new(p))),
+                    Event::ChannelOpen(id, label) => {
+                        produced.push(Produced::ChannelOpen(id, label))
+                    }
+                    Event::ChannelData(d) => produced.push(Produced::ChannelData(d.binary, d.data)),
+                    Event::KeyframeRequest(k) => {
+                        produced.push(Produced::KeyframeRequest(k.mid, k.kind))
+                    }
+                    Event::Closed => produced.push(Produced::Closed("closed")),
+                    _ => {}
+                },
+            }
+        }
+        for p in produced {
+            self.route(session, p, now);
+        }
+    }
+
+    fn route(&mut self, session: u32, p: Produced, now: Instant) {
+        match p {
+            Produced::Closed(reason) => self.close(session, Some(reason)),
+            Produced::MediaAdded(mid, kind) => {
+                if let Some(Session {
+                    role: Role::Publisher { tracks, .. },
+                    ..
+                }) = self.sessions.get_mut(&session)
+                    && !tracks.iter().any(|t| t.mid == mid)
+                {
+                    tracks.push(PublishedTrack { mid, kind });
+                }
+            }
+            Produced::ChannelOpen(id, label) => {
+                match self.sessions.get_mut(&session).map(|s| &mut s.role) {
+                    Some(Role::Publisher { channel, .. }) => *channel = Some((id, label)),
+                    Some(Role::Subscriber {
+                        channel,
+                        channel_open,
+                        ..
+                    }) if *channel == Some(id) => *channel_open = true,
+                    _ => {}
+                }
+            }
+            Produced::ChannelData(binary, data) => {
+                self.forward_channel(session, binary, &data, now)
+            }
+            Produced::Rtp(pkt) => self.forward_rtp(session, pkt, now),
+            Produced::Connected => {
+                // A subscriber that just connected needs a keyframe to start decoding.
+                let sub = self.sessions.get(&session).and_then(|s| match &s.role {
+                    Role::Subscriber {
+                        publisher, tracks, ..
+                    } => Some((
+                        *publisher,
+                        tracks
+                            .iter()
+                            .filter(|t| t.kind == MediaKind::Video)
+                            .map(|t| t.source_mid)
+                            .collect::<Vec<_>>(),
+                    )),
+                    Role::Publisher { .. } => None,
+                });
+                if let Some((publisher, mids)) = sub {
+                    for mid in mids {
+                        self.send_keyframe_request(publisher, mid, KeyframeRequestKind::Pli, now);
+                    }
+                }
+            }
+            Produced::KeyframeRequest(mid, kind) => {
+                let sub = self.sessions.get(&session).and_then(|s| match &s.role {
+                    Role::Subscriber {
+                        publisher, tracks, ..
+                    } => tracks
+                        .iter()
+                        .find(|t| t.mid == mid)
+                        .map(|t| (*publisher, t.source_mid)),
+                    Role::Publisher { .. } => None,
+                });
+                if let Some((publisher, source_mid)) = sub {
+                    self.send_keyframe_request(publisher, source_mid, kind, now);
+                }
+            }
+        }
+    }
+
+    fn send_keyframe_request(
+        &mut self,
+        publisher: u32,
+        mid: Mid,
+        kind: KeyframeRequestKind,
+        now: Instant,
+    ) {
+        let interval = self.config.keyframe_interval;
+        let throttle = self
+            .keyframes
+            .entry((publisher, mid))
+            .or_insert_with(|| KeyframeThrottle::new(interval));
+        if !throttle.request(now) {
+            return;
+        }
+        let Some(p) = self.sessions.get_mut(&publisher) else {
+            return;
+        };
+        let mut api = p.rtc.direct_api();
+        if let Some(rx) = api.stream_rx_by_mid(mid, None) {
+            rx.request_keyframe(kind);
+        }
+        self.drain(publisher, now);
+    }
+
+    fn forward_rtp(&mut self, publisher: u32, pkt: Box<RtpPacket>, now: Instant) {
+        let Some(p) = self.sessions.get_mut(&publisher) else {
+            return;
+        };
+        let ssrc = pkt.header.ssrc;
+        let mut api = p.rtc.direct_api();
+        let Some(mid) = api.stream_rx(&ssrc).map(|s| s.mid()) else {
+            return;
+        };
+        let Some(params) = p.params_of(pkt.header.payload_type) else {
+            return;
+        };
+        let clock_rate = params.spec().clock_rate.get();
+        let subs = self.routes.get(&publisher).cloned().unwrap_or_default();
+        for sub in subs {
+            let Some(s) = self.sessions.get_mut(&sub) else {
+                continue;
+            };
+            if !s.connected {
+                continue;
+            }
+            let Role::Subscriber { tracks, .. } = &mut s.role else {
+                continue;
+            };
+            let Some(t) = tracks.iter_mut().find(|t| t.source_mid == mid) else {
+                continue;
+            };
+            let pt_out = *t
+                .pt_map
+                .entry(pkt.header.payload_type)
+                .or_insert_with(|| s.rtc.codec_config().match_params(params).map(|q| q.pt()));
+            let Some(pt_out) = pt_out else {
+                continue;
+            };
+            let Some(rw) =
+                t.rewriter
+                    .rewrite(*ssrc, *pkt.seq_no, pkt.header.timestamp, clock_rate, now)
+            else {
+                continue;
+            };
+            let (out_mid, video) = (t.mid, t.kind == MediaKind::Video);
+            let mut api = s.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(out_mid, None) else {
+                continue;
+            };
+            tx.write_rtp(
+                RtpWrite::new(pt_out, SeqNo::from(rw.seq), rw.ts, now, pkt.payload.clone())
+                    .marker(pkt.header.marker)
+                    .nackable(video),
+            );
+            self.stats.rtp_forwarded += 1;
+            self.drain(sub, now);
+        }
+    }
+
+    fn forward_channel(&mut self, publisher: u32, binary: bool, data: &[u8], now: Instant) {
+        if !self
+            .sessions
+            .get(&publisher)
+            .is_some_and(|s| s.is_publisher())
+        {
+            return;
+        }
+        let subs = self.routes.get(&publisher).cloned().unwrap_or_default();
+        for sub in subs {
+            let Some(s) = self.sessions.get_mut(&sub) else {
+                continue;
+            };
+            let Role::Subscriber {
+                channel: Some(id),
+                channel_open: true,
+                ..
+            } = s.role
+            else {
+                continue;
+            };
+            if let Some(mut ch) = s.rtc.channel(id)
+                && matches!(ch.write(binary, data), Ok(true))
+            {
+                self.stats.channel_messages_forwarded += 1;
+            }
+            self.drain(sub, now);
+        }
+    }
+
+    /// Removes a session; `reason` set means it ended on its own and the control plane is
+    /// told. A publisher takes its subscribers with it.
+    fn close(&mut self, session: u32, reason: Option<&'static str>) {
+        let Some(mut s) = self.sessions.remove(&session) else {
+            return;
+        };
+        s.rtc.disconnect();
+        self.by_addr.retain(|_, v| *v != session);
+        match &s.role {
+            Role::Publisher { .. } => {
+                self.keyframes.retain(|(p, _), _| *p != session);
+                for sub in self.routes.remove(&session).unwrap_or_default() {
+                    self.close(sub, Some("publisher closed"));
+                }
+            }
+            Role::Subscriber { publisher, .. } => {
+                if let Some(v) = self.routes.get_mut(publisher) {
+                    v.retain(|x| *x != session);
+                }
+            }
+        }
+        self.update_load();
+        if let Some(reason) = reason {
+            (self.events)(WorkerEvent::SessionClosed { key: s.key, reason });
+        }
+    }
+}
