@@ -1,0 +1,238 @@
+//! A str0m WebRTC client on a loopback UDP socket and a media worker to talk to, for the
+//! media-core tests and the fan-out example: exercises the worker without the appliance.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use media_core::WorkerHandle;
+use media_core::io::MmsgSocket;
+use media_core::session::SessionSetup;
+use media_core::worker::{self, Reply, WorkerCommand, WorkerConfig, WorkerError, WorkerEvent};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::format::Codec;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{RtpWrite, SeqNo};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+
+pub struct Worker {
+    pub handle: WorkerHandle,
+    pub events: mpsc::Receiver<WorkerEvent>,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn start(ice_timeout: Duration) -> Worker {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = sock.local_addr().expect("addr");
+        let setup = SessionSetup::new(vec![addr]).expect("setup");
+        let (tx, rx) = mpsc::channel();
+        let (handle, join) = worker::spawn(
+            WorkerConfig {
+                index: 0,
+                core: None,
+                setup,
+                ice_timeout,
+                keyframe_interval: Duration::from_millis(300),
+            },
+            MmsgSocket::new(sock).expect("mmsg"),
+            Box::new(move |e| {
+                let _ = tx.send(e);
+            }),
+        )
+        .expect("spawn");
+        Worker {
+            handle,
+            events: rx,
+            join: Some(join),
+        }
+    }
+
+    pub fn ask<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> WorkerCommand,
+    ) -> Result<T, WorkerError> {
+        let (tx, rx) = mpsc::channel();
+        assert!(self.handle.send(make(Box::new(move |r| {
+            let _ = tx.send(r);
+        }))));
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("worker reply")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.handle.send(WorkerCommand::Shutdown);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// A browser stand-in: str0m in RTP mode, full ICE, on its own socket.
+pub struct Client {
+    pub rtc: Rtc,
+    pub sock: UdpSocket,
+    pub addr: SocketAddr,
+    pub connected: bool,
+    pub rtp: Vec<(u64, u32, Vec<u8>)>,
+    pub keyframe_requests: usize,
+    pub channel: Option<ChannelId>,
+    pub channel_open: bool,
+    pub messages: Vec<Vec<u8>>,
+    /// Media lines, from our own offer or from `MediaAdded`.
+    pub mids: Vec<Mid>,
+    pending: Option<SdpPendingOffer>,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn new() -> Client {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(1)))
+            .expect("timeout");
+        let addr = sock.local_addr().expect("addr");
+        let mut rtc = RtcConfig::new()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(addr, "udp").expect("candidate"));
+        Client {
+            rtc,
+            sock,
+            addr,
+            connected: false,
+            rtp: Vec::new(),
+            keyframe_requests: 0,
+            channel: None,
+            channel_open: false,
+            messages: Vec::new(),
+            mids: Vec::new(),
+            pending: None,
+            buf: vec![0; 2048],
+        }
+    }
+
+    /// Publisher side: an offer with one video track and the `status` data channel.
+    pub fn publish_offer(&mut self) -> String {
+        let mut api = self.rtc.sdp_api();
+        let mid = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+        self.mids.push(mid);
+        self.channel = Some(api.add_channel("status".into()));
+        let (offer, pending) = api.apply().expect("changes");
+        self.pending = Some(pending);
+        offer.to_sdp_string()
+    }
+
+    pub fn accept_answer(&mut self, sdp: &str) {
+        let answer = SdpAnswer::from_sdp_string(sdp).expect("answer");
+        let pending = self.pending.take().expect("pending offer");
+        self.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .expect("accept answer");
+    }
+
+    pub fn answer(&mut self, sdp: &str) -> String {
+        let offer = SdpOffer::from_sdp_string(sdp).expect("offer");
+        self.rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .expect("accept offer")
+            .to_sdp_string()
+    }
+
+    /// Sends what is due, reads what has arrived (up to 64 datagrams), advances time.
+    pub fn step(&mut self) {
+        loop {
+            match self.rtc.poll_output().expect("poll") {
+                Output::Timeout(_) => break,
+                Output::Transmit(t) => {
+                    let _ = self.sock.send_to(&t.contents, t.destination);
+                }
+                Output::Event(e) => match e {
+                    Event::Connected => self.connected = true,
+                    Event::MediaAdded(m) if !self.mids.contains(&m.mid) => self.mids.push(m.mid),
+                    Event::RtpPacket(p) => {
+                        self.rtp
+                            .push((*p.seq_no, p.header.timestamp, p.payload.to_vec()))
+                    }
+                    Event::KeyframeRequest(_) => self.keyframe_requests += 1,
+                    Event::ChannelOpen(id, _) => {
+                        self.channel = Some(id);
+                        self.channel_open = true;
+                    }
+                    Event::ChannelData(d) => self.messages.push(d.data),
+                    _ => {}
+                },
+            }
+        }
+        for _ in 0..64 {
+            let Ok((n, source)) = self.sock.recv_from(&mut self.buf) else {
+                break;
+            };
+            if let Ok(r) = Receive::new(Protocol::Udp, source, self.addr, &self.buf[..n]) {
+                let _ = self.rtc.handle_input(Input::Receive(Instant::now(), r));
+            }
+        }
+        let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+    }
+
+    /// Writes one RTP packet on the first video track.
+    pub fn write_rtp(&mut self, mid: Mid, seq: u64, ts: u32, payload: &[u8]) {
+        let pt = self
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.spec().codec == Codec::Vp8)
+            .map(|p| p.pt())
+            .expect("vp8");
+        let mut api = self.rtc.direct_api();
+        let tx = api.stream_tx_by_mid(mid, None).expect("send stream");
+        tx.write_rtp(
+            RtpWrite::new(pt, SeqNo::from(seq), ts, Instant::now(), payload.to_vec())
+                .marker(true)
+                .nackable(true),
+        );
+    }
+
+    pub fn request_keyframe(&mut self, mid: Mid) {
+        let mut api = self.rtc.direct_api();
+        if let Some(rx) = api.stream_rx_by_mid(mid, None) {
+            rx.request_keyframe(KeyframeRequestKind::Pli);
+        }
+    }
+
+    pub fn send_message(&mut self, text: &str) -> bool {
+        let Some(id) = self.channel else { return false };
+        self.rtc
+            .channel(id)
+            .is_some_and(|mut c| c.write(false, text.as_bytes()).unwrap_or(false))
+    }
+}
+
+/// Steps every client until `done` holds or `timeout` passes; returns whether it held.
+pub fn run_until(
+    clients: &mut [&mut Client],
+    timeout: Duration,
+    mut done: impl FnMut(&[&mut Client]) -> bool,
+) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        for c in clients.iter_mut() {
+            c.step();
+        }
+        if done(clients) {
+            return true;
+        }
+    }
+    false
+}
