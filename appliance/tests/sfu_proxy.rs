@@ -21,13 +21,17 @@ async fn pump(call: &mut Call, from: u32, want: usize, deadline: Duration) -> u3
             .write_rtp(numbered_packet(i))
             .await
             .expect("write rtp");
+        call.audio
+            .write_rtp(audio_packet(i))
+            .await
+            .expect("write audio rtp");
         if i.is_multiple_of(10) {
             let _ = call.channel.send_text(r#"{"type":"speaking"}"#).await;
         }
         i += 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
         let s = call.subscriber.seen.lock().expect("lock");
-        if s.rtp.len() >= want && !s.messages.is_empty() {
+        if s.rtp.len() >= want && s.audio.len() >= want / 2 && !s.messages.is_empty() {
             break;
         }
     }
@@ -72,6 +76,28 @@ async fn webrtc_rs_publisher_reaches_webrtc_rs_subscriber_with_rtp_in_order_and_
     let (_, ts1, p1) = &s.rtp[s.rtp.len() - 1];
     let di = packet_index(p1).expect("i") - packet_index(p0).expect("i");
     assert_eq!(ts1.wrapping_sub(*ts0), 3000 * di);
+    // Opus too, intact and in order.
+    assert!(
+        s.audio.len() >= 50,
+        "only {} audio packets\n{}",
+        s.audio.len(),
+        sfu.log()
+    );
+    let aidx: Vec<u32> = s
+        .audio
+        .iter()
+        .map(|p| {
+            std::str::from_utf8(p)
+                .ok()
+                .and_then(|t| t.strip_prefix("opus-"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("audio payload altered: {p:?}"))
+        })
+        .collect();
+    assert!(
+        aidx.windows(2).all(|w| w[0] < w[1]),
+        "audio out of order: {aidx:?}"
+    );
     assert!(
         s.messages.iter().any(|m| m == r#"{"type":"speaking"}"#),
         "no data-channel message: {:?}",
@@ -99,7 +125,12 @@ async fn bad_control_and_media_input_is_refused_cleanly_while_other_sessions_kee
 
     // Control path.
     proxy.send_raw("{not json".into()).await;
-    let r = proxy.recv(Duration::from_secs(5)).await.expect("reply");
+    let r = loop {
+        let r = proxy.recv(Duration::from_secs(5)).await.expect("reply");
+        if r["type"] != "event" {
+            break r;
+        }
+    };
     assert_eq!(r["error"]["code"], "invalid_format", "{r}");
     let r = proxy.command(json!({"type":"create-subscriber","publisherId":"no-such-publisher","streamType":"video"})).await;
     assert_eq!(r["error"]["code"], "unknown_client", "{r}");

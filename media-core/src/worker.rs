@@ -820,9 +820,11 @@ impl<I: DatagramIo> Worker<I> {
         let ssrc = pkt.header.ssrc;
         let mut api = p.rtc.direct_api();
         let Some(mid) = api.stream_rx(&ssrc).map(|s| s.mid()) else {
+            tracing::trace!(%ssrc, "RTP from an SSRC without a stream");
             return;
         };
         let Some(params) = p.params_of(pkt.header.payload_type) else {
+            tracing::trace!(pt = %pkt.header.payload_type, "RTP with an unnegotiated payload type");
             return;
         };
         let clock_rate = params.spec().clock_rate.get();
@@ -845,6 +847,7 @@ impl<I: DatagramIo> Worker<I> {
                 .entry(pkt.header.payload_type)
                 .or_insert_with(|| s.rtc.codec_config().match_params(params).map(|q| q.pt()));
             let Some(pt_out) = pt_out else {
+                tracing::trace!(codec = ?params.spec().codec, "subscriber has no matching codec");
                 continue;
             };
             let Some(rw) =

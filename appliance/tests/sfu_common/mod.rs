@@ -276,7 +276,10 @@ pub struct Seen {
     pub connected: bool,
     pub failed: bool,
     pub gathered: bool,
+    /// Video RTP as (sequence number, timestamp, payload).
     pub rtp: Vec<(u16, u32, Vec<u8>)>,
+    /// Audio RTP payloads.
+    pub audio: Vec<Vec<u8>>,
     pub messages: Vec<String>,
 }
 
@@ -306,9 +309,15 @@ impl PeerConnectionEventHandler for Handler {
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
         let seen = self.seen.clone();
         tokio::spawn(async move {
+            let audio = track.kind().await == rtc::rtp_transceiver::rtp_sender::RtpCodecKind::Audio;
             while let Some(ev) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(p) = ev {
-                    seen.lock().expect("lock").rtp.push((
+                    let mut s = seen.lock().expect("lock");
+                    if audio {
+                        s.audio.push(p.payload.to_vec());
+                        continue;
+                    }
+                    s.rtp.push((
                         p.header.sequence_number,
                         p.header.timestamp,
                         p.payload.to_vec(),
@@ -463,6 +472,49 @@ pub fn vp8_track() -> Arc<TrackLocalStaticRTP> {
     )))
 }
 
+/// An Opus track a publisher writes RTP into.
+pub fn opus_track() -> Arc<TrackLocalStaticRTP> {
+    use rtc::media_stream::MediaStreamTrack;
+    use rtc::rtp_transceiver::rtp_sender::{
+        RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    };
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        "talkbox-test".to_string(),
+        "audio0".to_string(),
+        "audio0".to_string(),
+        RtpCodecKind::Audio,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(0x0a0d_10ff),
+                ..Default::default()
+            },
+            codec: RTCRtpCodec {
+                mime_type: "audio/opus".to_string(),
+                clock_rate: 48000,
+                channels: 2,
+                sdp_fmtp_line: "minptime=10;useinbandfec=1".to_string(),
+                rtcp_feedback: vec![],
+            },
+            ..Default::default()
+        }],
+    )))
+}
+
+/// An Opus RTP packet whose payload is `opus-<i>`.
+pub fn audio_packet(i: u32) -> rtc::rtp::Packet {
+    rtc::rtp::Packet {
+        header: rtc::rtp::Header {
+            version: 2,
+            payload_type: 111,
+            sequence_number: (7000 + i) as u16,
+            timestamp: 960 * i,
+            ssrc: 0x0a0d_10ff,
+            ..Default::default()
+        },
+        payload: bytes::Bytes::from(format!("opus-{i:06}").into_bytes()),
+    }
+}
+
 /// An RTP packet whose payload names its index (a VP8 descriptor byte, then "pkt-<i>").
 pub fn numbered_packet(i: u32) -> rtc::rtp::Packet {
     let mut payload = vec![0x10u8]; // VP8 payload descriptor: start of partition
@@ -498,6 +550,7 @@ pub struct Call {
     pub publisher: Peer,
     pub subscriber: Peer,
     pub track: Arc<TrackLocalStaticRTP>,
+    pub audio: Arc<TrackLocalStaticRTP>,
     pub channel: Arc<dyn DataChannel>,
 }
 
@@ -510,6 +563,12 @@ pub async fn establish_call_on(proxy: &mut ProxyClient, rt: &tokio::runtime::Han
     let publisher_id = proxy.create_publisher("video").await;
     let mut publisher = Peer::new_on(rt).await;
     let track = vp8_track();
+    let audio = opus_track();
+    publisher
+        .pc
+        .add_track(audio.clone() as Arc<dyn TrackLocal>)
+        .await
+        .expect("add audio track");
     publisher
         .pc
         .add_track(track.clone() as Arc<dyn TrackLocal>)
@@ -528,6 +587,9 @@ pub async fn establish_call_on(proxy: &mut ProxyClient, rt: &tokio::runtime::Han
         .as_str()
         .unwrap_or_else(|| panic!("answer: {r}"))
         .to_string();
+    if std::env::var("SFU_DEBUG_SDP").is_ok() {
+        eprintln!("PUBLISHER OFFER\n{offer}\nSFU ANSWER\n{answer}");
+    }
     publisher.accept_answer(&answer).await;
     publisher
         .wait("publisher connected", Duration::from_secs(15), |s| {
@@ -545,6 +607,9 @@ pub async fn establish_call_on(proxy: &mut ProxyClient, rt: &tokio::runtime::Han
         .to_string();
     let mut subscriber = Peer::new_on(rt).await;
     let answer = subscriber.answer(&offer).await;
+    if std::env::var("SFU_DEBUG_SDP").is_ok() {
+        eprintln!("SFU OFFER\n{offer}\nSUBSCRIBER ANSWER\n{answer}");
+    }
     let r = proxy
         .payload(
             "answer",
@@ -564,6 +629,7 @@ pub async fn establish_call_on(proxy: &mut ProxyClient, rt: &tokio::runtime::Han
         publisher,
         subscriber,
         track,
+        audio,
         channel,
     }
 }
