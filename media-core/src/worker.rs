@@ -9,7 +9,7 @@
 //! A panic inside one session (str0m fails fast by policy) closes that session only.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -229,6 +229,9 @@ struct Worker<I> {
     /// (publisher, mid) → throttle.
     keyframes: HashMap<(u32, Mid), KeyframeThrottle>,
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// Sessions written to (forwarded media, messages, keyframe requests) whose output is
+    /// polled once per loop turn rather than once per packet.
+    dirty: HashSet<u32>,
     out: Vec<OutDatagram>,
     stats: WorkerStats,
     seed: u64,
@@ -274,6 +277,7 @@ impl<I: DatagramIo> Worker<I> {
             routes: HashMap::new(),
             keyframes: HashMap::new(),
             timers: BinaryHeap::new(),
+            dirty: HashSet::new(),
             out: Vec::with_capacity(256),
             stats: WorkerStats::default(),
             seed: seed | 1,
@@ -313,6 +317,7 @@ impl<I: DatagramIo> Worker<I> {
             while let Ok(cmd) = self.rx.try_recv() {
                 self.command(cmd);
             }
+            self.drain_dirty(Instant::now());
             // Receive until the socket is empty, but flush between batches.
             for _ in 0..8 {
                 let n = match self.io.recv_batch(&mut bufs, &mut meta) {
@@ -327,6 +332,7 @@ impl<I: DatagramIo> Worker<I> {
                     let m = meta[i];
                     self.datagram(&bufs[i][..m.len], m.source, now);
                 }
+                self.drain_dirty(now);
                 self.flush();
                 if n < BATCH {
                     break;
@@ -338,6 +344,7 @@ impl<I: DatagramIo> Worker<I> {
                 housekeeping = now;
                 self.housekeeping(now);
             }
+            self.drain_dirty(now);
             self.flush();
         }
     }
@@ -662,6 +669,16 @@ impl<I: DatagramIo> Worker<I> {
         }
     }
 
+    /// Drains every session marked dirty (draining may mark more).
+    fn drain_dirty(&mut self, now: Instant) {
+        while !self.dirty.is_empty() {
+            let batch: Vec<u32> = self.dirty.drain().collect();
+            for s in batch {
+                self.drain(s, now);
+            }
+        }
+    }
+
     /// Polls a session until it has nothing more to say, routing what it produced.
     fn drain(&mut self, session: u32, now: Instant) {
         let mut produced = Vec::new();
@@ -746,9 +763,7 @@ impl<I: DatagramIo> Worker<I> {
                     _ => {}
                 }
             }
-            Produced::ChannelData(binary, data) => {
-                self.forward_channel(session, binary, &data, now)
-            }
+            Produced::ChannelData(binary, data) => self.forward_channel(session, binary, &data),
             Produced::Rtp(pkt) => self.forward_rtp(session, pkt, now),
             Produced::Connected => {
                 // A subscriber that just connected needs a keyframe to start decoding.
@@ -810,7 +825,7 @@ impl<I: DatagramIo> Worker<I> {
         if let Some(rx) = api.stream_rx_by_mid(mid, None) {
             rx.request_keyframe(kind);
         }
-        self.drain(publisher, now);
+        self.dirty.insert(publisher);
     }
 
     fn forward_rtp(&mut self, publisher: u32, pkt: Box<RtpPacket>, now: Instant) {
@@ -828,8 +843,13 @@ impl<I: DatagramIo> Worker<I> {
             return;
         };
         let clock_rate = params.spec().clock_rate.get();
-        let subs = self.routes.get(&publisher).cloned().unwrap_or_default();
-        for sub in subs {
+        // Take the list out while writing (nothing below changes routes), put it back after.
+        let subs = self
+            .routes
+            .get_mut(&publisher)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        for &sub in &subs {
             let Some(s) = self.sessions.get_mut(&sub) else {
                 continue;
             };
@@ -867,11 +887,14 @@ impl<I: DatagramIo> Worker<I> {
                     .nackable(video),
             );
             self.stats.rtp_forwarded += 1;
-            self.drain(sub, now);
+            self.dirty.insert(sub);
+        }
+        if let Some(v) = self.routes.get_mut(&publisher) {
+            *v = subs;
         }
     }
 
-    fn forward_channel(&mut self, publisher: u32, binary: bool, data: &[u8], now: Instant) {
+    fn forward_channel(&mut self, publisher: u32, binary: bool, data: &[u8]) {
         if !self
             .sessions
             .get(&publisher)
@@ -897,7 +920,7 @@ impl<I: DatagramIo> Worker<I> {
             {
                 self.stats.channel_messages_forwarded += 1;
             }
-            self.drain(sub, now);
+            self.dirty.insert(sub);
         }
     }
 

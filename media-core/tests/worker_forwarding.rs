@@ -87,6 +87,7 @@ fn publisher_media_and_messages_reach_the_subscriber_with_rewritten_numbering_an
         }
         p.step();
         s.step();
+        std::thread::sleep(Duration::from_micros(300));
     }
     assert!(run_until(
         &mut [&mut p, &mut s],

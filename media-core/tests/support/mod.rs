@@ -149,8 +149,9 @@ impl Client {
             .to_sdp_string()
     }
 
-    /// Sends what is due, reads what has arrived (up to 64 datagrams), advances time.
-    pub fn step(&mut self) {
+    /// Sends what is due, reads what has arrived (up to 256 datagrams), advances time;
+    /// returns how many datagrams were read.
+    pub fn step(&mut self) -> usize {
         loop {
             match self.rtc.poll_output().expect("poll") {
                 Output::Timeout(_) => break,
@@ -174,15 +175,18 @@ impl Client {
                 },
             }
         }
-        for _ in 0..64 {
+        let mut read = 0;
+        while read < 256 {
             let Ok((n, source)) = self.sock.recv_from(&mut self.buf) else {
                 break;
             };
+            read += 1;
             if let Ok(r) = Receive::new(Protocol::Udp, source, self.addr, &self.buf[..n]) {
                 let _ = self.rtc.handle_input(Input::Receive(Instant::now(), r));
             }
         }
         let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+        read
     }
 
     /// Writes one RTP packet on the first video track.
@@ -227,11 +231,15 @@ pub fn run_until(
 ) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
+        let mut read = 0;
         for c in clients.iter_mut() {
-            c.step();
+            read += c.step();
         }
         if done(clients) {
             return true;
+        }
+        if read == 0 {
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
     false
