@@ -31,6 +31,10 @@ impl Worker {
         let addr = sock.local_addr().expect("addr");
         let setup = SessionSetup::new(vec![addr]).expect("setup");
         let (tx, rx) = mpsc::channel();
+        let mut io = MmsgSocket::new(sock).expect("mmsg");
+        if std::env::var_os("NO_GSO").is_some() {
+            io.disable_gso();
+        }
         let (handle, join) = worker::spawn(
             WorkerConfig {
                 index: 0,
@@ -39,7 +43,7 @@ impl Worker {
                 ice_timeout,
                 keyframe_interval: Duration::from_millis(300),
             },
-            MmsgSocket::new(sock).expect("mmsg"),
+            io,
             Box::new(move |e| {
                 let _ = tx.send(e);
             }),
@@ -85,6 +89,10 @@ pub struct Client {
     pub channel: Option<ChannelId>,
     pub channel_open: bool,
     pub messages: Vec<Vec<u8>>,
+    /// Datagrams received.
+    pub datagrams: usize,
+    /// What str0m refused.
+    pub errors: Vec<String>,
     /// Media lines, from our own offer or from `MediaAdded`.
     pub mids: Vec<Mid>,
     pending: Option<SdpPendingOffer>,
@@ -115,6 +123,8 @@ impl Client {
             channel_open: false,
             messages: Vec::new(),
             mids: Vec::new(),
+            datagrams: 0,
+            errors: Vec::new(),
             pending: None,
             buf: vec![0; 2048],
         }
@@ -149,9 +159,9 @@ impl Client {
             .to_sdp_string()
     }
 
-    /// Sends what is due, reads what has arrived (up to 256 datagrams), advances time;
-    /// returns how many datagrams were read.
-    pub fn step(&mut self) -> usize {
+    /// Sends what is due and records events. str0m wants this after every input: in RTP mode
+    /// it holds one received packet per stream until polled.
+    fn poll(&mut self) {
         loop {
             match self.rtc.poll_output().expect("poll") {
                 Output::Timeout(_) => break,
@@ -175,17 +185,28 @@ impl Client {
                 },
             }
         }
+    }
+
+    /// Sends what is due, reads what has arrived (up to 256 datagrams, polling after each),
+    /// advances time; returns how many datagrams were read.
+    pub fn step(&mut self) -> usize {
+        self.poll();
         let mut read = 0;
         while read < 256 {
             let Ok((n, source)) = self.sock.recv_from(&mut self.buf) else {
                 break;
             };
             read += 1;
-            if let Ok(r) = Receive::new(Protocol::Udp, source, self.addr, &self.buf[..n]) {
-                let _ = self.rtc.handle_input(Input::Receive(Instant::now(), r));
+            self.datagrams += 1;
+            if let Ok(r) = Receive::new(Protocol::Udp, source, self.addr, &self.buf[..n])
+                && let Err(e) = self.rtc.handle_input(Input::Receive(Instant::now(), r))
+            {
+                self.errors.push(e.to_string());
             }
+            self.poll();
         }
         let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+        self.poll();
         read
     }
 
