@@ -312,14 +312,16 @@ impl<I: DatagramIo> Worker<I> {
                 .unwrap_or(now + Duration::from_millis(200))
                 .min(housekeeping + Duration::from_millis(250));
             let wait_ms = next.saturating_duration_since(now).as_millis().min(250) as i32;
-            self.wait(wait_ms);
-            self.wake.drain();
-            while let Ok(cmd) = self.rx.try_recv() {
-                self.command(cmd);
+            let (readable, woken) = self.wait(wait_ms);
+            if woken {
+                self.wake.drain();
+                while let Ok(cmd) = self.rx.try_recv() {
+                    self.command(cmd);
+                }
+                self.drain_dirty(Instant::now());
             }
-            self.drain_dirty(Instant::now());
             // Receive until the socket is empty, but flush between batches.
-            for _ in 0..8 {
+            for _ in 0..if readable { 8 } else { 0 } {
                 let n = match self.io.recv_batch(&mut bufs, &mut meta) {
                     Ok(n) => n,
                     Err(e) => {
@@ -349,7 +351,8 @@ impl<I: DatagramIo> Worker<I> {
         }
     }
 
-    fn wait(&self, timeout_ms: i32) {
+    /// Waits for the socket, the wake-up eventfd or the timeout; returns which were ready.
+    fn wait(&self, timeout_ms: i32) -> (bool, bool) {
         let mut fds = [
             libc::pollfd {
                 fd: self.io.readiness_fd(),
@@ -363,7 +366,12 @@ impl<I: DatagramIo> Worker<I> {
             },
         ];
         // SAFETY: poll reads and writes the two live pollfd entries.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms.max(0)) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms.max(0)) };
+        if r < 0 {
+            // EINTR and friends: look at everything once.
+            return (true, true);
+        }
+        (fds[0].revents != 0, fds[1].revents != 0)
     }
 
     fn flush(&mut self) {
