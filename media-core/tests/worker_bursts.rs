@@ -9,9 +9,7 @@ use media_core::session::StreamType;
 use media_core::worker::WorkerCommand;
 use support::{Client, Worker, run_until};
 
-#[test]
-fn back_to_back_packets_all_reach_the_subscriber() {
-    let w = Worker::start(Duration::from_secs(30));
+fn connected_pair(w: &Worker) -> (Client, Client) {
     w.ask(|reply| WorkerCommand::CreatePublisher {
         session: 1,
         stream_type: StreamType::Video,
@@ -51,6 +49,13 @@ fn back_to_back_packets_all_reach_the_subscriber() {
         Duration::from_secs(10),
         |c| c[0].connected && c[0].channel_open
     ));
+    (p, s)
+}
+
+#[test]
+fn back_to_back_packets_all_reach_the_subscriber() {
+    let w = Worker::start(Duration::from_secs(30));
+    let (mut p, mut s) = connected_pair(&w);
     let mid = p.mids[0];
     for burst in 0..10u64 {
         for k in 0..16u64 {
@@ -82,5 +87,36 @@ fn back_to_back_packets_all_reach_the_subscriber() {
         s.errors.is_empty(),
         "{:?}",
         &s.errors[..s.errors.len().min(5)]
+    );
+}
+
+#[test]
+fn packets_lost_on_the_way_to_the_subscriber_are_resent_from_the_cache_on_nack() {
+    // Every 7th media datagram the worker sends is lost; the subscriber's NACKs must be
+    // answered (RTX is negotiated) so that every packet arrives in the end.
+    let w = Worker::start_lossy(7);
+    let (mut p, mut s) = connected_pair(&w);
+    let mid = p.mids[0];
+    let payload = vec![0x5a; 900];
+    for i in 0..120u64 {
+        let mut body = payload.clone();
+        body[..8].copy_from_slice(&i.to_be_bytes());
+        p.write_rtp(mid, 500 + i, (i * 3000) as u32, &body);
+        run_until(&mut [&mut p, &mut s], Duration::from_millis(3), |_| false);
+    }
+    assert!(
+        run_until(&mut [&mut p, &mut s], Duration::from_secs(5), |c| {
+            let mut got: Vec<u64> = c[1].rtp.iter().map(|r| r.0).collect();
+            got.sort_unstable();
+            got.dedup();
+            got.len() >= 120
+        }),
+        "only {} distinct packets arrived",
+        {
+            let mut got: Vec<u64> = s.rtp.iter().map(|r| r.0).collect();
+            got.sort_unstable();
+            got.dedup();
+            got.len()
+        }
     );
 }

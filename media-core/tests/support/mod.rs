@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use media_core::WorkerHandle;
-use media_core::io::MmsgSocket;
+use media_core::io::{DatagramIo, MmsgSocket, OutDatagram, RecvMeta};
 use media_core::session::SessionSetup;
 use media_core::worker::{self, Reply, WorkerCommand, WorkerConfig, WorkerError, WorkerEvent};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
@@ -25,16 +25,75 @@ pub struct Worker {
     join: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A socket that loses every `nth` outgoing media-sized datagram (over 500 bytes), to make
+/// receivers NACK.
+pub struct LossyIo {
+    pub inner: MmsgSocket,
+    pub nth: usize,
+    seen: usize,
+}
+
+impl DatagramIo for LossyIo {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+    fn readiness_fd(&self) -> std::os::fd::RawFd {
+        self.inner.readiness_fd()
+    }
+    fn recv_batch(
+        &mut self,
+        bufs: &mut [Vec<u8>],
+        meta: &mut [RecvMeta],
+    ) -> std::io::Result<usize> {
+        self.inner.recv_batch(bufs, meta)
+    }
+    fn send_batch(&mut self, out: &[OutDatagram]) -> std::io::Result<usize> {
+        let mut keep = Vec::with_capacity(out.len());
+        for d in out {
+            if d.data.len() > 500 {
+                self.seen += 1;
+                if self.seen.is_multiple_of(self.nth) {
+                    if std::env::var_os("SHOW_LOSS").is_some() {
+                        eprintln!("lost a {}-byte datagram", d.data.len());
+                    }
+                    continue;
+                }
+            }
+            keep.push(d.clone());
+        }
+        self.inner.send_batch(&keep)?;
+        Ok(out.len())
+    }
+}
+
 impl Worker {
     pub fn start(ice_timeout: Duration) -> Worker {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let addr = sock.local_addr().expect("addr");
-        let setup = SessionSetup::new(vec![addr]).expect("setup");
-        let (tx, rx) = mpsc::channel();
         let mut io = MmsgSocket::new(sock).expect("mmsg");
         if std::env::var_os("NO_GSO").is_some() {
             io.disable_gso();
         }
+        Self::start_on(io, ice_timeout)
+    }
+
+    /// A worker whose socket loses every `nth` media datagram it sends.
+    pub fn start_lossy(nth: usize) -> Worker {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let inner = MmsgSocket::new(sock).expect("mmsg");
+        Self::start_on(
+            LossyIo {
+                inner,
+                nth,
+                seen: 0,
+            },
+            Duration::from_secs(30),
+        )
+    }
+
+    pub fn start_on<I: DatagramIo + Send + 'static>(io: I, ice_timeout: Duration) -> Worker {
+        let addr = io.local_addr().expect("addr");
+        let setup = SessionSetup::new(vec![addr]).expect("setup");
+        let (tx, rx) = mpsc::channel();
         let (handle, join) = worker::spawn(
             WorkerConfig {
                 index: 0,
