@@ -372,3 +372,51 @@ async fn memory_returns_to_its_baseline_after_1000_join_leave_cycles() {
         "RSS grew from {base} KiB to {after} KiB over {cycles} cycles"
     );
 }
+
+async fn connected_join_leave(proxy: &mut ProxyClient) {
+    let mut call = establish_call(proxy).await;
+    pump(&mut call, 0, 5, Duration::from_secs(10)).await;
+    assert!(call.subscriber.seen.lock().expect("lock").rtp.len() >= 5);
+    let r = proxy
+        .command(json!({"type":"delete-subscriber","clientId": call.subscriber_id}))
+        .await;
+    assert_eq!(r["type"], "command", "{r}");
+    let r = proxy
+        .command(json!({"type":"delete-publisher","clientId": call.publisher_id}))
+        .await;
+    assert_eq!(r["type"], "command", "{r}");
+    let _ = call.publisher.pc.close().await;
+    let _ = call.subscriber.pc.close().await;
+}
+
+/// Connected join/leave: each cycle runs ICE, DTLS and SRTP with a fresh webrtc-rs publisher
+/// and subscriber, forwards a few packets, then deletes both. About 0.3–0.8 s per cycle in debug
+/// builds, so 25 cycles by default (`SFU_CONNECTED_CYCLES` for more; 1000 is a bench run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_flat_over_connected_join_leave_cycles() {
+    let cycles: usize = std::env::var("SFU_CONNECTED_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25);
+    let sfu = SfuProcess::start(30);
+    let mut proxy = ProxyClient::hello(&sfu).await;
+    for _ in 0..10 {
+        connected_join_leave(&mut proxy).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = sfu.rss_kib();
+    let t = Instant::now();
+    for _ in 0..cycles {
+        connected_join_leave(&mut proxy).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = sfu.rss_kib();
+    eprintln!(
+        "{cycles} connected join/leave cycles in {:?}; RSS {base} KiB → {after} KiB",
+        t.elapsed()
+    );
+    assert!(
+        after <= base + 4 * 1024,
+        "RSS grew from {base} KiB to {after} KiB over {cycles} connected cycles"
+    );
+}
