@@ -11,13 +11,14 @@
 //!   timestamp rewriting, keyframe-request throttling), [`session`] (one str0m `Rtc` as a
 //!   publisher or subscriber);
 //! - [`io`]: the narrow [`io::DatagramIo`] trait and its batched `recvmmsg`/`sendmmsg` (+GSO)
-//!   backend;
+//!   backend; [`tcp`]: RFC 4571 framing for ICE-TCP;
 //! - [`worker`]: one pinned thread per worker running sessions over its own socket.
 
 pub mod demux;
 pub mod forward;
 pub mod io;
 pub mod session;
+pub mod tcp;
 pub mod worker;
 
 pub use demux::SessionKey;

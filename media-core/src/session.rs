@@ -16,6 +16,7 @@ use str0m::channel::ChannelId;
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, MediaKind, Mid, Pt};
+use str0m::net::TcpType;
 use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
 
 use crate::demux::SessionKey;
@@ -113,6 +114,8 @@ pub struct SessionSetup {
     pub candidates: Vec<SocketAddr>,
     pub dtls_cert: DtlsCert,
     pub crypto: Arc<CryptoProvider>,
+    /// Also announce passive ICE-TCP candidates on the same addresses.
+    pub tcp: bool,
 }
 
 impl SessionSetup {
@@ -125,6 +128,7 @@ impl SessionSetup {
             candidates,
             dtls_cert,
             crypto: Arc::new(crypto),
+            tcp: false,
         })
     }
 }
@@ -159,6 +163,15 @@ fn rtc_for(ufrag: &str, pass: &str, setup: &SessionSetup, now: Instant) -> Rtc {
         .build(now);
     for addr in &setup.candidates {
         if let Ok(c) = Candidate::host(*addr, "udp") {
+            rtc.add_local_candidate(c);
+        }
+        if setup.tcp
+            && let Ok(c) = Candidate::builder()
+                .tcp()
+                .host(*addr)
+                .tcptype(TcpType::Passive)
+                .build()
+        {
             rtc.add_local_candidate(c);
         }
     }

@@ -7,11 +7,16 @@
 //! demultiplex it (4-tuple map first, then the ufrag in a STUN binding request; anything else
 //! is dropped and counted); fire due timers; forward what publishers produced; send a batch.
 //! A panic inside one session (str0m fails fast by policy) closes that session only.
+//!
+//! ICE-TCP (passive, RFC 6544) runs on an optional listener on the same port: a connection's
+//! first RFC 4571 frame must be a binding request naming a session, after which the
+//! connection carries that session's packets.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -29,6 +34,7 @@ use crate::demux::{self, SessionKey};
 use crate::forward::KeyframeThrottle;
 use crate::io::{BATCH, DatagramIo, OutDatagram, RecvMeta};
 use crate::session::{PublishedTrack, Role, Session, SessionError, SessionSetup, StreamType};
+use crate::tcp::{FrameReader, frame};
 
 /// A reply to a command, called once from the worker thread.
 pub type Reply<T> = Box<dyn FnOnce(Result<T, WorkerError>) + Send>;
@@ -177,12 +183,33 @@ impl WorkerHandle {
     }
 }
 
-/// Starts a worker thread on `io`; `events` is called from that thread.
+/// Most ICE-TCP connections one worker holds.
+const MAX_TCP_CONNECTIONS: usize = 4096;
+/// Most bytes queued towards one ICE-TCP peer before its packets are dropped.
+const MAX_TCP_BACKLOG: usize = 1 << 20;
+/// How long a TCP connection may stay without naming a session.
+const TCP_UNBOUND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One accepted ICE-TCP connection.
+struct TcpConn {
+    stream: TcpStream,
+    reader: FrameReader,
+    out: Vec<u8>,
+    session: Option<u32>,
+    since: Instant,
+}
+
+/// Starts a worker thread on `io` (and `tcp`, a listener for passive ICE-TCP on the same
+/// port, if given); `events` is called from that thread.
 pub fn spawn<I: DatagramIo + Send + 'static>(
     config: WorkerConfig,
     io: I,
+    tcp: Option<TcpListener>,
     events: Box<dyn Fn(WorkerEvent) + Send>,
 ) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
+    if let Some(l) = &tcp {
+        l.set_nonblocking(true)?;
+    }
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(Wake::new()?);
     let load = Arc::new(AtomicU64::new(0));
@@ -200,6 +227,7 @@ pub fn spawn<I: DatagramIo + Send + 'static>(
             pin_to_core(core);
         }
         let mut w = Worker::new(config, io, rx, wake, load, events);
+        w.tcp = tcp;
         w.run();
     })?;
     Ok((handle, join))
@@ -229,6 +257,9 @@ struct Worker<I> {
     /// (publisher, mid) → throttle.
     keyframes: HashMap<(u32, Mid), KeyframeThrottle>,
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    tcp: Option<TcpListener>,
+    /// ICE-TCP connections by peer address.
+    conns: HashMap<SocketAddr, TcpConn>,
     /// Sessions written to (forwarded media, messages, keyframe requests) whose output is
     /// polled once per loop turn rather than once per packet.
     dirty: HashSet<u32>,
@@ -277,6 +308,8 @@ impl<I: DatagramIo> Worker<I> {
             routes: HashMap::new(),
             keyframes: HashMap::new(),
             timers: BinaryHeap::new(),
+            tcp: None,
+            conns: HashMap::new(),
             dirty: HashSet::new(),
             out: Vec::with_capacity(256),
             stats: WorkerStats::default(),
@@ -312,7 +345,8 @@ impl<I: DatagramIo> Worker<I> {
                 .unwrap_or(now + Duration::from_millis(200))
                 .min(housekeeping + Duration::from_millis(250));
             let wait_ms = next.saturating_duration_since(now).as_millis().min(250) as i32;
-            let (readable, woken) = self.wait(wait_ms);
+            let ready = self.wait(wait_ms);
+            let (readable, woken) = (ready.udp, ready.wake);
             if woken {
                 self.wake.drain();
                 while let Ok(cmd) = self.rx.try_recv() {
@@ -340,6 +374,13 @@ impl<I: DatagramIo> Worker<I> {
                     break;
                 }
             }
+            if ready.listener {
+                self.accept_tcp(Instant::now());
+            }
+            for peer in ready.conns {
+                self.read_tcp(peer, Instant::now());
+            }
+            self.drain_dirty(Instant::now());
             let now = Instant::now();
             self.fire_timers(now);
             if now >= housekeeping + Duration::from_millis(250) {
@@ -351,30 +392,171 @@ impl<I: DatagramIo> Worker<I> {
         }
     }
 
-    /// Waits for the socket, the wake-up eventfd or the timeout; returns which were ready.
-    fn wait(&self, timeout_ms: i32) -> (bool, bool) {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.io.readiness_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.wake.0.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+    /// Waits for the sockets, the wake-up eventfd or the timeout; returns which were ready.
+    fn wait(&self, timeout_ms: i32) -> Ready {
+        let pollfd = |fd, events| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        let mut fds = vec![
+            pollfd(self.io.readiness_fd(), libc::POLLIN),
+            pollfd(self.wake.0.as_raw_fd(), libc::POLLIN),
         ];
-        // SAFETY: poll reads and writes the two live pollfd entries.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms.max(0)) };
+        if let Some(l) = &self.tcp {
+            fds.push(pollfd(l.as_raw_fd(), libc::POLLIN));
+        }
+        let peers: Vec<SocketAddr> = self.conns.keys().copied().collect();
+        for p in &peers {
+            if let Some(c) = self.conns.get(p) {
+                let mut ev = libc::POLLIN;
+                if !c.out.is_empty() {
+                    ev |= libc::POLLOUT;
+                }
+                fds.push(pollfd(c.stream.as_raw_fd(), ev));
+            }
+        }
+        // SAFETY: poll reads and writes the live pollfd entries of `fds`.
+        let r = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout_ms.max(0),
+            )
+        };
         if r < 0 {
             // EINTR and friends: look at everything once.
-            return (true, true);
+            return Ready {
+                udp: true,
+                wake: true,
+                listener: self.tcp.is_some(),
+                conns: peers,
+            };
         }
-        (fds[0].revents != 0, fds[1].revents != 0)
+        let first_conn = if self.tcp.is_some() { 3 } else { 2 };
+        Ready {
+            udp: fds[0].revents != 0,
+            wake: fds[1].revents != 0,
+            listener: self.tcp.is_some() && fds[2].revents != 0,
+            conns: peers
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| fds.get(first_conn + i).is_some_and(|f| f.revents != 0))
+                .map(|(_, p)| p)
+                .collect(),
+        }
+    }
+
+    fn accept_tcp(&mut self, now: Instant) {
+        let Some(l) = &self.tcp else {
+            return;
+        };
+        loop {
+            match l.accept() {
+                Ok((stream, peer)) => {
+                    if self.conns.len() >= MAX_TCP_CONNECTIONS
+                        || stream.set_nonblocking(true).is_err()
+                    {
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    self.conns.insert(
+                        peer,
+                        TcpConn {
+                            stream,
+                            reader: FrameReader::default(),
+                            out: Vec::new(),
+                            session: None,
+                            since: now,
+                        },
+                    );
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "ICE-TCP accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads what a TCP peer sent and feeds its whole packets to the session.
+    fn read_tcp(&mut self, peer: SocketAddr, now: Instant) {
+        let mut buf = [0u8; 16 * 1024];
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        let mut broken = false;
+        {
+            let Some(c) = self.conns.get_mut(&peer) else {
+                return;
+            };
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        broken = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        c.reader.push(&buf[..n]);
+                        while let Some(f) = c.reader.next_frame() {
+                            frames.push(f.to_vec());
+                        }
+                        if c.reader.buffered() > 2 * crate::tcp::MAX_FRAME {
+                            broken = true;
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            // Write what is queued while we are here.
+            flush_tcp(c);
+        }
+        for f in frames {
+            self.tcp_packet(peer, &f, now);
+        }
+        if broken {
+            self.conns.remove(&peer);
+        }
+    }
+
+    fn tcp_packet(&mut self, peer: SocketAddr, buf: &[u8], now: Instant) {
+        self.stats.datagrams_in += 1;
+        let bound = self.conns.get(&peer).and_then(|c| c.session);
+        let (session, from_stun) = match bound {
+            Some(s) => (s, false),
+            None => match self.session_named_by(buf) {
+                Some(s) => (s, true),
+                None => {
+                    self.stats.dropped_unknown += 1;
+                    return;
+                }
+            },
+        };
+        let destination = self.destination_for(peer);
+        let Ok(input) = Receive::new(Protocol::Tcp, peer, destination, buf) else {
+            self.stats.dropped_unknown += 1;
+            return;
+        };
+        if self.feed(session, input, now) && from_stun {
+            let answered = self.conns.get(&peer).is_some_and(|c| !c.out.is_empty());
+            if answered && let Some(c) = self.conns.get_mut(&peer) {
+                c.session = Some(session);
+            }
+        }
     }
 
     fn flush(&mut self) {
+        for c in self.conns.values_mut() {
+            if !c.out.is_empty() {
+                flush_tcp(c);
+            }
+        }
         if self.out.is_empty() {
             return;
         }
@@ -564,25 +746,13 @@ impl<I: DatagramIo> Worker<I> {
         self.stats.datagrams_in += 1;
         let (session, from_stun) = match self.by_addr.get(&source) {
             Some(s) => (*s, false),
-            None => {
-                let Some(key) = demux::binding_request_ufrag(buf).and_then(demux::parse_ufrag)
-                else {
+            None => match self.session_named_by(buf) {
+                Some(s) => (s, true),
+                None => {
                     self.stats.dropped_unknown += 1;
                     return;
-                };
-                match self.sessions.get(&key.session) {
-                    Some(s)
-                        if key.worker == self.config.index
-                            && demux::binding_request_ufrag(buf) == Some(s.ufrag.as_str()) =>
-                    {
-                        (key.session, true)
-                    }
-                    _ => {
-                        self.stats.dropped_unknown += 1;
-                        return;
-                    }
                 }
-            }
+            },
         };
         let destination = self.destination_for(source);
         let Ok(input) = Receive::new(Protocol::Udp, source, destination, buf) else {
@@ -590,8 +760,28 @@ impl<I: DatagramIo> Worker<I> {
             self.stats.dropped_unknown += 1;
             return;
         };
+        let before = self.out.len();
+        if self.feed(session, input, now)
+            && from_stun
+            && self.out[before..].iter().any(|d| d.destination == source)
+        {
+            // str0m answered the check (integrity verified): remember the 4-tuple.
+            self.by_addr.insert(source, session);
+        }
+    }
+
+    /// The session a STUN binding request names with its full local ufrag, if any.
+    fn session_named_by(&self, buf: &[u8]) -> Option<u32> {
+        let ufrag = demux::binding_request_ufrag(buf)?;
+        let key = demux::parse_ufrag(ufrag)?;
+        let s = self.sessions.get(&key.session)?;
+        (key.worker == self.config.index && s.ufrag == ufrag).then_some(key.session)
+    }
+
+    /// Hands one received packet to a session and drains it; false if the session is gone.
+    fn feed(&mut self, session: u32, input: Receive<'_>, now: Instant) -> bool {
         let Some(s) = self.sessions.get_mut(&session) else {
-            return;
+            return false;
         };
         s.last_rx = now;
         let ok = catch_unwind(AssertUnwindSafe(|| {
@@ -600,21 +790,17 @@ impl<I: DatagramIo> Worker<I> {
         match ok {
             Ok(true) => {}
             Ok(false) => {
-                // A datagram str0m refuses (bad SRTP, malformed RTCP): drop, keep the session.
+                // A packet str0m refuses (bad SRTP, malformed RTCP): drop, keep the session.
                 self.stats.dropped_unknown += 1;
             }
             Err(_) => {
                 self.stats.session_panics += 1;
                 self.close(session, Some("internal error"));
-                return;
+                return false;
             }
         }
-        let before = self.out.len();
         self.drain(session, now);
-        if from_stun && self.out[before..].iter().any(|d| d.destination == source) {
-            // str0m answered the check (integrity verified): remember the 4-tuple.
-            self.by_addr.insert(source, session);
-        }
+        true
     }
 
     /// The local address to report for a datagram: the announced candidate of the source's
@@ -666,6 +852,9 @@ impl<I: DatagramIo> Worker<I> {
         for k in stale {
             self.close(k, Some("ice timeout"));
         }
+        self.conns.retain(|_, c| {
+            c.session.is_some() || now.saturating_duration_since(c.since) < TCP_UNBOUND_TIMEOUT
+        });
         // Deferred keyframe requests that came due.
         let due: Vec<(u32, Mid)> = self
             .keyframes
@@ -715,6 +904,16 @@ impl<I: DatagramIo> Worker<I> {
                         self.timers.push(Reverse((t, session)));
                     }
                     break;
+                }
+                Output::Transmit(t) if t.proto == Protocol::Tcp => {
+                    if let Some(c) = self.conns.get_mut(&t.destination)
+                        && c.out.len() < MAX_TCP_BACKLOG
+                        && frame(&t.contents, &mut c.out)
+                    {
+                        self.stats.datagrams_out += 1;
+                    } else {
+                        self.stats.dropped_send += 1;
+                    }
                 }
                 Output::Transmit(t) => self.out.push(OutDatagram {
                     destination: t.destination,
@@ -940,6 +1139,7 @@ impl<I: DatagramIo> Worker<I> {
         };
         s.rtc.disconnect();
         self.by_addr.retain(|_, v| *v != session);
+        self.conns.retain(|_, c| c.session != Some(session));
         match &s.role {
             Role::Publisher { .. } => {
                 self.keyframes.retain(|(p, _), _| *p != session);
@@ -956,6 +1156,28 @@ impl<I: DatagramIo> Worker<I> {
         self.update_load();
         if let Some(reason) = reason {
             (self.events)(WorkerEvent::SessionClosed { key: s.key, reason });
+        }
+    }
+}
+
+/// What `wait` found ready.
+struct Ready {
+    udp: bool,
+    wake: bool,
+    listener: bool,
+    conns: Vec<SocketAddr>,
+}
+
+/// Writes as much of a connection's queue as the kernel takes now.
+fn flush_tcp(c: &mut TcpConn) {
+    while !c.out.is_empty() {
+        match c.stream.write(&c.out) {
+            Ok(0) => return,
+            Ok(n) => {
+                c.out.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
         }
     }
 }

@@ -10,6 +10,10 @@ use media_core::worker::WorkerCommand;
 use support::{Client, Worker, run_until};
 
 fn connected_pair(w: &Worker) -> (Client, Client) {
+    connected_pair_with(w, Client::new())
+}
+
+fn connected_pair_with(w: &Worker, mut s: Client) -> (Client, Client) {
     w.ask(|reply| WorkerCommand::CreatePublisher {
         session: 1,
         stream_type: StreamType::Video,
@@ -36,7 +40,6 @@ fn connected_pair(w: &Worker) -> (Client, Client) {
     let offer = w
         .ask(|reply| WorkerCommand::RequestOffer { session: 2, reply })
         .expect("offer");
-    let mut s = Client::new();
     let answer = s.answer(&offer);
     w.ask(|reply| WorkerCommand::Answer {
         session: 2,
@@ -119,4 +122,33 @@ fn packets_lost_on_the_way_to_the_subscriber_are_resent_from_the_cache_on_nack()
             got.len()
         }
     );
+}
+
+#[test]
+fn a_subscriber_reaches_the_worker_over_ice_tcp_only() {
+    let w = Worker::start_with_tcp();
+    let s = Client::new_tcp(w.handle.local_addr);
+    let (mut p, mut s) = connected_pair_with(&w, s);
+    let mid = p.mids[0];
+    for i in 0..50u64 {
+        p.write_rtp(
+            mid,
+            10 + i,
+            (i * 3000) as u32,
+            format!("t{i:04}").as_bytes(),
+        );
+        run_until(&mut [&mut p, &mut s], Duration::from_millis(3), |_| false);
+    }
+    assert!(
+        run_until(&mut [&mut p, &mut s], Duration::from_secs(3), |c| c[1]
+            .rtp
+            .len()
+            >= 50),
+        "{} of 50 over TCP; errors {:?}",
+        s.rtp.len(),
+        s.errors
+    );
+    for (k, r) in s.rtp.iter().enumerate() {
+        assert_eq!(r.2, format!("t{k:04}").into_bytes());
+    }
 }

@@ -156,6 +156,7 @@ pub struct SfuConfig {
     pub trusted_token_keys: Vec<String>,
     pub workers: u32,
     pub media_bind: IpAddr,
+    pub ice_tcp: bool,
     pub ice_timeout_s: u64,
     pub media_port_min: u16,
     pub media_port_max: u16,
@@ -468,6 +469,11 @@ impl SfuConfig {
                 "0.0.0.0",
                 "Address the media workers' UDP sockets bind to (IPv4).",
             ),
+            ice_tcp: r.bool(
+                "ice_tcp",
+                true,
+                "Also accept ICE over TCP (passive, RFC 6544) on each media port, for clients whose UDP is blocked.",
+            ),
             ice_timeout_s: r.int(
                 "ice_timeout_s",
                 30,
@@ -769,6 +775,14 @@ impl Config {
                 proto: "udp",
                 range: (self.sfu.media_port_min, self.sfu.media_port_max),
             });
+            if self.sfu.ice_tcp {
+                uses.push(PortUse {
+                    what: "SFU media ports (ICE-TCP)",
+                    key: "sfu.media_port_min",
+                    proto: "tcp",
+                    range: (self.sfu.media_port_min, self.sfu.media_port_max),
+                });
+            }
         }
         uses
     }

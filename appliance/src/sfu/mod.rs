@@ -31,6 +31,8 @@ struct Prepared {
     listener: StdTcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     sockets: Vec<UdpSocket>,
+    /// Passive ICE-TCP listeners, one per worker on its media port (when `sfu.ice_tcp`).
+    tcp: Vec<Option<StdTcpListener>>,
     keys: token::TokenKeys,
 }
 
@@ -68,6 +70,7 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
         None
     };
     let mut sockets = Vec::new();
+    let mut tcp = Vec::new();
     for i in 0..worker_count(config) {
         let port = c.media_port_min + i as u16;
         let addr = SocketAddr::new(c.media_bind, port);
@@ -75,6 +78,13 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
             format!("binding media worker {i} to UDP {addr} (sfu.media_port_min + {i})")
         })?;
         sockets.push(s);
+        tcp.push(if c.ice_tcp {
+            Some(StdTcpListener::bind(addr).with_context(|| {
+                format!("binding media worker {i} to TCP {addr} for ICE-TCP (sfu.ice_tcp)")
+            })?)
+        } else {
+            None
+        });
     }
     let mut keys = token::TokenKeys::default();
     let (_, public) = secrets::proxy_token_keys(data)?;
@@ -93,6 +103,7 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
         listener,
         tls,
         sockets,
+        tcp,
         keys,
     })
 }
@@ -134,11 +145,12 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut handles = Vec::new();
     let mut joins = Vec::new();
-    for (i, socket) in p.sockets.into_iter().enumerate() {
+    for (i, (socket, tcp)) in p.sockets.into_iter().zip(p.tcp).enumerate() {
         let port = socket.local_addr()?.port();
         let candidates = announced_addresses(&c.public_ips, port);
-        let setup = SessionSetup::new(candidates.clone())
+        let mut setup = SessionSetup::new(candidates.clone())
             .context("creating the DTLS certificate of the media workers")?;
+        setup.tcp = tcp.is_some();
         let io = MmsgSocket::new(socket).context("preparing a media socket")?;
         let tx = ev_tx.clone();
         let config = WorkerConfig {
@@ -152,6 +164,7 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         let (h, j) = worker::spawn(
             config,
             io,
+            tcp,
             Box::new(move |e| {
                 let _ = tx.send(e);
             }),

@@ -38,11 +38,15 @@ pub fn free_tcp_port() -> u16 {
         .expect("free tcp port")
 }
 
+/// A port free for both UDP and TCP (media workers bind both).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free udp port")
+    loop {
+        let u = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = u.local_addr().expect("addr").port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A `talkbox sfu` process; killed when dropped.

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use media_core::WorkerHandle;
 use media_core::io::{DatagramIo, MmsgSocket, OutDatagram, RecvMeta};
 use media_core::session::SessionSetup;
+use media_core::tcp::{FrameReader, frame};
 use media_core::worker::{self, Reply, WorkerCommand, WorkerConfig, WorkerError, WorkerEvent};
+use std::io::{Read, Write};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::{RtpWrite, SeqNo};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
@@ -91,8 +93,29 @@ impl Worker {
     }
 
     pub fn start_on<I: DatagramIo + Send + 'static>(io: I, ice_timeout: Duration) -> Worker {
+        Self::start_full(io, None, ice_timeout)
+    }
+
+    /// A worker that also accepts ICE-TCP on the UDP socket's port.
+    pub fn start_with_tcp() -> Worker {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = sock.local_addr().expect("addr").port();
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).expect("tcp bind");
+        Self::start_full(
+            MmsgSocket::new(sock).expect("mmsg"),
+            Some(tcp),
+            Duration::from_secs(30),
+        )
+    }
+
+    fn start_full<I: DatagramIo + Send + 'static>(
+        io: I,
+        tcp: Option<std::net::TcpListener>,
+        ice_timeout: Duration,
+    ) -> Worker {
         let addr = io.local_addr().expect("addr");
-        let setup = SessionSetup::new(vec![addr]).expect("setup");
+        let mut setup = SessionSetup::new(vec![addr]).expect("setup");
+        setup.tcp = tcp.is_some();
         let (tx, rx) = mpsc::channel();
         let (handle, join) = worker::spawn(
             WorkerConfig {
@@ -103,6 +126,7 @@ impl Worker {
                 keyframe_interval: Duration::from_millis(300),
             },
             io,
+            tcp,
             Box::new(move |e| {
                 let _ = tx.send(e);
             }),
@@ -156,6 +180,8 @@ pub struct Client {
     pub mids: Vec<Mid>,
     pending: Option<SdpPendingOffer>,
     buf: Vec<u8>,
+    /// ICE-TCP instead of UDP: the connection to the worker and its frame reader.
+    tcp: Option<(std::net::TcpStream, FrameReader, SocketAddr)>,
 }
 
 impl Client {
@@ -186,7 +212,37 @@ impl Client {
             errors: Vec::new(),
             pending: None,
             buf: vec![0; 2048],
+            tcp: None,
         }
+    }
+
+    /// A client that reaches the worker only over ICE-TCP (an active candidate on a TCP
+    /// connection it opened to `worker`), as a browser behind a UDP-blocking firewall would.
+    pub fn new_tcp(worker: SocketAddr) -> Client {
+        let stream = std::net::TcpStream::connect(worker).expect("connect ICE-TCP");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .expect("timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        let local = stream.local_addr().expect("addr");
+        let mut c = Client::new();
+        c.rtc = RtcConfig::new()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .build(Instant::now());
+        c.rtc.add_local_candidate(
+            Candidate::builder()
+                .tcp()
+                .host(local)
+                .tcptype(TcpType::Active)
+                .build()
+                .expect("tcp candidate"),
+        );
+        c.addr = local;
+        c.tcp = Some((stream, FrameReader::default(), worker));
+        c
     }
 
     /// Publisher side: an offer with one video track and the `status` data channel.
@@ -225,7 +281,14 @@ impl Client {
             match self.rtc.poll_output().expect("poll") {
                 Output::Timeout(_) => break,
                 Output::Transmit(t) => {
-                    let _ = self.sock.send_to(&t.contents, t.destination);
+                    if let Some((stream, _, _)) = &mut self.tcp {
+                        let mut framed = Vec::new();
+                        if t.proto == Protocol::Tcp && frame(&t.contents, &mut framed) {
+                            let _ = stream.write_all(&framed);
+                        }
+                    } else {
+                        let _ = self.sock.send_to(&t.contents, t.destination);
+                    }
                 }
                 Output::Event(e) => match e {
                     Event::Connected => self.connected = true,
@@ -251,7 +314,32 @@ impl Client {
     pub fn step(&mut self) -> usize {
         self.poll();
         let mut read = 0;
-        while read < 256 {
+        if self.tcp.is_some() {
+            let mut frames = Vec::new();
+            let mut peer = self.addr;
+            if let Some((stream, reader, worker)) = &mut self.tcp {
+                peer = *worker;
+                if let Ok(n) = stream.read(&mut self.buf)
+                    && n > 0
+                {
+                    reader.push(&self.buf[..n]);
+                    while let Some(f) = reader.next_frame() {
+                        frames.push(f.to_vec());
+                    }
+                }
+            }
+            for f in frames {
+                read += 1;
+                self.datagrams += 1;
+                if let Ok(r) = Receive::new(Protocol::Tcp, peer, self.addr, &f)
+                    && let Err(e) = self.rtc.handle_input(Input::Receive(Instant::now(), r))
+                {
+                    self.errors.push(e.to_string());
+                }
+                self.poll();
+            }
+        }
+        while self.tcp.is_none() && read < 256 {
             let Ok((n, source)) = self.sock.recv_from(&mut self.buf) else {
                 break;
             };
