@@ -215,6 +215,19 @@ async fn bad_control_and_media_input_is_refused_cleanly_while_other_sessions_kee
     stun.extend_from_slice(b"0000000000010000:abc");
     let _ = junk.send_to(&stun, to);
     let _ = junk.send_to(&stun[..30], to);
+    // The ICE-TCP listener on the same port: garbage frames, a frame longer than announced,
+    // a truncated frame, and connections that never name a session.
+    for garbage in [
+        vec![0xff; 3000],
+        [&[0x00, 0x10][..], &stun[..]].concat(),
+        vec![0x00, 0x05, 1, 2],
+        Vec::new(),
+    ] {
+        if let Ok(mut t) = std::net::TcpStream::connect(to) {
+            use std::io::Write;
+            let _ = t.write_all(&garbage);
+        }
+    }
 
     // The established call still flows, and the process is alive.
     let before = call.subscriber.seen.lock().expect("lock").rtp.len();
