@@ -8,7 +8,10 @@
 //! - [`service_runtime`], [`privileges`], [`logging`], [`https`]: what every service process
 //!   shares (start-up order, dropping root, journald/stderr logs, the HTTPS loop).
 //!
-//! Signaling, SFU control and TURN arrive as their own modules; see DESIGN.md §1.
+//! - [`signaling`]: the Talk HPB signaling service; [`sfu`]: the SFU media service (media-core
+//!   behind the `/proxy` control protocol).
+//!
+//! TURN arrives as its own module; see DESIGN.md §1.
 
 pub mod config;
 pub mod https;
@@ -17,6 +20,7 @@ pub mod privileges;
 pub mod secrets;
 pub mod service;
 pub mod service_runtime;
+pub mod sfu;
 pub mod signaling;
 pub mod storage;
 pub mod supervisor;

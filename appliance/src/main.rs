@@ -154,11 +154,8 @@ fn run_service(service: Service, paths: &Paths) -> Result<u8> {
     let result = match service {
         Service::Web => appliance::web::main(config, data),
         Service::Signaling => appliance::signaling::main(config, data),
+        Service::Sfu => appliance::sfu::main(config, data),
         Service::Turn => appliance::turn::main(config, data),
-        other => anyhow::bail!(
-            "the {} service is not part of this build yet; `talkbox run` starts the services that are",
-            other.name()
-        ),
     };
     if let Err(e) = &result {
         tracing::error!("{e:#}");

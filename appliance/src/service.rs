@@ -1,8 +1,5 @@
-//! The catalogue of services the supervisor runs: their names, start order, and whether this
-//! build contains them.
-//!
-//! A service that has not been built yet is absent from the supervisor and from
-//! `talkbox status`; it is never faked by a placeholder process.
+//! The catalogue of services the supervisor runs: their names, start order, and which of them
+//! the config enables.
 
 use crate::config::Config;
 
@@ -40,11 +37,6 @@ impl Service {
         Self::START_ORDER.into_iter().find(|s| s.name() == name)
     }
 
-    /// Whether this build contains the service.
-    pub fn built(self) -> bool {
-        matches!(self, Service::Web | Service::Signaling | Service::Turn)
-    }
-
     /// Whether the config asks for the service.
     pub fn enabled(self, c: &Config) -> bool {
         match self {
@@ -59,7 +51,7 @@ impl Service {
     pub fn to_run(c: &Config) -> Vec<Service> {
         Self::START_ORDER
             .into_iter()
-            .filter(|s| s.built() && s.enabled(c))
+            .filter(|s| s.enabled(c))
             .collect()
     }
 

@@ -64,7 +64,7 @@ pub struct SignalingConfig {
 }
 
 /// The local SFU's `/proxy` WebSocket, as `signaling.sfu_url` names it by default.
-pub const DEFAULT_SFU_URL: &str = "ws://127.0.0.1:9090/proxy";
+pub const DEFAULT_SFU_URL: &str = "ws://127.0.0.1:9444/proxy";
 
 /// One `[[signaling.backend]]`: a Nextcloud server allowed to use this box as its HPB.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,7 +178,13 @@ impl BackendConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SfuConfig {
     pub enabled: bool,
+    pub listen: SocketAddr,
+    pub tls: bool,
+    pub trusted_token_keys: Vec<String>,
     pub workers: u32,
+    pub media_bind: IpAddr,
+    pub ice_tcp: bool,
+    pub ice_timeout_s: u64,
     pub media_port_min: u16,
     pub media_port_max: u16,
     pub public_ips: Vec<String>,
@@ -512,6 +518,25 @@ impl SfuConfig {
     fn read(r: &mut SectionReader<'_, '_>) -> Self {
         let c = Self {
             enabled: r.bool("enabled", true, "Run the SFU media service."),
+            listen: r.socket_addr(
+                "listen",
+                "127.0.0.1:9444",
+                "Address of the SFU control endpoint (`/proxy` WebSocket of the spreed proxy protocol) that signaling servers connect to.",
+            ),
+            tls: r.bool(
+                "tls",
+                false,
+                "Serve `/proxy` over HTTPS with the box's certificate (for signaling servers on other hosts); off = plain HTTP, for loopback.",
+            ),
+            trusted_token_keys: r.string_list(
+                "trusted_token_keys",
+                &[],
+                "Extra signaling servers allowed to use this SFU, as `TOKEN_ID=/path/to/rsa-public-key.pem` (the box's own signaling server is always trusted).",
+                |s| match s.split_once('=') {
+                    Some((id, path)) if !id.is_empty() && id.len() <= 64 && path.starts_with('/') => Ok(()),
+                    _ => Err("expected TOKEN_ID=/absolute/path/to/public-key.pem".into()),
+                },
+            ),
             workers: r.int(
                 "workers",
                 0,
@@ -528,6 +553,22 @@ impl SfuConfig {
                 50063,
                 "Last UDP port the media workers may use.",
             ),
+            media_bind: r.ip(
+                "media_bind",
+                "0.0.0.0",
+                "Address the media workers' UDP sockets bind to (IPv4).",
+            ),
+            ice_tcp: r.bool(
+                "ice_tcp",
+                true,
+                "Also accept ICE over TCP (passive, RFC 6544) on each media port, for clients whose UDP is blocked.",
+            ),
+            ice_timeout_s: r.int(
+                "ice_timeout_s",
+                30,
+                (1, 3600),
+                "A media session that receives nothing for this long (client gone, ICE never completed) is closed.",
+            ) as u64,
             public_ips: r.string_list(
                 "public_ips",
                 &[],
@@ -884,6 +925,14 @@ impl Config {
                 });
             }
         }
+        if self.sfu.enabled {
+            uses.push(PortUse {
+                what: "the SFU control endpoint",
+                key: "sfu.listen",
+                proto: "tcp",
+                range: one(self.sfu.listen.port()),
+            });
+        }
         if self.sfu.enabled && self.sfu.media_port_min <= self.sfu.media_port_max {
             uses.push(PortUse {
                 what: "SFU media ports",
@@ -891,6 +940,14 @@ impl Config {
                 proto: "udp",
                 range: (self.sfu.media_port_min, self.sfu.media_port_max),
             });
+            if self.sfu.ice_tcp {
+                uses.push(PortUse {
+                    what: "SFU media ports (ICE-TCP)",
+                    key: "sfu.media_port_min",
+                    proto: "tcp",
+                    range: (self.sfu.media_port_min, self.sfu.media_port_max),
+                });
+            }
         }
         uses
     }
@@ -949,7 +1006,7 @@ impl Config {
             "signaling" => &["signaling.listen", "signaling.http_listen"],
             "web" => &["web.listen"],
             "turn" => &["turn.port", "turn.tls_port", "turn.relay_port_min"],
-            "sfu" => &["sfu.media_port_min"],
+            "sfu" => &["sfu.listen", "sfu.media_port_min"],
             _ => &[],
         };
         self.port_uses()
@@ -968,6 +1025,7 @@ const PORT_KEYS: &[(&str, &str)] = &[
     ("turn", "port"),
     ("turn", "tls_port"),
     ("turn", "relay_port_min"),
+    ("sfu", "listen"),
     ("sfu", "media_port_min"),
 ];
 

@@ -55,7 +55,10 @@ pub fn isolated_config(extra: &[(&str, &str)]) -> String {
         ),
         (
             "sfu".into(),
-            format!("workers = 1\nmedia_port_min = {media}\nmedia_port_max = {media}\n"),
+            format!(
+                "workers = 1\nmedia_port_min = {media}\nmedia_port_max = {media}\nlisten = \"127.0.0.1:{}\"\npublic_ips = [\"127.0.0.1\"]\n",
+                free_port()
+            ),
         ),
     ];
     for (section, line) in extra {

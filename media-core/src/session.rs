@@ -1,0 +1,364 @@
+//! One WebRTC peer connection of the SFU: a str0m `Rtc` in RTP mode with ICE-lite, in the role
+//! of a publisher (receives one client's stream) or a subscriber (sends one publisher's
+//! stream to one client).
+//!
+//! This module owns SDP handling for the roles (publisher answers, subscriber offers), the
+//! candidate and size checks, and the per-subscriber forwarding state. It does not own sockets,
+//! clocks or the map of sessions: the worker feeds it datagrams and time and reads its output.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::config::{CryptoProvider, DtlsCert};
+use str0m::format::PayloadParams;
+use str0m::media::{Direction, MediaKind, Mid, Pt};
+use str0m::net::TcpType;
+use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
+
+use crate::demux::SessionKey;
+use crate::forward::SeqTsRewriter;
+
+/// Largest SDP accepted from a client; real ones are a few KiB.
+pub const MAX_SDP_BYTES: usize = 64 * 1024;
+/// Largest ICE candidate line accepted.
+pub const MAX_CANDIDATE_BYTES: usize = 1024;
+
+/// The kind of stream a publisher sends, as Talk names it (`roomType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamType {
+    Audio,
+    Video,
+    Screen,
+}
+
+impl StreamType {
+    pub fn parse(s: &str) -> Option<StreamType> {
+        match s {
+            "audio" => Some(StreamType::Audio),
+            "video" => Some(StreamType::Video),
+            "screen" => Some(StreamType::Screen),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamType::Audio => "audio",
+            StreamType::Video => "video",
+            StreamType::Screen => "screen",
+        }
+    }
+}
+
+/// Why a session operation failed; the text is safe to show to the signaling server.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum SessionError {
+    #[error("the SDP is larger than {MAX_SDP_BYTES} bytes")]
+    SdpTooLarge,
+    #[error("the SDP could not be parsed: {0}")]
+    BadSdp(String),
+    #[error("the SDP was refused: {0}")]
+    Refused(String),
+    #[error("the candidate could not be parsed")]
+    BadCandidate,
+    #[error("this operation is for a {0}")]
+    WrongRole(&'static str),
+    #[error("no offer is pending for this subscriber")]
+    NoPendingOffer,
+    #[error("the publisher has no media yet")]
+    PublisherHasNoMedia,
+}
+
+/// A publisher's incoming media line.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishedTrack {
+    pub mid: Mid,
+    pub kind: MediaKind,
+}
+
+/// One outgoing media line of a subscriber and how it maps the publisher's line onto it.
+#[derive(Debug)]
+pub struct SubscribedTrack {
+    pub source_mid: Mid,
+    pub mid: Mid,
+    pub kind: MediaKind,
+    pub rewriter: SeqTsRewriter,
+    /// Publisher payload type → subscriber payload type for the same codec.
+    pub pt_map: HashMap<Pt, Option<Pt>>,
+}
+
+/// Role-specific state.
+#[derive(Debug)]
+pub enum Role {
+    Publisher {
+        stream_type: StreamType,
+        tracks: Vec<PublishedTrack>,
+        /// The client's data channel (id, label) once open.
+        channel: Option<(ChannelId, String)>,
+    },
+    Subscriber {
+        publisher: u32,
+        tracks: Vec<SubscribedTrack>,
+        pending: Option<(SdpPendingOffer, String)>,
+        channel: Option<ChannelId>,
+        channel_open: bool,
+    },
+}
+
+/// What every session of a worker shares: addresses to announce and the DTLS certificate.
+#[derive(Clone)]
+pub struct SessionSetup {
+    pub candidates: Vec<SocketAddr>,
+    pub dtls_cert: DtlsCert,
+    pub crypto: Arc<CryptoProvider>,
+    /// Also announce passive ICE-TCP candidates on the same addresses.
+    pub tcp: bool,
+}
+
+impl SessionSetup {
+    /// Uses the aws-lc-rs provider and one fresh DTLS certificate for every session (making a
+    /// certificate per session would cost a key generation per join).
+    pub fn new(candidates: Vec<SocketAddr>) -> Option<SessionSetup> {
+        let crypto = str0m::crypto::from_feature_flags();
+        let dtls_cert = crypto.dtls_provider.generate_certificate()?;
+        Some(SessionSetup {
+            candidates,
+            dtls_cert,
+            crypto: Arc::new(crypto),
+            tcp: false,
+        })
+    }
+}
+
+/// One peer connection.
+pub struct Session {
+    pub key: SessionKey,
+    pub ufrag: String,
+    pub rtc: Rtc,
+    pub role: Role,
+    pub created: Instant,
+    pub last_rx: Instant,
+    pub connected: bool,
+    /// The time str0m asked to be woken at.
+    pub next_timeout: Option<Instant>,
+}
+
+fn rtc_for(ufrag: &str, pass: &str, setup: &SessionSetup, now: Instant) -> Rtc {
+    let mut rtc = RtcConfig::new()
+        .set_rtp_mode(true)
+        .set_ice_lite(true)
+        .set_local_ice_credentials(IceCreds {
+            ufrag: ufrag.to_string(),
+            pass: pass.to_string(),
+        })
+        .set_dtls_cert(setup.dtls_cert.clone())
+        .set_crypto_provider(setup.crypto.clone())
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+        .enable_h264(true)
+        .build(now);
+    for addr in &setup.candidates {
+        if let Ok(c) = Candidate::host(*addr, "udp") {
+            rtc.add_local_candidate(c);
+        }
+        if setup.tcp
+            && let Ok(c) = Candidate::builder()
+                .tcp()
+                .host(*addr)
+                .tcptype(TcpType::Passive)
+                .build()
+        {
+            rtc.add_local_candidate(c);
+        }
+    }
+    rtc
+}
+
+impl Session {
+    pub fn new_publisher(
+        key: SessionKey,
+        ufrag: String,
+        pass: &str,
+        stream_type: StreamType,
+        setup: &SessionSetup,
+        now: Instant,
+    ) -> Session {
+        Session {
+            key,
+            rtc: rtc_for(&ufrag, pass, setup, now),
+            ufrag,
+            role: Role::Publisher {
+                stream_type,
+                tracks: Vec::new(),
+                channel: None,
+            },
+            created: now,
+            last_rx: now,
+            connected: false,
+            next_timeout: None,
+        }
+    }
+
+    pub fn new_subscriber(
+        key: SessionKey,
+        ufrag: String,
+        pass: &str,
+        publisher: u32,
+        setup: &SessionSetup,
+        now: Instant,
+    ) -> Session {
+        Session {
+            key,
+            rtc: rtc_for(&ufrag, pass, setup, now),
+            ufrag,
+            role: Role::Subscriber {
+                publisher,
+                tracks: Vec::new(),
+                pending: None,
+                channel: None,
+                channel_open: false,
+            },
+            created: now,
+            last_rx: now,
+            connected: false,
+            next_timeout: None,
+        }
+    }
+
+    pub fn is_publisher(&self) -> bool {
+        matches!(self.role, Role::Publisher { .. })
+    }
+
+    /// Publisher: takes the client's offer and returns our answer.
+    pub fn accept_offer(&mut self, sdp: &str) -> Result<String, SessionError> {
+        if !self.is_publisher() {
+            return Err(SessionError::WrongRole("publisher"));
+        }
+        if sdp.len() > MAX_SDP_BYTES {
+            return Err(SessionError::SdpTooLarge);
+        }
+        let offer =
+            SdpOffer::from_sdp_string(sdp).map_err(|e| SessionError::BadSdp(e.to_string()))?;
+        let mids: Vec<Mid> = offer.media_lines.iter().map(|m| m.mid()).collect();
+        let answer = self
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| SessionError::Refused(e.to_string()))?;
+        // Learn the tracks now rather than from `MediaAdded` events, so subscribers can be
+        // offered the publisher's media before its client has connected.
+        let found: Vec<PublishedTrack> = mids
+            .into_iter()
+            .filter_map(|mid| {
+                self.rtc.media(mid).map(|m| PublishedTrack {
+                    mid,
+                    kind: m.kind(),
+                })
+            })
+            .collect();
+        if let Role::Publisher { tracks, .. } = &mut self.role {
+            for t in found {
+                if !tracks.iter().any(|x| x.mid == t.mid) {
+                    tracks.push(t);
+                }
+            }
+        }
+        Ok(answer.to_sdp_string())
+    }
+
+    /// Subscriber: makes (or repeats, while unanswered) the offer carrying `source`'s tracks
+    /// and a data channel labelled `label`.
+    pub fn create_offer(
+        &mut self,
+        source: &[PublishedTrack],
+        label: &str,
+        mut start: impl FnMut() -> (u16, u32),
+    ) -> Result<String, SessionError> {
+        let Role::Subscriber {
+            tracks,
+            pending,
+            channel,
+            ..
+        } = &mut self.role
+        else {
+            return Err(SessionError::WrongRole("subscriber"));
+        };
+        if let Some((_, text)) = pending {
+            return Ok(text.clone());
+        }
+        if source.is_empty() {
+            return Err(SessionError::PublisherHasNoMedia);
+        }
+        let mut api = self.rtc.sdp_api();
+        for t in source {
+            if tracks.iter().any(|s| s.source_mid == t.mid) {
+                continue;
+            }
+            let mid = api.add_media(t.kind, Direction::SendOnly, None, None, None);
+            let (seq, ts) = start();
+            tracks.push(SubscribedTrack {
+                source_mid: t.mid,
+                mid,
+                kind: t.kind,
+                rewriter: SeqTsRewriter::new(seq, ts),
+                pt_map: HashMap::new(),
+            });
+        }
+        if channel.is_none() {
+            *channel = Some(api.add_channel(label.to_string()));
+        }
+        match api.apply() {
+            Some((offer, p)) => {
+                let text = offer.to_sdp_string();
+                *pending = Some((p, text.clone()));
+                Ok(text)
+            }
+            // Nothing new to negotiate: the client already has every track.
+            None => Err(SessionError::Refused("nothing to negotiate".into())),
+        }
+    }
+
+    /// Subscriber: takes the client's answer to our offer.
+    pub fn accept_answer(&mut self, sdp: &str) -> Result<(), SessionError> {
+        let Role::Subscriber { pending, .. } = &mut self.role else {
+            return Err(SessionError::WrongRole("subscriber"));
+        };
+        if sdp.len() > MAX_SDP_BYTES {
+            return Err(SessionError::SdpTooLarge);
+        }
+        let answer =
+            SdpAnswer::from_sdp_string(sdp).map_err(|e| SessionError::BadSdp(e.to_string()))?;
+        let Some((p, _)) = pending.take() else {
+            return Err(SessionError::NoPendingOffer);
+        };
+        self.rtc
+            .sdp_api()
+            .accept_answer(p, answer)
+            .map_err(|e| SessionError::Refused(e.to_string()))
+    }
+
+    /// Adds a trickled remote candidate (`candidate:…` line, with or without the prefix).
+    pub fn add_remote_candidate(&mut self, line: &str) -> Result<(), SessionError> {
+        if line.len() > MAX_CANDIDATE_BYTES {
+            return Err(SessionError::BadCandidate);
+        }
+        let line = line.trim().trim_start_matches("a=");
+        let c = Candidate::from_sdp_string(line).map_err(|_| SessionError::BadCandidate)?;
+        self.rtc.add_remote_candidate(c);
+        Ok(())
+    }
+
+    /// The codec behind a payload type this session negotiated.
+    pub fn params_of(&self, pt: Pt) -> Option<PayloadParams> {
+        self.rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.pt() == pt)
+            .cloned()
+    }
+}

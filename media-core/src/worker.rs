@@ -1,0 +1,1183 @@
+//! A media worker: one thread, pinned to a core, owning one UDP socket, its sessions, a timer
+//! queue and the forwarding table of the publishers placed on it.
+//!
+//! The control plane talks to it only through [`WorkerHandle`] (commands over a channel plus an
+//! eventfd wake-up) and hears back through the event callback given at spawn. Inside, the loop
+//! is: wait for the socket, the eventfd or the next timer; run commands; receive a batch and
+//! demultiplex it (4-tuple map first, then the ufrag in a STUN binding request; anything else
+//! is dropped and counted); fire due timers; forward what publishers produced; send a batch.
+//! A panic inside one session (str0m fails fast by policy) closes that session only.
+//!
+//! ICE-TCP (passive, RFC 6544) runs on an optional listener on the same port: a connection's
+//! first RFC 4571 frame must be a binding request naming a session, after which the
+//! connection carries that session's packets.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::io;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{RtpPacket, RtpWrite, SeqNo};
+use str0m::{Event, IceConnectionState, Input, Output};
+
+use crate::demux::{self, SessionKey};
+use crate::forward::KeyframeThrottle;
+use crate::io::{BATCH, DatagramIo, OutDatagram, RecvMeta};
+use crate::session::{PublishedTrack, Role, Session, SessionError, SessionSetup, StreamType};
+use crate::tcp::{FrameReader, frame};
+
+/// A reply to a command, called once from the worker thread.
+pub type Reply<T> = Box<dyn FnOnce(Result<T, WorkerError>) + Send>;
+
+/// Why a command failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum WorkerError {
+    #[error("no such session")]
+    UnknownSession,
+    #[error("a session with this number exists")]
+    SessionExists,
+    #[error("no such publisher")]
+    UnknownPublisher,
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("the session failed and was closed")]
+    SessionFailed,
+}
+
+/// What the control plane asks of a worker. Session numbers are chosen by the control plane
+/// and are unique per worker.
+pub enum WorkerCommand {
+    CreatePublisher {
+        session: u32,
+        stream_type: StreamType,
+        reply: Reply<()>,
+    },
+    CreateSubscriber {
+        session: u32,
+        publisher: u32,
+        reply: Reply<()>,
+    },
+    /// Publisher: the client's offer; replies with our answer.
+    Offer {
+        session: u32,
+        sdp: String,
+        reply: Reply<String>,
+    },
+    /// Subscriber: replies with our offer.
+    RequestOffer {
+        session: u32,
+        reply: Reply<String>,
+    },
+    /// Subscriber: the client's answer.
+    Answer {
+        session: u32,
+        sdp: String,
+        reply: Reply<()>,
+    },
+    Candidate {
+        session: u32,
+        candidate: String,
+        reply: Reply<()>,
+    },
+    Close {
+        session: u32,
+        reply: Reply<()>,
+    },
+    Stats {
+        reply: Reply<WorkerStats>,
+    },
+    Shutdown,
+}
+
+/// What a worker tells the control plane on its own initiative.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerEvent {
+    /// A session ended without being asked to (ICE timeout, DTLS failure, its publisher left).
+    SessionClosed {
+        key: SessionKey,
+        reason: &'static str,
+    },
+}
+
+/// Counters of one worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    pub sessions: usize,
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub dropped_unknown: u64,
+    pub dropped_send: u64,
+    pub rtp_forwarded: u64,
+    pub channel_messages_forwarded: u64,
+    pub session_panics: u64,
+}
+
+/// How a worker runs.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub index: u16,
+    /// Core to pin the thread to, if any.
+    pub core: Option<usize>,
+    pub setup: SessionSetup,
+    /// A session that receives nothing for this long is closed (covers clients that vanish
+    /// before or after connecting).
+    pub ice_timeout: Duration,
+    /// Least time between keyframe requests to one publisher stream.
+    pub keyframe_interval: Duration,
+}
+
+struct Wake(OwnedFd);
+
+impl Wake {
+    fn new() -> io::Result<Wake> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        Ok(Wake(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+    fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+/// The control plane's end of a worker.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    pub index: u16,
+    pub local_addr: SocketAddr,
+    tx: mpsc::Sender<WorkerCommand>,
+    wake: Arc<Wake>,
+    load: Arc<AtomicU64>,
+}
+
+impl WorkerHandle {
+    /// Sends a command; false if the worker has stopped.
+    pub fn send(&self, cmd: WorkerCommand) -> bool {
+        let ok = self.tx.send(cmd).is_ok();
+        self.wake.ring();
+        ok
+    }
+    /// Number of sessions on the worker (for placement).
+    pub fn load(&self) -> u64 {
+        self.load.load(Ordering::Relaxed)
+    }
+}
+
+/// Most ICE-TCP connections one worker holds.
+const MAX_TCP_CONNECTIONS: usize = 4096;
+/// Most bytes queued towards one ICE-TCP peer before its packets are dropped.
+const MAX_TCP_BACKLOG: usize = 1 << 20;
+/// How long a TCP connection may stay without naming a session.
+const TCP_UNBOUND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One accepted ICE-TCP connection.
+struct TcpConn {
+    stream: TcpStream,
+    reader: FrameReader,
+    out: Vec<u8>,
+    session: Option<u32>,
+    since: Instant,
+}
+
+/// Starts a worker thread on `io` (and `tcp`, a listener for passive ICE-TCP on the same
+/// port, if given); `events` is called from that thread.
+pub fn spawn<I: DatagramIo + Send + 'static>(
+    config: WorkerConfig,
+    io: I,
+    tcp: Option<TcpListener>,
+    events: Box<dyn Fn(WorkerEvent) + Send>,
+) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
+    if let Some(l) = &tcp {
+        l.set_nonblocking(true)?;
+    }
+    let (tx, rx) = mpsc::channel();
+    let wake = Arc::new(Wake::new()?);
+    let load = Arc::new(AtomicU64::new(0));
+    let local_addr = io.local_addr()?;
+    let handle = WorkerHandle {
+        index: config.index,
+        local_addr,
+        tx,
+        wake: wake.clone(),
+        load: load.clone(),
+    };
+    let name = format!("media-worker-{}", config.index);
+    let join = std::thread::Builder::new().name(name).spawn(move || {
+        if let Some(core) = config.core {
+            pin_to_core(core);
+        }
+        let mut w = Worker::new(config, io, rx, wake, load, events);
+        w.tcp = tcp;
+        w.run();
+    })?;
+    Ok((handle, join))
+}
+
+fn pin_to_core(core: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(core).is_ok()
+        && let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+    {
+        tracing::warn!(core, error = %e, "could not pin media worker");
+    }
+}
+
+struct Worker<I> {
+    config: WorkerConfig,
+    io: I,
+    local_addr: SocketAddr,
+    rx: mpsc::Receiver<WorkerCommand>,
+    wake: Arc<Wake>,
+    load: Arc<AtomicU64>,
+    events: Box<dyn Fn(WorkerEvent) + Send>,
+    sessions: HashMap<u32, Session>,
+    by_addr: HashMap<SocketAddr, u32>,
+    /// publisher → subscribers.
+    routes: HashMap<u32, Vec<u32>>,
+    /// (publisher, mid) → throttle.
+    keyframes: HashMap<(u32, Mid), KeyframeThrottle>,
+    timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    tcp: Option<TcpListener>,
+    /// ICE-TCP connections by peer address.
+    conns: HashMap<SocketAddr, TcpConn>,
+    /// Sessions written to (forwarded media, messages, keyframe requests) whose output is
+    /// polled once per loop turn rather than once per packet.
+    dirty: HashSet<u32>,
+    out: Vec<OutDatagram>,
+    stats: WorkerStats,
+    seed: u64,
+    stop: bool,
+}
+
+/// What a session produced that concerns others.
+enum Produced {
+    Rtp(Box<RtpPacket>),
+    ChannelOpen(str0m::channel::ChannelId, String),
+    ChannelData(bool, Vec<u8>),
+    KeyframeRequest(Mid, KeyframeRequestKind),
+    MediaAdded(Mid, MediaKind),
+    Connected,
+    Closed(&'static str),
+}
+
+impl<I: DatagramIo> Worker<I> {
+    fn new(
+        config: WorkerConfig,
+        io: I,
+        rx: mpsc::Receiver<WorkerCommand>,
+        wake: Arc<Wake>,
+        load: Arc<AtomicU64>,
+        events: Box<dyn Fn(WorkerEvent) + Send>,
+    ) -> Self {
+        let local_addr = io
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let seed = Instant::now().elapsed().as_nanos() as u64
+            ^ (u64::from(config.index) << 48)
+            ^ std::process::id() as u64;
+        Self {
+            config,
+            io,
+            local_addr,
+            rx,
+            wake,
+            load,
+            events,
+            sessions: HashMap::new(),
+            by_addr: HashMap::new(),
+            routes: HashMap::new(),
+            keyframes: HashMap::new(),
+            timers: BinaryHeap::new(),
+            tcp: None,
+            conns: HashMap::new(),
+            dirty: HashSet::new(),
+            out: Vec::with_capacity(256),
+            stats: WorkerStats::default(),
+            seed: seed | 1,
+            stop: false,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: numbering starts and ufrag salts, not secrets.
+        self.seed ^= self.seed >> 12;
+        self.seed ^= self.seed << 25;
+        self.seed ^= self.seed >> 27;
+        self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn run(&mut self) {
+        let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); BATCH];
+        let mut meta = vec![
+            RecvMeta {
+                len: 0,
+                source: self.local_addr
+            };
+            BATCH
+        ];
+        let mut housekeeping = Instant::now();
+        while !self.stop {
+            let now = Instant::now();
+            let next = self
+                .timers
+                .peek()
+                .map(|Reverse((t, _))| *t)
+                .unwrap_or(now + Duration::from_millis(200))
+                .min(housekeeping + Duration::from_millis(250));
+            let wait_ms = next.saturating_duration_since(now).as_millis().min(250) as i32;
+            let ready = self.wait(wait_ms);
+            let (readable, woken) = (ready.udp, ready.wake);
+            if woken {
+                self.wake.drain();
+                while let Ok(cmd) = self.rx.try_recv() {
+                    self.command(cmd);
+                }
+                self.drain_dirty(Instant::now());
+            }
+            // Receive until the socket is empty, but flush between batches.
+            for _ in 0..if readable { 8 } else { 0 } {
+                let n = match self.io.recv_batch(&mut bufs, &mut meta) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "media socket receive failed");
+                        0
+                    }
+                };
+                let now = Instant::now();
+                for i in 0..n {
+                    let m = meta[i];
+                    self.datagram(&bufs[i][..m.len], m.source, now);
+                }
+                self.drain_dirty(now);
+                self.flush();
+                if n < BATCH {
+                    break;
+                }
+            }
+            if ready.listener {
+                self.accept_tcp(Instant::now());
+            }
+            for peer in ready.conns {
+                self.read_tcp(peer, Instant::now());
+            }
+            self.drain_dirty(Instant::now());
+            let now = Instant::now();
+            self.fire_timers(now);
+            if now >= housekeeping + Duration::from_millis(250) {
+                housekeeping = now;
+                self.housekeeping(now);
+            }
+            self.drain_dirty(now);
+            self.flush();
+        }
+    }
+
+    /// Waits for the sockets, the wake-up eventfd or the timeout; returns which were ready.
+    fn wait(&self, timeout_ms: i32) -> Ready {
+        let pollfd = |fd, events| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        let mut fds = vec![
+            pollfd(self.io.readiness_fd(), libc::POLLIN),
+            pollfd(self.wake.0.as_raw_fd(), libc::POLLIN),
+        ];
+        if let Some(l) = &self.tcp {
+            fds.push(pollfd(l.as_raw_fd(), libc::POLLIN));
+        }
+        let peers: Vec<SocketAddr> = self.conns.keys().copied().collect();
+        for p in &peers {
+            if let Some(c) = self.conns.get(p) {
+                let mut ev = libc::POLLIN;
+                if !c.out.is_empty() {
+                    ev |= libc::POLLOUT;
+                }
+                fds.push(pollfd(c.stream.as_raw_fd(), ev));
+            }
+        }
+        // SAFETY: poll reads and writes the live pollfd entries of `fds`.
+        let r = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout_ms.max(0),
+            )
+        };
+        if r < 0 {
+            // EINTR and friends: look at everything once.
+            return Ready {
+                udp: true,
+                wake: true,
+                listener: self.tcp.is_some(),
+                conns: peers,
+            };
+        }
+        let first_conn = if self.tcp.is_some() { 3 } else { 2 };
+        Ready {
+            udp: fds[0].revents != 0,
+            wake: fds[1].revents != 0,
+            listener: self.tcp.is_some() && fds[2].revents != 0,
+            conns: peers
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| fds.get(first_conn + i).is_some_and(|f| f.revents != 0))
+                .map(|(_, p)| p)
+                .collect(),
+        }
+    }
+
+    fn accept_tcp(&mut self, now: Instant) {
+        let Some(l) = &self.tcp else {
+            return;
+        };
+        loop {
+            match l.accept() {
+                Ok((stream, peer)) => {
+                    if self.conns.len() >= MAX_TCP_CONNECTIONS
+                        || stream.set_nonblocking(true).is_err()
+                    {
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    self.conns.insert(
+                        peer,
+                        TcpConn {
+                            stream,
+                            reader: FrameReader::default(),
+                            out: Vec::new(),
+                            session: None,
+                            since: now,
+                        },
+                    );
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "ICE-TCP accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads what a TCP peer sent and feeds its whole packets to the session.
+    fn read_tcp(&mut self, peer: SocketAddr, now: Instant) {
+        let mut buf = [0u8; 16 * 1024];
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        let mut broken = false;
+        {
+            let Some(c) = self.conns.get_mut(&peer) else {
+                return;
+            };
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        broken = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        c.reader.push(&buf[..n]);
+                        while let Some(f) = c.reader.next_frame() {
+                            frames.push(f.to_vec());
+                        }
+                        if c.reader.buffered() > 2 * crate::tcp::MAX_FRAME {
+                            broken = true;
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            // Write what is queued while we are here.
+            flush_tcp(c);
+        }
+        for f in frames {
+            self.tcp_packet(peer, &f, now);
+        }
+        if broken {
+            self.conns.remove(&peer);
+        }
+    }
+
+    fn tcp_packet(&mut self, peer: SocketAddr, buf: &[u8], now: Instant) {
+        self.stats.datagrams_in += 1;
+        let bound = self.conns.get(&peer).and_then(|c| c.session);
+        let (session, from_stun) = match bound {
+            Some(s) => (s, false),
+            None => match self.session_named_by(buf) {
+                Some(s) => (s, true),
+                None => {
+                    self.stats.dropped_unknown += 1;
+                    return;
+                }
+            },
+        };
+        let destination = self.destination_for(peer);
+        let Ok(input) = Receive::new(Protocol::Tcp, peer, destination, buf) else {
+            self.stats.dropped_unknown += 1;
+            return;
+        };
+        if self.feed(session, input, now) && from_stun {
+            let answered = self.conns.get(&peer).is_some_and(|c| !c.out.is_empty());
+            if answered && let Some(c) = self.conns.get_mut(&peer) {
+                c.session = Some(session);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        for c in self.conns.values_mut() {
+            if !c.out.is_empty() {
+                flush_tcp(c);
+            }
+        }
+        if self.out.is_empty() {
+            return;
+        }
+        let n = self.io.send_batch(&self.out).unwrap_or(0);
+        self.stats.datagrams_out += n as u64;
+        self.stats.dropped_send += (self.out.len() - n) as u64;
+        self.out.clear();
+    }
+
+    fn key(&self, session: u32) -> SessionKey {
+        SessionKey {
+            worker: self.config.index,
+            session,
+        }
+    }
+
+    fn new_credentials(&mut self, session: u32) -> (String, String) {
+        let salt = self.random() as u16;
+        let ufrag = demux::ufrag_for(self.key(session), salt);
+        let pass = format!("{:016x}{:016x}", self.random(), self.random());
+        (ufrag, pass)
+    }
+
+    fn command(&mut self, cmd: WorkerCommand) {
+        let now = Instant::now();
+        match cmd {
+            WorkerCommand::CreatePublisher {
+                session,
+                stream_type,
+                reply,
+            } => {
+                if self.sessions.contains_key(&session) {
+                    return reply(Err(WorkerError::SessionExists));
+                }
+                let (ufrag, pass) = self.new_credentials(session);
+                let s = Session::new_publisher(
+                    self.key(session),
+                    ufrag,
+                    &pass,
+                    stream_type,
+                    &self.config.setup,
+                    now,
+                );
+                self.sessions.insert(session, s);
+                self.routes.insert(session, Vec::new());
+                self.update_load();
+                reply(Ok(()))
+            }
+            WorkerCommand::CreateSubscriber {
+                session,
+                publisher,
+                reply,
+            } => {
+                if self.sessions.contains_key(&session) {
+                    return reply(Err(WorkerError::SessionExists));
+                }
+                if !self
+                    .sessions
+                    .get(&publisher)
+                    .is_some_and(|p| p.is_publisher())
+                {
+                    return reply(Err(WorkerError::UnknownPublisher));
+                }
+                let (ufrag, pass) = self.new_credentials(session);
+                let s = Session::new_subscriber(
+                    self.key(session),
+                    ufrag,
+                    &pass,
+                    publisher,
+                    &self.config.setup,
+                    now,
+                );
+                self.sessions.insert(session, s);
+                self.routes.entry(publisher).or_default().push(session);
+                self.update_load();
+                reply(Ok(()))
+            }
+            WorkerCommand::Offer {
+                session,
+                sdp,
+                reply,
+            } => {
+                let r = self.with_session(session, now, |s| s.accept_offer(&sdp));
+                reply(r)
+            }
+            WorkerCommand::RequestOffer { session, reply } => {
+                let Some(publisher) = self.sessions.get(&session).and_then(|s| match &s.role {
+                    Role::Subscriber { publisher, .. } => Some(*publisher),
+                    Role::Publisher { .. } => None,
+                }) else {
+                    return reply(Err(if self.sessions.contains_key(&session) {
+                        WorkerError::Session(SessionError::WrongRole("subscriber"))
+                    } else {
+                        WorkerError::UnknownSession
+                    }));
+                };
+                let (tracks, label) = match self.sessions.get(&publisher).map(|p| &p.role) {
+                    Some(Role::Publisher {
+                        tracks, channel, ..
+                    }) => (
+                        tracks.clone(),
+                        channel
+                            .as_ref()
+                            .map(|(_, l)| l.clone())
+                            .unwrap_or_else(|| "status".to_string()),
+                    ),
+                    _ => return reply(Err(WorkerError::UnknownPublisher)),
+                };
+                let starts: Vec<(u16, u32)> = (0..tracks.len())
+                    .map(|_| {
+                        let r = self.random();
+                        ((r as u16) & 0x7fff, (r >> 32) as u32)
+                    })
+                    .collect();
+                let mut i = 0;
+                let r = self.with_session(session, now, |s| {
+                    s.create_offer(&tracks, &label, || {
+                        let v = starts.get(i).copied().unwrap_or((1, 0));
+                        i += 1;
+                        v
+                    })
+                });
+                reply(r)
+            }
+            WorkerCommand::Answer {
+                session,
+                sdp,
+                reply,
+            } => {
+                let r = self.with_session(session, now, |s| s.accept_answer(&sdp));
+                reply(r)
+            }
+            WorkerCommand::Candidate {
+                session,
+                candidate,
+                reply,
+            } => {
+                let r = self.with_session(session, now, |s| s.add_remote_candidate(&candidate));
+                reply(r)
+            }
+            WorkerCommand::Close { session, reply } => {
+                if self.sessions.contains_key(&session) {
+                    self.close(session, None);
+                    reply(Ok(()))
+                } else {
+                    reply(Err(WorkerError::UnknownSession))
+                }
+            }
+            WorkerCommand::Stats { reply } => {
+                let mut s = self.stats;
+                s.sessions = self.sessions.len();
+                reply(Ok(s))
+            }
+            WorkerCommand::Shutdown => self.stop = true,
+        }
+    }
+
+    /// Runs `f` on a session, then drains what it produced.
+    fn with_session<T>(
+        &mut self,
+        session: u32,
+        now: Instant,
+        f: impl FnOnce(&mut Session) -> Result<T, SessionError>,
+    ) -> Result<T, WorkerError> {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Err(WorkerError::UnknownSession);
+        };
+        let r = match catch_unwind(AssertUnwindSafe(|| f(s))) {
+            Ok(r) => r.map_err(WorkerError::from),
+            Err(_) => {
+                self.stats.session_panics += 1;
+                self.close(session, Some("internal error"));
+                return Err(WorkerError::SessionFailed);
+            }
+        };
+        self.drain(session, now);
+        r
+    }
+
+    fn update_load(&self) {
+        self.load
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Handles one received datagram.
+    fn datagram(&mut self, buf: &[u8], source: SocketAddr, now: Instant) {
+        self.stats.datagrams_in += 1;
+        let (session, from_stun) = match self.by_addr.get(&source) {
+            Some(s) => (*s, false),
+            None => match self.session_named_by(buf) {
+                Some(s) => (s, true),
+                None => {
+                    self.stats.dropped_unknown += 1;
+                    return;
+                }
+            },
+        };
+        let destination = self.destination_for(source);
+        let Ok(input) = Receive::new(Protocol::Udp, source, destination, buf) else {
+            // Not STUN, DTLS, RTP or RTCP: drop.
+            self.stats.dropped_unknown += 1;
+            return;
+        };
+        let before = self.out.len();
+        if self.feed(session, input, now)
+            && from_stun
+            && self.out[before..].iter().any(|d| d.destination == source)
+        {
+            // str0m answered the check (integrity verified): remember the 4-tuple.
+            self.by_addr.insert(source, session);
+        }
+    }
+
+    /// The session a STUN binding request names with its full local ufrag, if any.
+    fn session_named_by(&self, buf: &[u8]) -> Option<u32> {
+        let ufrag = demux::binding_request_ufrag(buf)?;
+        let key = demux::parse_ufrag(ufrag)?;
+        let s = self.sessions.get(&key.session)?;
+        (key.worker == self.config.index && s.ufrag == ufrag).then_some(key.session)
+    }
+
+    /// Hands one received packet to a session and drains it; false if the session is gone.
+    fn feed(&mut self, session: u32, input: Receive<'_>, now: Instant) -> bool {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return false;
+        };
+        s.last_rx = now;
+        let ok = catch_unwind(AssertUnwindSafe(|| {
+            s.rtc.handle_input(Input::Receive(now, input)).is_ok()
+        }));
+        match ok {
+            Ok(true) => {}
+            Ok(false) => {
+                // A packet str0m refuses (bad SRTP, malformed RTCP): drop, keep the session.
+                self.stats.dropped_unknown += 1;
+            }
+            Err(_) => {
+                self.stats.session_panics += 1;
+                self.close(session, Some("internal error"));
+                return false;
+            }
+        }
+        self.drain(session, now);
+        true
+    }
+
+    /// The local address to report for a datagram: the announced candidate of the source's
+    /// family (str0m matches it against its local candidates).
+    fn destination_for(&self, source: SocketAddr) -> SocketAddr {
+        self.config
+            .setup
+            .candidates
+            .iter()
+            .find(|c| c.is_ipv4() == source.is_ipv4())
+            .copied()
+            .unwrap_or(self.local_addr)
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((t, session))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(s) = self.sessions.get_mut(&session) else {
+                continue;
+            };
+            // Entries are not removed when a session reschedules; skip stale ones.
+            if s.next_timeout != Some(t) {
+                continue;
+            }
+            s.next_timeout = None;
+            let r = catch_unwind(AssertUnwindSafe(|| s.rtc.handle_input(Input::Timeout(now))));
+            if r.is_err() {
+                self.stats.session_panics += 1;
+                self.close(session, Some("internal error"));
+                continue;
+            }
+            self.drain(session, now);
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let timeout = self.config.ice_timeout;
+        let stale: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                now.saturating_duration_since(s.last_rx) > timeout || !s.rtc.is_alive()
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.close(k, Some("ice timeout"));
+        }
+        self.conns.retain(|_, c| {
+            c.session.is_some() || now.saturating_duration_since(c.since) < TCP_UNBOUND_TIMEOUT
+        });
+        // Deferred keyframe requests that came due.
+        let due: Vec<(u32, Mid)> = self
+            .keyframes
+            .iter_mut()
+            .filter_map(|(k, t)| t.poll(now).then_some(*k))
+            .collect();
+        for (p, mid) in due {
+            self.send_keyframe_request(p, mid, KeyframeRequestKind::Pli, now);
+        }
+    }
+
+    /// Drains every session marked dirty (draining may mark more).
+    fn drain_dirty(&mut self, now: Instant) {
+        while !self.dirty.is_empty() {
+            let batch: Vec<u32> = self.dirty.drain().collect();
+            for s in batch {
+                self.drain(s, now);
+            }
+        }
+    }
+
+    /// Polls a session until it has nothing more to say, routing what it produced.
+    fn drain(&mut self, session: u32, now: Instant) {
+        let mut produced = Vec::new();
+        loop {
+            let Some(s) = self.sessions.get_mut(&session) else {
+                return;
+            };
+            let r = catch_unwind(AssertUnwindSafe(|| s.rtc.poll_output()));
+            let out = match r {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => {
+                    tracing::debug!(session = %s.key, error = %e, "session failed");
+                    produced.push(Produced::Closed("failed"));
+                    break;
+                }
+                Err(_) => {
+                    self.stats.session_panics += 1;
+                    produced.push(Produced::Closed("internal error"));
+                    break;
+                }
+            };
+            match out {
+                Output::Timeout(t) => {
+                    if s.next_timeout != Some(t) {
+                        s.next_timeout = Some(t);
+                        self.timers.push(Reverse((t, session)));
+                    }
+                    break;
+                }
+                Output::Transmit(t) if t.proto == Protocol::Tcp => {
+                    if let Some(c) = self.conns.get_mut(&t.destination)
+                        && c.out.len() < MAX_TCP_BACKLOG
+                        && frame(&t.contents, &mut c.out)
+                    {
+                        self.stats.datagrams_out += 1;
+                    } else {
+                        self.stats.dropped_send += 1;
+                    }
+                }
+                Output::Transmit(t) => self.out.push(OutDatagram {
+                    destination: t.destination,
+                    data: t.contents.into(),
+                }),
+                Output::Event(e) => match e {
+                    Event::Connected => {
+                        s.connected = true;
+                        produced.push(Produced::Connected);
+                    }
+                    Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                        produced.push(Produced::Closed("ice disconnected"));
+                    }
+                    Event::MediaAdded(m) => produced.push(Produced::MediaAdded(m.mid, m.kind)),
+                    Event::RtpPacket(p) => produced.push(Produced::Rtp(Box::new(p))),
+                    Event::ChannelOpen(id, label) => {
+                        produced.push(Produced::ChannelOpen(id, label))
+                    }
+                    Event::ChannelData(d) => produced.push(Produced::ChannelData(d.binary, d.data)),
+                    Event::KeyframeRequest(k) => {
+                        produced.push(Produced::KeyframeRequest(k.mid, k.kind))
+                    }
+                    Event::Closed => produced.push(Produced::Closed("closed")),
+                    _ => {}
+                },
+            }
+        }
+        for p in produced {
+            self.route(session, p, now);
+        }
+    }
+
+    fn route(&mut self, session: u32, p: Produced, now: Instant) {
+        match p {
+            Produced::Closed(reason) => self.close(session, Some(reason)),
+            Produced::MediaAdded(mid, kind) => {
+                if let Some(Session {
+                    role: Role::Publisher { tracks, .. },
+                    ..
+                }) = self.sessions.get_mut(&session)
+                    && !tracks.iter().any(|t| t.mid == mid)
+                {
+                    tracks.push(PublishedTrack { mid, kind });
+                }
+            }
+            Produced::ChannelOpen(id, label) => {
+                match self.sessions.get_mut(&session).map(|s| &mut s.role) {
+                    Some(Role::Publisher { channel, .. }) => *channel = Some((id, label)),
+                    Some(Role::Subscriber {
+                        channel,
+                        channel_open,
+                        ..
+                    }) if *channel == Some(id) => *channel_open = true,
+                    _ => {}
+                }
+            }
+            Produced::ChannelData(binary, data) => self.forward_channel(session, binary, &data),
+            Produced::Rtp(pkt) => self.forward_rtp(session, pkt, now),
+            Produced::Connected => {
+                // A subscriber that just connected needs a keyframe to start decoding.
+                let sub = self.sessions.get(&session).and_then(|s| match &s.role {
+                    Role::Subscriber {
+                        publisher, tracks, ..
+                    } => Some((
+                        *publisher,
+                        tracks
+                            .iter()
+                            .filter(|t| t.kind == MediaKind::Video)
+                            .map(|t| t.source_mid)
+                            .collect::<Vec<_>>(),
+                    )),
+                    Role::Publisher { .. } => None,
+                });
+                if let Some((publisher, mids)) = sub {
+                    for mid in mids {
+                        self.send_keyframe_request(publisher, mid, KeyframeRequestKind::Pli, now);
+                    }
+                }
+            }
+            Produced::KeyframeRequest(mid, kind) => {
+                let sub = self.sessions.get(&session).and_then(|s| match &s.role {
+                    Role::Subscriber {
+                        publisher, tracks, ..
+                    } => tracks
+                        .iter()
+                        .find(|t| t.mid == mid)
+                        .map(|t| (*publisher, t.source_mid)),
+                    Role::Publisher { .. } => None,
+                });
+                if let Some((publisher, source_mid)) = sub {
+                    self.send_keyframe_request(publisher, source_mid, kind, now);
+                }
+            }
+        }
+    }
+
+    fn send_keyframe_request(
+        &mut self,
+        publisher: u32,
+        mid: Mid,
+        kind: KeyframeRequestKind,
+        now: Instant,
+    ) {
+        let interval = self.config.keyframe_interval;
+        let throttle = self
+            .keyframes
+            .entry((publisher, mid))
+            .or_insert_with(|| KeyframeThrottle::new(interval));
+        if !throttle.request(now) {
+            return;
+        }
+        let Some(p) = self.sessions.get_mut(&publisher) else {
+            return;
+        };
+        let mut api = p.rtc.direct_api();
+        if let Some(rx) = api.stream_rx_by_mid(mid, None) {
+            rx.request_keyframe(kind);
+        }
+        self.dirty.insert(publisher);
+    }
+
+    fn forward_rtp(&mut self, publisher: u32, pkt: Box<RtpPacket>, now: Instant) {
+        let Some(p) = self.sessions.get_mut(&publisher) else {
+            return;
+        };
+        let ssrc = pkt.header.ssrc;
+        let mut api = p.rtc.direct_api();
+        let Some(mid) = api.stream_rx(&ssrc).map(|s| s.mid()) else {
+            tracing::trace!(%ssrc, "RTP from an SSRC without a stream");
+            return;
+        };
+        let Some(params) = p.params_of(pkt.header.payload_type) else {
+            tracing::trace!(pt = %pkt.header.payload_type, "RTP with an unnegotiated payload type");
+            return;
+        };
+        let clock_rate = params.spec().clock_rate.get();
+        // Take the list out while writing (nothing below changes routes), put it back after.
+        let subs = self
+            .routes
+            .get_mut(&publisher)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        for &sub in &subs {
+            let Some(s) = self.sessions.get_mut(&sub) else {
+                continue;
+            };
+            if !s.connected {
+                continue;
+            }
+            let Role::Subscriber { tracks, .. } = &mut s.role else {
+                continue;
+            };
+            let Some(t) = tracks.iter_mut().find(|t| t.source_mid == mid) else {
+                continue;
+            };
+            let pt_out = *t
+                .pt_map
+                .entry(pkt.header.payload_type)
+                .or_insert_with(|| s.rtc.codec_config().match_params(params).map(|q| q.pt()));
+            let Some(pt_out) = pt_out else {
+                tracing::trace!(codec = ?params.spec().codec, "subscriber has no matching codec");
+                continue;
+            };
+            let Some(rw) =
+                t.rewriter
+                    .rewrite(*ssrc, *pkt.seq_no, pkt.header.timestamp, clock_rate, now)
+            else {
+                continue;
+            };
+            let (out_mid, video) = (t.mid, t.kind == MediaKind::Video);
+            let mut api = s.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(out_mid, None) else {
+                continue;
+            };
+            tx.write_rtp(
+                RtpWrite::new(pt_out, SeqNo::from(rw.seq), rw.ts, now, pkt.payload.clone())
+                    .marker(pkt.header.marker)
+                    .nackable(video),
+            );
+            self.stats.rtp_forwarded += 1;
+            self.dirty.insert(sub);
+        }
+        if let Some(v) = self.routes.get_mut(&publisher) {
+            *v = subs;
+        }
+    }
+
+    fn forward_channel(&mut self, publisher: u32, binary: bool, data: &[u8]) {
+        if !self
+            .sessions
+            .get(&publisher)
+            .is_some_and(|s| s.is_publisher())
+        {
+            return;
+        }
+        let subs = self.routes.get(&publisher).cloned().unwrap_or_default();
+        for sub in subs {
+            let Some(s) = self.sessions.get_mut(&sub) else {
+                continue;
+            };
+            let Role::Subscriber {
+                channel: Some(id),
+                channel_open: true,
+                ..
+            } = s.role
+            else {
+                continue;
+            };
+            if let Some(mut ch) = s.rtc.channel(id)
+                && matches!(ch.write(binary, data), Ok(true))
+            {
+                self.stats.channel_messages_forwarded += 1;
+            }
+            self.dirty.insert(sub);
+        }
+    }
+
+    /// Removes a session; `reason` set means it ended on its own and the control plane is
+    /// told. A publisher takes its subscribers with it.
+    fn close(&mut self, session: u32, reason: Option<&'static str>) {
+        let Some(mut s) = self.sessions.remove(&session) else {
+            return;
+        };
+        s.rtc.disconnect();
+        self.by_addr.retain(|_, v| *v != session);
+        self.conns.retain(|_, c| c.session != Some(session));
+        match &s.role {
+            Role::Publisher { .. } => {
+                self.keyframes.retain(|(p, _), _| *p != session);
+                for sub in self.routes.remove(&session).unwrap_or_default() {
+                    self.close(sub, Some("publisher closed"));
+                }
+            }
+            Role::Subscriber { publisher, .. } => {
+                if let Some(v) = self.routes.get_mut(publisher) {
+                    v.retain(|x| *x != session);
+                }
+            }
+        }
+        self.update_load();
+        if let Some(reason) = reason {
+            (self.events)(WorkerEvent::SessionClosed { key: s.key, reason });
+        }
+    }
+}
+
+/// What `wait` found ready.
+struct Ready {
+    udp: bool,
+    wake: bool,
+    listener: bool,
+    conns: Vec<SocketAddr>,
+}
+
+/// Writes as much of a connection's queue as the kernel takes now.
+fn flush_tcp(c: &mut TcpConn) {
+    while !c.out.is_empty() {
+        match c.stream.write(&c.out) {
+            Ok(0) => return,
+            Ok(n) => {
+                c.out.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+}
