@@ -19,6 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qemu_box import Box, copy_disk, esp_listing, log, make_stick, partition_offset  # noqa: E402
 
+SOFT_FAILURES = []
 BOOT_TIMEOUT = {"x86_64": 600, "aarch64": 900}
 
 
@@ -38,8 +39,13 @@ def outside_checks(box, errors):
     status, body = box.setup_page()
     log(f"setup page through the tcp forward: HTTP {status}, {body[:60]!r}")
     assert status == 200
-    mapped = box.stun_binding()
-    log(f"STUN Binding through the udp forward answered: XOR-MAPPED-ADDRESS {mapped}")
+    try:
+        mapped = box.stun_binding()
+        log(f"STUN Binding through the udp forward answered: XOR-MAPPED-ADDRESS {mapped}")
+    except AssertionError as e:
+        # Recorded, and the scenario goes on, so one run shows every other point too.
+        SOFT_FAILURES.append(str(e))
+        log(f"FAILED (continuing): {e}")
     if errors:
         raise AssertionError(f"journal has {errors} error lines:\n" + "\n".join(
             ln for ln in box.console().splitlines() if "TALKBOX-JOURNAL-ERROR " in ln))
@@ -170,6 +176,9 @@ def main():
         {"boot": scenario_boot, "update": run_update, "rollback": run_rollback, "verity": run_verity}[a.scenario](a, work)
     except AssertionError as e:
         print(f"FAIL {a.scenario} {a.arch}: {e}", flush=True)
+        return 1
+    if SOFT_FAILURES:
+        print(f"FAIL {a.scenario} {a.arch}: " + "; ".join(SOFT_FAILURES), flush=True)
         return 1
     print(f"PASS {a.scenario} {a.arch} ({time.monotonic() - t0:.0f} s)", flush=True)
     for f in ("disk.img", "stick.img"):
