@@ -49,8 +49,10 @@ class Box:
             shutil.copy(vars_template, self.vars)
         self.web_port = free_port(socket.SOCK_STREAM)
         self.stun_port = free_port(socket.SOCK_DGRAM)
+        self.stun_tcp_port = free_port(socket.SOCK_STREAM)
         net = (f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.web_port}-:9443,"
-               f"hostfwd=udp:127.0.0.1:{self.stun_port}-:3478")
+               f"hostfwd=udp:127.0.0.1:{self.stun_port}-:3478,"
+               f"hostfwd=tcp:127.0.0.1:{self.stun_tcp_port}-:3478")
         if arch == "x86_64":
             cmd = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,smm=on",
                    "-global", "driver=cfi.pflash01,property=secure,value=on", "-cpu", "max"]
@@ -141,6 +143,17 @@ class Box:
                 last = e
                 time.sleep(2)
         raise AssertionError(f"setup page through 127.0.0.1:{self.web_port}: {last}")
+
+    def stun_binding_tcp(self):
+        """The same Binding request over TCP (RFC 8489 needs no extra framing over TCP)."""
+        tid = os.urandom(12)
+        req = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + tid
+        with socket.create_connection(("127.0.0.1", self.stun_tcp_port), timeout=10) as s:
+            s.sendall(req)
+            data = s.recv(2048)
+        mtype = struct.unpack("!H", data[:2])[0]
+        assert mtype == 0x0101 and data[8:20] == tid, f"not a Binding success over TCP: {data[:20].hex()}"
+        return "Binding success over TCP"
 
     def stun_binding(self):
         """RFC 8489 Binding request; returns the XOR-MAPPED-ADDRESS seen by the box."""

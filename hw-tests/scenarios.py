@@ -46,6 +46,10 @@ def outside_checks(box, errors):
         # Recorded, and the scenario goes on, so one run shows every other point too.
         SOFT_FAILURES.append(str(e))
         log(f"FAILED (continuing): {e}")
+        try:
+            log(f"diagnosis: STUN through the tcp forward to 3478: {box.stun_binding_tcp()}")
+        except (AssertionError, OSError) as e2:
+            log(f"diagnosis: STUN through the tcp forward to 3478 failed too: {e2}")
     if errors:
         raise AssertionError(f"journal has {errors} error lines:\n" + "\n".join(
             ln for ln in box.console().splitlines() if "TALKBOX-JOURNAL-ERROR " in ln))
