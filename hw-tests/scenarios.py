@@ -84,7 +84,7 @@ def scenario_update(a, work, checks=False):
         print(f"TIMING boot-to-healthy-{a.arch} {t:.1f}")
         if checks:
             outside_checks(box, errors)
-        i, ti = box.wait_for(r"TALKBOX-UPDATE-INSTALLED version=(\S+)", 600, m.end())
+        i, ti = box.wait_for(r"TALKBOX-UPDATE-INSTALLED version=([^;\s]+)", 600, m.end())
         log(f"bundle version {i.group(1)} installed into the other slot at {ti:.1f} s; rebooting")
         box.wait_exit(180)
     finally:
