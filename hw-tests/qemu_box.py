@@ -1,0 +1,224 @@
+"""Boots a talkbox disk image under qemu (TCG) and checks it from outside.
+
+One `Box` is one qemu process: UEFI firmware with Debian's test Secure Boot keys enrolled
+(OVMF / AAVMF "snakeoil" variables), the disk as virtio, user-mode networking restricted to
+forwards on 127.0.0.1 (tcp -> setup page 9443, udp -> STUN/TURN 3478), serial console to a
+log file, and a QMP socket for an ACPI power-off. The image prints marker lines on the
+console (talkbox-healthy.service): TALKBOX-HEALTHY slot=.. version=.., TALKBOX-JOURNAL-ERRORS n,
+TALKBOX-UNHEALTHY, TALKBOX-UPDATE-INSTALLED.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import time
+import urllib.request
+
+FIRMWARE = {
+    "x86_64": ("/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd", "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd"),
+    "aarch64": ("/usr/share/AAVMF/AAVMF_CODE.snakeoil.fd", "/usr/share/AAVMF/AAVMF_VARS.snakeoil.fd"),
+}
+
+
+def free_port(kind):
+    s = socket.socket(socket.AF_INET, kind)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Box:
+    def __init__(self, arch, disk, workdir, name, stick=None, reboot=False, mem=1024):
+        self.arch, self.disk, self.workdir, self.name = arch, disk, workdir, name
+        os.makedirs(workdir, exist_ok=True)
+        self.logfile = os.path.join(workdir, f"{name}.console.log")
+        self.qmp_path = os.path.join(workdir, f"{name}.qmp")
+        self.vars = os.path.join(workdir, "efivars.fd")
+        code, vars_template = FIRMWARE[arch]
+        if not os.path.exists(self.vars):
+            shutil.copy(vars_template, self.vars)
+        self.web_port = free_port(socket.SOCK_STREAM)
+        self.stun_port = free_port(socket.SOCK_DGRAM)
+        self.stun_tcp_port = free_port(socket.SOCK_STREAM)
+        net = (f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.web_port}-:9443,"
+               f"hostfwd=udp:127.0.0.1:{self.stun_port}-:3478,"
+               f"hostfwd=tcp:127.0.0.1:{self.stun_tcp_port}-:3478")
+        if arch == "x86_64":
+            cmd = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,smm=on",
+                   "-global", "driver=cfi.pflash01,property=secure,value=on", "-cpu", "max"]
+        else:
+            cmd = ["qemu-system-aarch64", "-accel", "tcg", "-machine", "virt", "-cpu", "cortex-a72"]
+        cmd += ["-m", str(mem), "-smp", "2", "-nographic", "-nodefaults", "-serial", "stdio",
+                "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+                "-drive", f"if=pflash,format=raw,file={self.vars}",
+                "-drive", f"file={disk},if=virtio,format=raw,cache=unsafe",
+                "-netdev", net, "-device", "virtio-net-pci,netdev=n0,romfile=",
+                "-device", "virtio-rng-pci",
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if stick:
+            cmd += ["-drive", f"file={stick},if=virtio,format=raw,readonly=on"]
+        if not reboot:
+            cmd += ["-no-reboot"]
+        self.cmd = cmd
+        self.out = open(self.logfile, "wb")
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT)
+        log(f"{name}: qemu pid {self.proc.pid} ({arch}, web 127.0.0.1:{self.web_port}, "
+            f"stun udp 127.0.0.1:{self.stun_port}), console {self.logfile}")
+
+    def console(self):
+        with open(self.logfile, "rb") as f:
+            return f.read().decode("utf-8", "replace").replace("\r", "")
+
+    def wait_for(self, pattern, timeout, start=0):
+        """Waits for a console line matching `pattern` (regex) after character `start`.
+        Returns (match, seconds since qemu started)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = rx.search(self.console(), start)
+            if m:
+                return m, time.monotonic() - self.t0
+            if self.proc.poll() is not None:
+                m = rx.search(self.console(), start)
+                if m:
+                    return m, time.monotonic() - self.t0
+                raise AssertionError(f"{self.name}: qemu exited (rc {self.proc.returncode}) before /{pattern}/; "
+                                     f"console tail:\n{self.tail()}")
+            time.sleep(0.5)
+        raise AssertionError(f"{self.name}: no /{pattern}/ within {timeout} s; console tail:\n{self.tail()}")
+
+    def tail(self, n=40):
+        return "\n".join(self.console().splitlines()[-n:])
+
+    def wait_exit(self, timeout):
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name}: qemu still running after {timeout} s; tail:\n{self.tail()}")
+
+    def powerdown(self, timeout=30):
+        """ACPI power button through QMP; systemd shuts down cleanly (ESP renames are synced)."""
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(self.qmp_path)
+            f = s.makefile("rw")
+            f.readline()
+            for c in ("qmp_capabilities", "system_powerdown"):
+                f.write(json.dumps({"execute": c}) + "\n")
+                f.flush()
+                f.readline()
+            s.close()
+        except OSError as e:
+            log(f"{self.name}: QMP: {e}")
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # systemd-logind (which acts on the power button) is masked in the image; the guest's
+            # writes are already in the disk file, so stopping qemu loses nothing we check.
+            log(f"{self.name}: no ACPI shutdown within {timeout} s; stopping qemu")
+            self.kill()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if not self.out.closed:
+            self.out.close()
+
+    # --- checks from outside ---------------------------------------------------------------
+    def setup_page(self):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the box's certificate is self-signed until claimed
+        last = None
+        for _ in range(30):
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{self.web_port}/", context=ctx, timeout=20) as r:
+                    return r.status, r.read(200)
+            except OSError as e:
+                last = e
+                time.sleep(2)
+        raise AssertionError(f"setup page through 127.0.0.1:{self.web_port}: {last}")
+
+    def stun_binding_tcp(self):
+        """The same Binding request over TCP (RFC 8489 needs no extra framing over TCP)."""
+        tid = os.urandom(12)
+        req = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + tid
+        with socket.create_connection(("127.0.0.1", self.stun_tcp_port), timeout=10) as s:
+            s.sendall(req)
+            data = s.recv(2048)
+        mtype = struct.unpack("!H", data[:2])[0]
+        assert mtype == 0x0101 and data[8:20] == tid, f"not a Binding success over TCP: {data[:20].hex()}"
+        return "Binding success over TCP"
+
+    def stun_binding(self):
+        """RFC 8489 Binding request; returns the XOR-MAPPED-ADDRESS seen by the box."""
+        tid = os.urandom(12)
+        req = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + tid
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(3)
+        try:
+            for _ in range(10):
+                s.sendto(req, ("127.0.0.1", self.stun_port))
+                try:
+                    data, _ = s.recvfrom(2048)
+                except socket.timeout:
+                    continue
+                mtype, mlen, cookie = struct.unpack("!HHI", data[:8])
+                assert mtype == 0x0101 and data[8:20] == tid, f"not a Binding success: {data[:20].hex()}"
+                attrs = data[20:20 + mlen]
+                while attrs:
+                    at, al = struct.unpack("!HH", attrs[:4])
+                    if at == 0x0020:
+                        port = struct.unpack("!H", attrs[6:8])[0] ^ 0x2112
+                        ip = bytes(a ^ b for a, b in zip(attrs[8:12], struct.pack("!I", 0x2112A442)))
+                        return f"{socket.inet_ntoa(ip)}:{port}"
+                    attrs = attrs[4 + ((al + 3) & ~3):]
+                return "(no XOR-MAPPED-ADDRESS)"
+            raise AssertionError(f"no STUN answer through udp 127.0.0.1:{self.stun_port}")
+        finally:
+            s.close()
+
+
+def esp_listing(disk):
+    """File names in EFI/Linux of the disk's ESP (1 MiB offset), read with mtools."""
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    out = subprocess.run(["mdir", "-b", "-i", f"{disk}@@1M", "::/EFI/Linux"], capture_output=True,
+                         text=True, env=env).stdout
+    return sorted(os.path.basename(line.strip()) for line in out.splitlines() if line.strip())
+
+
+def make_stick(bundle, path):
+    """A FAT volume labelled TALKBOX-UPD holding the bundle (an update stick)."""
+    size_mib = os.path.getsize(bundle) // 1048576 + 16
+    if os.path.exists(path):
+        os.unlink(path)
+    subprocess.run(["mkfs.vfat", "-n", "TALKBOX-UPD", "-C", path, str(size_mib * 1024)], check=True,
+                   capture_output=True)
+    subprocess.run(["mcopy", "-i", path, bundle, "::/update.raucb"], check=True,
+                   env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+
+
+def copy_disk(src, dst):
+    subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+
+
+def partition_offset(disk, name):
+    """Byte offset of the GPT partition with this name (sgdisk)."""
+    out = subprocess.run(["sgdisk", "-p", disk], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 7 and f[0].isdigit() and f[-1] == name:
+            return int(f[1]) * 512
+    raise AssertionError(f"no partition {name} in {disk}")
