@@ -98,9 +98,10 @@ run_load() {
   set -e
   c1=$(cpu_ticks "$pid"); t1=$(date +%s.%N)
   local sent recv lost
-  sent=$(grep -o 'tot_send_msgs=[0-9]*' "$log" | tail -1 | cut -d= -f2)
-  recv=$(grep -o 'tot_recv_msgs=[0-9]*' "$log" | tail -1 | cut -d= -f2)
-  lost=$(grep -o 'Total lost packets [0-9]* ([0-9.]*%)' "$log" | tail -1 | sed 's/.*(\(.*\)%)/\1/')
+  # A failed run prints none of these; it is then reported with rc and 100 % loss.
+  sent=$( { grep -o 'tot_send_msgs=[0-9]*' "$log" || true; } | tail -1 | cut -d= -f2)
+  recv=$( { grep -o 'tot_recv_msgs=[0-9]*' "$log" || true; } | tail -1 | cut -d= -f2)
+  lost=$( { grep -o 'Total lost packets [0-9]* ([0-9.]*%)' "$log" || true; } | tail -1 | sed 's/.*(\(.*\)%)/\1/')
   awk -v s="$server" -v l="$label" -v rc="$rc" -v c0="$c0" -v c1="$c1" -v tk="$tick" -v t0="$t0" -v t1="$t1" \
       -v sent="${sent:-0}" -v recv="${recv:-0}" -v lost="${lost:-100}" -v args="$*" 'BEGIN {
     cpu = (c1 - c0) / tk; relayed = sent + recv; wall = t1 - t0
@@ -119,18 +120,20 @@ cleanup() {
 trap cleanup EXIT
 taskset -cp 1 "$peer" >/dev/null
 
-results="$work/results.txt"; : > "$results"
-for server in talkbox coturn; do
-  if [ "$server" = talkbox ]; then sec=$(start_talkbox); port=3578; else sec=$(start_coturn); port=3678; fi
-  for l in "${loads[@]}"; do
+results="$work/results.txt"; : > "$results"; : > "$work/rss.txt"
+# A fresh server for every load: uclient reuses local ports, and allocations a finished run
+# leaves behind (they live 600 s) would answer the next run's clients with 437.
+for l in "${loads[@]}"; do
+  for server in talkbox coturn; do
+    rm -rf "$work/talkbox-data"
+    if [ "$server" = talkbox ]; then sec=$(start_talkbox); port=3578; else sec=$(start_coturn); port=3678; fi
     # shellcheck disable=SC2086
     run_load "$server" "$port" "$sec" $l >> "$results"
     tail -1 "$results" >&2
+    echo "$server|${l%% *}|$(peak_rss_kb "$(cat "$work/server.pid")")" >> "$work/rss.txt"
+    if [ "$server" = talkbox ]; then stop_pid "$(cat "$work/supervisor.pid")"; else stop_pid "$(cat "$work/server.pid")"; fi
+    rm -f "$work/server.pid" "$work/supervisor.pid"
   done
-  rss=$(peak_rss_kb "$(cat "$work/server.pid")")
-  echo "$server|peak_rss_kb|$rss" >> "$work/rss.txt"
-  if [ "$server" = talkbox ]; then stop_pid "$(cat "$work/supervisor.pid")"; else stop_pid "$(cat "$work/server.pid")"; fi
-  rm -f "$work/server.pid"
 done
 
 # Render the section.
@@ -157,6 +160,6 @@ done
       printf "Highest load with < 0.1 %% loss: talkbox `%s`, coturn `%s`.\n", ok["talkbox"], ok["coturn"]
     }' "$results"
   echo
-  awk -F'|' '{printf "Peak RSS %s: %d KiB. ", $1, $3} END {print ""}' "$work/rss.txt"
+  awk -F'|' '{ if ($3 > peak[$1]) peak[$1] = $3 } END { printf "Peak RSS of the server process over the loads: talkbox turn %d KiB, coturn %d KiB.\n", peak["talkbox"], peak["coturn"] }' "$work/rss.txt"
 } > "$out/turn.md"
 cat "$out/turn.md"
