@@ -63,8 +63,8 @@ pub struct SignalingConfig {
     pub sfu_url: Option<String>,
 }
 
-/// The local SFU's `/proxy` WebSocket, as `signaling.sfu_url` names it by default.
-pub const DEFAULT_SFU_URL: &str = "ws://127.0.0.1:9444/proxy";
+/// `signaling.sfu_url` by default: the box's own SFU, wherever `sfu.listen` puts it.
+pub const DEFAULT_SFU_URL: &str = "auto";
 
 /// One `[[signaling.backend]]`: a Nextcloud server allowed to use this box as its HPB.
 #[derive(Debug, Clone, PartialEq)]
@@ -434,7 +434,7 @@ impl SignalingConfig {
             sfu_url: Some(r.string(
                 "sfu_url",
                 DEFAULT_SFU_URL,
-                "The SFU's proxy-protocol WebSocket (`/proxy`): `ws://` only on loopback, `wss://` verified against the box certificate; empty = no SFU (no `mcu` feature).",
+                "The SFU's proxy-protocol WebSocket (`/proxy`): `auto` = this box's SFU at `sfu.listen` (`wss://` when `sfu.tls`); `ws://` only on loopback, `wss://` verified against the box certificate; empty = no SFU (no `mcu` feature).",
                 check_sfu_url,
             ))
             .filter(|s| !s.is_empty()),
@@ -484,7 +484,7 @@ impl SignalingConfig {
 /// `ws://` only to this machine (the proxy hello token would travel in clear otherwise);
 /// `wss://` anywhere.
 fn check_sfu_url(s: &str) -> Result<(), String> {
-    if s.is_empty() {
+    if s.is_empty() || s == DEFAULT_SFU_URL {
         return Ok(());
     }
     let uri = s
@@ -493,7 +493,8 @@ fn check_sfu_url(s: &str) -> Result<(), String> {
         .filter(|u| matches!(u.scheme_str(), Some("ws") | Some("wss")) && u.host().is_some());
     let Some(uri) = uri else {
         return Err(
-            "expected a ws:// or wss:// URL such as ws://127.0.0.1:9090/proxy, or empty".into(),
+            "expected `auto`, a ws:// or wss:// URL such as ws://127.0.0.1:9444/proxy, or empty"
+                .into(),
         );
     };
     let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
@@ -861,6 +862,18 @@ impl Config {
         let (turn, l3) = section!("turn", TurnConfig);
         let (web, l4) = section!("web", WebConfig);
         let (sizing, _) = section!("sizing", SizingConfig);
+        let mut signaling = signaling;
+        if signaling.sfu_url.as_deref() == Some(DEFAULT_SFU_URL) {
+            signaling.sfu_url = sfu.enabled.then(|| {
+                // The SFU may listen on every address; signaling reaches it on loopback.
+                let mut at = sfu.listen;
+                if at.ip().is_unspecified() {
+                    at.set_ip(IpAddr::from([127, 0, 0, 1]));
+                }
+                let scheme = if sfu.tls { "wss" } else { "ws" };
+                format!("{scheme}://{at}/proxy")
+            });
+        }
         let config = Config {
             supervisor,
             signaling,
@@ -1282,6 +1295,30 @@ mod tests {
         );
         assert_eq!(c.signaling.backends[0].session_limit, 5);
         assert!(!c.signaling.allow_all, "allow_all is off by default");
+    }
+
+    #[test]
+    fn sfu_url_follows_the_local_sfu_unless_set() {
+        let c = Config::from_toml("t", "[sfu]\nlisten = \"0.0.0.0:9555\"\n").expect("valid");
+        assert_eq!(
+            c.signaling.sfu_url.as_deref(),
+            Some("ws://127.0.0.1:9555/proxy")
+        );
+        let c = Config::from_toml("t", "[sfu]\nenabled = false\n").expect("valid");
+        assert_eq!(c.signaling.sfu_url, None);
+        let c = Config::from_toml(
+            "t",
+            "[signaling]\nsfu_url = \"wss://sfu.example.org/proxy\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.signaling.sfu_url.as_deref(),
+            Some("wss://sfu.example.org/proxy")
+        );
+        assert_eq!(
+            Config::default().signaling.sfu_url.as_deref(),
+            Some("ws://127.0.0.1:9444/proxy")
+        );
     }
 
     #[test]
