@@ -353,10 +353,14 @@ async function subscribe(from, roomType, d) {
   if (!pc) {
     pc = new RTCPeerConnection({ iceServers: iceServers(), bundlePolicy: 'max-bundle' });
     p.subs[roomType] = pc;
+    // Audio and video of one subscription may come in different streams (or none): collect
+    // every track of this connection into one stream, so the tile plays both.
+    const stream = new MediaStream();
     pc.ontrack = (ev) => {
       const t = tile(from, roomType, false);
       t.querySelector('.name').textContent = labelOf(p, roomType);
-      attach(t, ev.streams[0] || new MediaStream([ev.track]), false);
+      stream.addTrack(ev.track);
+      attach(t, stream, false);
     };
     pc.onicecandidate = (ev) => {
       const c = ev.candidate;
