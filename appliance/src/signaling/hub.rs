@@ -1025,19 +1025,7 @@ impl Hub {
                 json!({"roomid": room_id, "properties": properties}),
             ),
         );
-        let rest: Vec<String> = all_users
-            .iter()
-            .filter(|u| !users.contains(u))
-            .cloned()
-            .collect();
-        out.broadcast(
-            self.user_sessions(backend, &rest),
-            &api::event(
-                "roomlist",
-                "update",
-                json!({"roomid": room_id, "properties": properties}),
-            ),
-        );
+        self.roomlist_update_others(&mut out, backend, room_id, users, all_users, properties);
         out
     }
 
@@ -1073,6 +1061,21 @@ impl Hub {
                 out.merge(gone);
             }
         }
+        self.roomlist_update_others(&mut out, backend, room_id, users, all_users, properties);
+        out
+    }
+
+    /// Tells the users of the room who were not invited or disinvited that its properties
+    /// changed (`roomlist` `update`), as upstream does after invite and disinvite.
+    fn roomlist_update_others(
+        &self,
+        out: &mut Out,
+        backend: &str,
+        room_id: &str,
+        users: &[String],
+        all_users: &[String],
+        properties: &Value,
+    ) {
         let rest: Vec<String> = all_users
             .iter()
             .filter(|u| !users.contains(u))
@@ -1086,7 +1089,6 @@ impl Hub {
                 json!({"roomid": room_id, "properties": properties}),
             ),
         );
-        out
     }
 
     pub fn backend_update(
