@@ -14,6 +14,7 @@
 //!   backend; [`tcp`]: RFC 4571 framing for ICE-TCP;
 //! - [`worker`]: one pinned thread per worker running sessions over its own socket.
 
+pub mod allocator;
 pub mod demux;
 pub mod forward;
 pub mod io;

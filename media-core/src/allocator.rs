@@ -1,0 +1,842 @@
+//! Bandwidth allocation, sans-I/O: which layer of which stream each subscriber receives.
+//!
+//! Inputs are what the SFU knows at one moment: the publishers' streams with the expected
+//! bitrate of each simulcast layer, every subscriber's bandwidth estimate (str0m's send-side
+//! GoogCC, or REMB) and its subscriptions with the `selectStream` upper bound, the per-stream
+//! caps (camera, screen) and the box's egress budget (a fraction of the measured capacity, see
+//! the appliance's sizing). The output is a plan: a layer or "paused" per subscription.
+//!
+//! Rules, in this order (DESIGN.md §4, §5):
+//! 1. A subscriber never gets more than its estimate. Within it, audio comes first, then screen
+//!    share, then the active speaker's camera, then the other cameras; every stream first gets
+//!    its lowest layer (by priority), and the remaining room raises layers, higher priority
+//!    classes first and round-robin inside a class, so equal cameras share equally.
+//! 2. The whole plan never exceeds the egress budget. When it would, camera layers are lowered
+//!    one step at a time at the subscriber that currently receives the most camera video
+//!    ("largest consumers first"); screen share is lowered only when no camera video is left
+//!    anywhere, and audio is dropped only when neither is (what whole dropped audio streams
+//!    leave unused goes back to audio where it fits).
+//! 3. A layer above the per-kind cap or above the subscriber's `selectStream` bound is never
+//!    chosen (the lowest layer stays eligible: the publisher is capped by REMB/SDP instead).
+//!
+//! [`Hysteresis`] adds time (as a parameter): downgrades apply at once, upgrades only after
+//! the plan has allowed them for a hold time, so an estimate that wobbles does not make the
+//! picture switch back and forth (each switch costs a keyframe).
+//!
+//! The layers no subscriber uses ([`Plan::layers_in_use`]) are the ones to pause at the
+//! publisher.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// Bits per second.
+pub type Bps = u64;
+
+/// What a stream carries; the order is the priority order inside one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Audio,
+    Screen,
+    Camera,
+}
+
+/// One publisher stream as the allocator sees it.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The caller's id of the stream (unique among the sources of one call to [`allocate`]).
+    pub id: u32,
+    pub kind: Kind,
+    /// Expected bitrate of each layer, lowest first (one entry without simulcast). For a layer
+    /// that is paused, the caller passes its last measured or its nominal rate, so that it can
+    /// be chosen (and then resumed) again.
+    pub layers: Vec<Bps>,
+    /// The publisher is the room's active speaker (its camera goes before other cameras).
+    pub speaking: bool,
+}
+
+/// One stream a subscriber receives.
+#[derive(Debug, Clone, Copy)]
+pub struct Subscription {
+    pub source: u32,
+    /// The client's `selectStream` choice: never send a higher layer than this.
+    pub max_layer: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    pub id: u32,
+    /// Current bandwidth estimate towards this subscriber.
+    pub estimate: Bps,
+    pub subscriptions: Vec<Subscription>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Egress budget of the whole box (all subscribers together).
+    pub budget: Bps,
+    /// Highest bitrate of a camera layer that may be forwarded (default 1 Mbit/s).
+    pub camera_cap: Bps,
+    /// Highest bitrate of a screen-share layer that may be forwarded (default 2 Mbit/s).
+    pub screen_cap: Bps,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            budget: Bps::MAX,
+            camera_cap: 1_000_000,
+            screen_cap: 2_000_000,
+        }
+    }
+}
+
+/// The decision for one subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment {
+    pub source: u32,
+    /// `None`: paused (nothing of this stream is sent to this subscriber).
+    pub layer: Option<usize>,
+    /// Bitrate of the chosen layer (0 when paused).
+    pub rate: Bps,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberPlan {
+    pub id: u32,
+    /// One entry per subscription, in the order they were given.
+    pub assignments: Vec<Assignment>,
+    /// Sum of the assigned rates.
+    pub total: Bps,
+    /// The egress budget, not this subscriber's estimate, lowered something here.
+    pub limited_by_budget: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub subscribers: Vec<SubscriberPlan>,
+    /// Planned egress of the box.
+    pub total: Bps,
+}
+
+impl Plan {
+    /// For each source, the layers at least one subscriber receives; every other layer of that
+    /// source can be paused at the publisher. Sources nobody receives are absent.
+    pub fn layers_in_use(&self) -> BTreeMap<u32, BTreeSet<usize>> {
+        let mut used: BTreeMap<u32, BTreeSet<usize>> = BTreeMap::new();
+        for a in self.subscribers.iter().flat_map(|s| &s.assignments) {
+            if let Some(layer) = a.layer {
+                used.entry(a.source).or_default().insert(layer);
+            }
+        }
+        used
+    }
+
+    /// The plan of one subscriber.
+    pub fn subscriber(&self, id: u32) -> Option<&SubscriberPlan> {
+        self.subscribers.iter().find(|s| s.id == id)
+    }
+}
+
+/// Priority class inside a subscriber: lower goes first.
+fn class(src: &Source) -> u8 {
+    match (src.kind, src.speaking) {
+        (Kind::Audio, _) => 0,
+        (Kind::Screen, _) => 1,
+        (Kind::Camera, true) => 2,
+        (Kind::Camera, false) => 3,
+    }
+}
+
+/// The layers a subscription may use, lowest first: within the subscriber's bound and the
+/// per-kind cap, but always at least the lowest layer.
+fn eligible(src: &Source, sub: &Subscription, limits: &Limits) -> Vec<usize> {
+    let cap = match src.kind {
+        Kind::Audio => Bps::MAX,
+        Kind::Screen => limits.screen_cap,
+        Kind::Camera => limits.camera_cap,
+    };
+    let bound = sub.max_layer.unwrap_or(usize::MAX);
+    let mut layers: Vec<usize> = (0..src.layers.len())
+        .filter(|&i| i <= bound && src.layers[i] <= cap)
+        .collect();
+    if layers.is_empty() && !src.layers.is_empty() {
+        layers.push(0);
+    }
+    layers
+}
+
+/// Working state of one subscription during planning.
+struct Slot<'a> {
+    src: &'a Source,
+    eligible: Vec<usize>,
+    /// Index into `eligible`, `None` = paused.
+    pos: Option<usize>,
+}
+
+impl Slot<'_> {
+    fn rate(&self) -> Bps {
+        self.pos.map_or(0, |p| self.src.layers[self.eligible[p]])
+    }
+
+    fn rate_at(&self, pos: usize) -> Bps {
+        self.src.layers[self.eligible[pos]]
+    }
+}
+
+/// Plans every subscriber's layers; see the module documentation for the rules.
+pub fn allocate(sources: &[Source], subscribers: &[Subscriber], limits: &Limits) -> Plan {
+    let by_id: BTreeMap<u32, &Source> = sources.iter().map(|s| (s.id, s)).collect();
+    let mut all: Vec<Vec<Slot<'_>>> = subscribers
+        .iter()
+        .map(|sub| plan_within_estimate(sub, &by_id, limits))
+        .collect();
+    let mut limited = vec![false; subscribers.len()];
+    fit_budget(&mut all, &mut limited, limits.budget);
+    refill_audio(&mut all, subscribers, limits.budget);
+
+    let mut total: Bps = 0;
+    let plans = subscribers
+        .iter()
+        .zip(all)
+        .zip(limited)
+        .map(|((sub, slots), limited_by_budget)| {
+            let mut by_sub = slots.into_iter();
+            let assignments: Vec<Assignment> = sub
+                .subscriptions
+                .iter()
+                .map(|s| match by_id.get(&s.source) {
+                    // Unknown sources have no slot (they were skipped when planning).
+                    None => Assignment {
+                        source: s.source,
+                        layer: None,
+                        rate: 0,
+                    },
+                    Some(_) => match by_sub.next() {
+                        Some(slot) => Assignment {
+                            source: s.source,
+                            layer: slot.pos.map(|p| slot.eligible[p]),
+                            rate: slot.rate(),
+                        },
+                        None => Assignment {
+                            source: s.source,
+                            layer: None,
+                            rate: 0,
+                        },
+                    },
+                })
+                .collect();
+            let sub_total = assignments.iter().map(|a| a.rate).sum();
+            total += sub_total;
+            SubscriberPlan {
+                id: sub.id,
+                assignments,
+                total: sub_total,
+                limited_by_budget,
+            }
+        })
+        .collect();
+    Plan {
+        subscribers: plans,
+        total,
+    }
+}
+
+/// Rule 1: the best layers that fit one subscriber's estimate. The slots come back in the
+/// order of the subscriptions (unknown sources left out).
+fn plan_within_estimate<'a>(
+    sub: &Subscriber,
+    by_id: &BTreeMap<u32, &'a Source>,
+    limits: &Limits,
+) -> Vec<Slot<'a>> {
+    let mut slots: Vec<Slot<'a>> = sub
+        .subscriptions
+        .iter()
+        .filter_map(|s| {
+            let src = *by_id.get(&s.source)?;
+            Some(Slot {
+                src,
+                eligible: eligible(src, s, limits),
+                pos: None,
+            })
+        })
+        .collect();
+    // Priority order: class, then source id, so that equal inputs give equal plans.
+    let mut order: Vec<usize> = (0..slots.len()).collect();
+    order.sort_by_key(|&i| (class(slots[i].src), slots[i].src.id));
+
+    let mut used: Bps = 0;
+    // Lowest layers first, by priority.
+    for &i in &order {
+        let slot = &mut slots[i];
+        if slot.eligible.is_empty() {
+            continue;
+        }
+        let r = slot.rate_at(0);
+        if used.saturating_add(r) <= sub.estimate {
+            slot.pos = Some(0);
+            used += r;
+        }
+    }
+    // Then raise layers: class by class, one step per stream per round inside a class.
+    let mut start = 0;
+    while start < order.len() {
+        let c = class(slots[order[start]].src);
+        let end = order[start..]
+            .iter()
+            .position(|&i| class(slots[i].src) != c)
+            .map_or(order.len(), |n| start + n);
+        loop {
+            let mut raised = false;
+            for &i in &order[start..end] {
+                let slot = &mut slots[i];
+                let Some(p) = slot.pos else { continue };
+                if p + 1 >= slot.eligible.len() {
+                    continue;
+                }
+                let (cur, next) = (slot.rate_at(p), slot.rate_at(p + 1));
+                let after = used - cur + next;
+                if after <= sub.estimate {
+                    slot.pos = Some(p + 1);
+                    used = after;
+                    raised = true;
+                }
+            }
+            if !raised {
+                break;
+            }
+        }
+        start = end;
+    }
+    slots
+}
+
+/// Rule 2: lower layers until the sum fits the budget, largest consumers first.
+fn fit_budget(all: &mut [Vec<Slot<'_>>], limited: &mut [bool], budget: Bps) {
+    let mut total: Bps = all.iter().flatten().map(Slot::rate).sum();
+    for kind in [Kind::Camera, Kind::Screen, Kind::Audio] {
+        while total > budget {
+            // The subscriber receiving the most of this kind (ties: the first).
+            let mut best: Option<(usize, Bps)> = None;
+            for (i, slots) in all.iter().enumerate() {
+                let amount: Bps = slots
+                    .iter()
+                    .filter(|s| s.src.kind == kind)
+                    .map(Slot::rate)
+                    .sum();
+                if amount > 0 && best.is_none_or(|(_, b)| amount > b) {
+                    best = Some((i, amount));
+                }
+            }
+            let Some((i, _)) = best else { break };
+            // Inside it, the least important stream of this kind that is still flowing, and
+            // among equals the one with the highest rate.
+            let Some(slot) = all[i]
+                .iter_mut()
+                .filter(|s| s.src.kind == kind && s.pos.is_some())
+                .max_by_key(|s| (class(s.src), s.rate(), std::cmp::Reverse(s.src.id)))
+            else {
+                break;
+            };
+            let before = slot.rate();
+            slot.pos = match slot.pos {
+                Some(0) | None => None,
+                Some(p) => Some(p - 1),
+            };
+            total = total - before + slot.rate();
+            limited[i] = true;
+        }
+    }
+}
+
+/// Dropping whole audio streams for the budget leaves up to one stream's rate unused; give it
+/// back to audio where it fits (subscribers with the least audio first).
+fn refill_audio(all: &mut [Vec<Slot<'_>>], subscribers: &[Subscriber], budget: Bps) {
+    let mut total: Bps = all.iter().flatten().map(Slot::rate).sum();
+    let mut order: Vec<usize> = (0..all.len()).collect();
+    order.sort_by_key(|&i| {
+        let audio: Bps = all[i]
+            .iter()
+            .filter(|s| s.src.kind == Kind::Audio)
+            .map(Slot::rate)
+            .sum();
+        (audio, i)
+    });
+    for i in order {
+        let mut used: Bps = all[i].iter().map(Slot::rate).sum();
+        for slot in all[i].iter_mut() {
+            if slot.src.kind != Kind::Audio || slot.pos.is_some() || slot.eligible.is_empty() {
+                continue;
+            }
+            let r = slot.rate_at(0);
+            if used + r <= subscribers[i].estimate && total + r <= budget {
+                slot.pos = Some(0);
+                used += r;
+                total += r;
+            }
+        }
+    }
+}
+
+/// Holds upgrades back until the plan has wanted them for a while; downgrades pass at once.
+///
+/// Keyed by (subscriber id, source id). Holding a lower layer only ever lowers rates, so every
+/// guarantee of [`allocate`] (estimate, budget, audio first) still holds for the output.
+#[derive(Debug)]
+pub struct Hysteresis {
+    hold: Duration,
+    /// Layer currently sent, and since when a higher one has been allowed without a break.
+    state: BTreeMap<(u32, u32), (Option<usize>, Option<Instant>)>,
+}
+
+impl Hysteresis {
+    pub fn new(hold: Duration) -> Self {
+        Self {
+            hold,
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// Applies the hold to `plan` (made at `now`) and returns the plan to put in force.
+    pub fn apply(&mut self, mut plan: Plan, sources: &[Source], now: Instant) -> Plan {
+        let by_id: BTreeMap<u32, &Source> = sources.iter().map(|s| (s.id, s)).collect();
+        let mut seen = BTreeSet::new();
+        let mut total = 0;
+        for sub in &mut plan.subscribers {
+            let mut sub_total = 0;
+            for a in &mut sub.assignments {
+                let key = (sub.id, a.source);
+                seen.insert(key);
+                let src = by_id.get(&a.source);
+                let rate_of = |layer: Option<usize>| {
+                    layer
+                        .and_then(|l| src.and_then(|s| s.layers.get(l)))
+                        .copied()
+                        .unwrap_or(0)
+                };
+                match self.state.get_mut(&key) {
+                    // A new subscription starts at once at whatever fits: holding it back
+                    // would only delay the first picture.
+                    None => {
+                        self.state.insert(key, (a.layer, None));
+                    }
+                    Some(entry) => {
+                        // Option orders None (paused) below every layer.
+                        let upgrade = a.layer > entry.0;
+                        // Audio is never held back, and holding must never cost more than
+                        // the plan (measured layer rates need not rise with the index).
+                        let holdable = src.is_some_and(|s| s.kind != Kind::Audio)
+                            && rate_of(entry.0) <= a.rate;
+                        if upgrade && holdable {
+                            let since = *entry.1.get_or_insert(now);
+                            if now.saturating_duration_since(since) < self.hold {
+                                a.layer = entry.0;
+                                a.rate = rate_of(entry.0);
+                            } else {
+                                *entry = (a.layer, None);
+                            }
+                        } else {
+                            *entry = (a.layer, None);
+                        }
+                    }
+                }
+                sub_total += a.rate;
+            }
+            sub.total = sub_total;
+            total += sub_total;
+        }
+        plan.total = total;
+        self.state.retain(|k, _| seen.contains(k));
+        plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (no external crate; reproducible from the seed).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            self.0 >> 33
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+    }
+
+    fn cam(id: u32, speaking: bool) -> Source {
+        Source {
+            id,
+            kind: Kind::Camera,
+            layers: vec![150_000, 500_000, 1_000_000],
+            speaking,
+        }
+    }
+    fn audio(id: u32) -> Source {
+        Source {
+            id,
+            kind: Kind::Audio,
+            layers: vec![50_000],
+            speaking: false,
+        }
+    }
+    fn screen(id: u32) -> Source {
+        Source {
+            id,
+            kind: Kind::Screen,
+            layers: vec![300_000, 1_500_000],
+            speaking: false,
+        }
+    }
+    fn subscribe(id: u32, estimate: Bps, sources: &[u32]) -> Subscriber {
+        Subscriber {
+            id,
+            estimate,
+            subscriptions: sources
+                .iter()
+                .map(|&source| Subscription {
+                    source,
+                    max_layer: None,
+                })
+                .collect(),
+        }
+    }
+    fn layer(plan: &Plan, sub: u32, src: u32) -> Option<usize> {
+        plan.subscriber(sub)?
+            .assignments
+            .iter()
+            .find(|a| a.source == src)?
+            .layer
+    }
+
+    #[test]
+    fn ample_estimate_gets_top_layers() {
+        let sources = [audio(1), cam(2, false), cam(3, false)];
+        let subs = [subscribe(10, 10_000_000, &[1, 2, 3])];
+        let plan = allocate(&sources, &subs, &Limits::default());
+        assert_eq!(layer(&plan, 10, 1), Some(0));
+        assert_eq!(layer(&plan, 10, 2), Some(2));
+        assert_eq!(layer(&plan, 10, 3), Some(2));
+        assert_eq!(plan.total, 2_050_000);
+    }
+
+    #[test]
+    fn low_estimate_gets_low_layer_and_audio_first() {
+        let sources = [audio(1), cam(2, false)];
+        // 300 kbit/s: audio + the 150k layer fit, 500k does not.
+        let plan = allocate(
+            &sources,
+            &[subscribe(10, 300_000, &[1, 2])],
+            &Limits::default(),
+        );
+        assert_eq!(layer(&plan, 10, 1), Some(0));
+        assert_eq!(layer(&plan, 10, 2), Some(0));
+        // 100 kbit/s: audio only.
+        let plan = allocate(
+            &sources,
+            &[subscribe(10, 100_000, &[1, 2])],
+            &Limits::default(),
+        );
+        assert_eq!(layer(&plan, 10, 1), Some(0));
+        assert_eq!(layer(&plan, 10, 2), None);
+    }
+
+    #[test]
+    fn screen_and_speaker_before_other_cameras() {
+        let sources = [cam(1, false), cam(2, true), screen(3)];
+        // Room for every base layer (600k) plus the screen's top layer (+1.2M), not more.
+        let plan = allocate(
+            &sources,
+            &[subscribe(10, 1_900_000, &[1, 2, 3])],
+            &Limits::default(),
+        );
+        assert_eq!(layer(&plan, 10, 3), Some(1));
+        assert_eq!(layer(&plan, 10, 2), Some(0));
+        assert_eq!(layer(&plan, 10, 1), Some(0));
+        // 350k more: the speaker rises (to 500k), the other camera does not.
+        let plan = allocate(
+            &sources,
+            &[subscribe(10, 2_250_000, &[1, 2, 3])],
+            &Limits::default(),
+        );
+        assert_eq!(layer(&plan, 10, 2), Some(1));
+        assert_eq!(layer(&plan, 10, 1), Some(0));
+    }
+
+    #[test]
+    fn select_stream_and_caps_bound_the_layer() {
+        let sources = [cam(1, false), screen(2)];
+        let mut sub = subscribe(10, 100_000_000, &[1, 2]);
+        sub.subscriptions[0].max_layer = Some(1);
+        let limits = Limits {
+            screen_cap: 1_000_000,
+            ..Limits::default()
+        };
+        let plan = allocate(&sources, &[sub], &limits);
+        assert_eq!(layer(&plan, 10, 1), Some(1));
+        // The 1.5 Mbit/s screen layer is above the 1 Mbit/s cap.
+        assert_eq!(layer(&plan, 10, 2), Some(0));
+    }
+
+    #[test]
+    fn budget_lowers_the_largest_consumer_first() {
+        let sources = [audio(1), cam(2, false), cam(3, false)];
+        let subs = [
+            subscribe(10, 10_000_000, &[1, 2, 3]), // wants 2.05M
+            subscribe(11, 700_000, &[1, 2, 3]),    // gets 50k + 150k + 500k
+        ];
+        let limits = Limits {
+            budget: 2_100_000,
+            ..Limits::default()
+        };
+        let plan = allocate(&sources, &subs, &limits);
+        assert!(plan.total <= 2_100_000);
+        // Subscriber 11 was not the largest consumer at any step.
+        assert!(!plan.subscriber(11).is_some_and(|s| s.limited_by_budget));
+        assert!(plan.subscriber(10).is_some_and(|s| s.limited_by_budget));
+        // Subscriber 11 (700k) keeps what its estimate allows; 10 gives up its top layers.
+        assert_eq!(plan.subscriber(11).map(|s| s.total), Some(700_000));
+        assert_eq!(layer(&plan, 10, 2), Some(1));
+        assert_eq!(layer(&plan, 10, 3), Some(1));
+        assert_eq!(plan.layers_in_use()[&2], BTreeSet::from([1]));
+    }
+
+    /// Many generated mixes: the guarantees of the module documentation hold for each.
+    #[test]
+    fn generated_mixes_keep_every_guarantee() {
+        let mut rng = Lcg(0x7a1b_0c5e);
+        for case in 0..3000 {
+            let n_sources = 1 + rng.below(8) as u32;
+            let mut sources = Vec::new();
+            for id in 0..n_sources {
+                let kind = match rng.below(5) {
+                    0 | 1 => Kind::Audio,
+                    2 => Kind::Screen,
+                    _ => Kind::Camera,
+                };
+                let n_layers = if kind == Kind::Audio {
+                    1
+                } else {
+                    1 + rng.below(3) as usize
+                };
+                let mut rate = 20_000 + rng.below(200_000);
+                let mut layers = Vec::new();
+                for _ in 0..n_layers {
+                    layers.push(rate);
+                    rate = rate * (2 + rng.below(3)) + rng.below(100_000);
+                }
+                sources.push(Source {
+                    id,
+                    kind,
+                    layers,
+                    speaking: rng.below(4) == 0,
+                });
+            }
+            let n_subs = 1 + rng.below(12) as u32;
+            let mut subs = Vec::new();
+            for id in 0..n_subs {
+                let mut subscriptions = Vec::new();
+                for source in 0..n_sources {
+                    if rng.below(4) == 0 {
+                        continue;
+                    }
+                    let max_layer = (rng.below(3) == 0).then(|| rng.below(3) as usize);
+                    subscriptions.push(Subscription { source, max_layer });
+                }
+                subs.push(Subscriber {
+                    id: 100 + id,
+                    estimate: rng.below(6_000_000),
+                    subscriptions,
+                });
+            }
+            let limits = Limits {
+                budget: rng.below(20_000_000),
+                camera_cap: 300_000 + rng.below(1_500_000),
+                screen_cap: 500_000 + rng.below(3_000_000),
+            };
+            let unlimited = Limits {
+                budget: Bps::MAX,
+                ..limits
+            };
+            let plan = allocate(&sources, &subs, &limits);
+            let free = allocate(&sources, &subs, &unlimited);
+            check(case, &sources, &subs, &limits, &plan, &free);
+        }
+    }
+
+    fn check(
+        case: u32,
+        sources: &[Source],
+        subs: &[Subscriber],
+        limits: &Limits,
+        plan: &Plan,
+        free: &Plan,
+    ) {
+        let src = |id: u32| sources.iter().find(|s| s.id == id).expect("known source");
+        let kind_total = |p: &SubscriberPlan, k: Kind| -> Bps {
+            p.assignments
+                .iter()
+                .filter(|a| src(a.source).kind == k)
+                .map(|a| a.rate)
+                .sum()
+        };
+        // Budget and totals.
+        assert!(plan.total <= limits.budget, "case {case}: over budget");
+        assert_eq!(
+            plan.total,
+            plan.subscribers.iter().map(|s| s.total).sum::<Bps>()
+        );
+        if free.total <= limits.budget {
+            assert_eq!(
+                plan, free,
+                "case {case}: degraded although the budget sufficed"
+            );
+        }
+        let any_video = plan
+            .subscribers
+            .iter()
+            .any(|p| kind_total(p, Kind::Camera) + kind_total(p, Kind::Screen) > 0);
+        let any_camera = plan
+            .subscribers
+            .iter()
+            .any(|p| kind_total(p, Kind::Camera) > 0);
+        for (sub, p) in subs.iter().zip(&plan.subscribers) {
+            assert!(
+                p.total <= sub.estimate,
+                "case {case}: over estimate of {}",
+                sub.id
+            );
+            for (s, a) in sub.subscriptions.iter().zip(&p.assignments) {
+                let source = src(s.source);
+                if let Some(l) = a.layer {
+                    assert_eq!(a.rate, source.layers[l]);
+                    if l > 0 {
+                        // Bounds: selectStream and the cap (the lowest layer is always allowed).
+                        assert!(
+                            s.max_layer.is_none_or(|m| l <= m),
+                            "case {case}: above selectStream"
+                        );
+                        let cap = match source.kind {
+                            Kind::Audio => Bps::MAX,
+                            Kind::Screen => limits.screen_cap,
+                            Kind::Camera => limits.camera_cap,
+                        };
+                        assert!(source.layers[l] <= cap, "case {case}: above cap");
+                    }
+                } else if source.kind == Kind::Audio {
+                    // Audio missing: it must not have fitted next to the audio this
+                    // subscriber gets (whatever video it gets), or the budget took it when no
+                    // video was left anywhere.
+                    let own_audio = kind_total(p, Kind::Audio);
+                    let rate = source.layers[0];
+                    assert!(
+                        own_audio + rate > sub.estimate
+                            || (plan.total + rate > limits.budget && !any_video),
+                        "case {case}: audio of {} dropped for video",
+                        sub.id
+                    );
+                }
+            }
+        }
+        // Screen share is lowered for the budget only when no camera video is left.
+        for (p, f) in plan.subscribers.iter().zip(&free.subscribers) {
+            for (a, b) in p.assignments.iter().zip(&f.assignments) {
+                if src(a.source).kind == Kind::Screen && a.layer != b.layer {
+                    assert!(
+                        !any_camera,
+                        "case {case}: screen lowered while cameras flow"
+                    );
+                }
+            }
+        }
+        // Fairness: a subscriber whose cameras were lowered for the budget was the largest
+        // camera consumer each time: after its last step it had at least what anyone ends with.
+        let max_camera = plan
+            .subscribers
+            .iter()
+            .map(|p| kind_total(p, Kind::Camera))
+            .max()
+            .unwrap_or(0);
+        for (p, f) in plan.subscribers.iter().zip(&free.subscribers) {
+            let (now, before) = (kind_total(p, Kind::Camera), kind_total(f, Kind::Camera));
+            if now < before {
+                let largest_step = sources
+                    .iter()
+                    .filter(|s| s.kind == Kind::Camera)
+                    .flat_map(|s| {
+                        s.layers
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &r)| r - if i == 0 { 0 } else { s.layers[i - 1] })
+                    })
+                    .max()
+                    .unwrap_or(0);
+                assert!(
+                    now + largest_step >= max_camera,
+                    "case {case}: subscriber {} lowered to {now} while another keeps {max_camera}",
+                    p.id
+                );
+            }
+        }
+        // Pausing: exactly the chosen layers are in use.
+        let in_use = plan.layers_in_use();
+        for p in &plan.subscribers {
+            for a in &p.assignments {
+                if let Some(l) = a.layer {
+                    assert!(in_use[&a.source].contains(&l));
+                }
+            }
+        }
+        assert_eq!(
+            in_use.values().map(BTreeSet::len).sum::<usize>(),
+            plan.subscribers
+                .iter()
+                .flat_map(|p| p
+                    .assignments
+                    .iter()
+                    .filter_map(|a| a.layer.map(|l| (a.source, l))))
+                .collect::<BTreeSet<_>>()
+                .len()
+        );
+    }
+
+    #[test]
+    fn hysteresis_holds_upgrades_and_passes_downgrades() {
+        let t0 = Instant::now();
+        let sources = [audio(1), cam(2, false)];
+        let limits = Limits::default();
+        let mut h = Hysteresis::new(Duration::from_secs(3));
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let run = |h: &mut Hysteresis, estimate: Bps, t: Instant| {
+            let plan = allocate(&sources, &[subscribe(10, estimate, &[1, 2])], &limits);
+            h.apply(plan, &sources, t)
+        };
+        // A new subscription starts at once at what fits.
+        let p = run(&mut h, 2_000_000, at(0));
+        assert_eq!(layer(&p, 10, 2), Some(2));
+        // The estimate drops: down at once.
+        let p = run(&mut h, 300_000, at(1));
+        assert_eq!(layer(&p, 10, 2), Some(0));
+        assert_eq!(p.total, 200_000);
+        // It recovers: held for 3 s, then up.
+        for s in 2..5 {
+            let p = run(&mut h, 2_000_000, at(s));
+            assert_eq!(layer(&p, 10, 2), Some(0), "at {s} s");
+        }
+        let p = run(&mut h, 2_000_000, at(5));
+        assert_eq!(layer(&p, 10, 2), Some(2));
+        // A wobble resets the hold.
+        let _ = run(&mut h, 300_000, at(6));
+        let _ = run(&mut h, 2_000_000, at(7));
+        let _ = run(&mut h, 300_000, at(8));
+        let p = run(&mut h, 2_000_000, at(10));
+        assert_eq!(layer(&p, 10, 2), Some(0));
+        let p = run(&mut h, 2_000_000, at(13));
+        assert_eq!(layer(&p, 10, 2), Some(2));
+    }
+}
