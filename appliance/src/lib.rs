@@ -9,7 +9,8 @@
 //!   shares (start-up order, dropping root, journald/stderr logs, the HTTPS loop).
 //!
 //! - [`signaling`]: the Talk HPB signaling service; [`sfu`]: the SFU media service (media-core
-//!   behind the `/proxy` control protocol).
+//!   behind the `/proxy` control protocol); [`sizing`]: what the box can send and the limits
+//!   that follow from it.
 //!
 //! TURN arrives as its own module; see DESIGN.md §1.
 
@@ -22,6 +23,7 @@ pub mod service;
 pub mod service_runtime;
 pub mod sfu;
 pub mod signaling;
+pub mod sizing;
 pub mod storage;
 pub mod supervisor;
 pub mod tls;

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -68,8 +69,39 @@ enum Command {
     /// Check, install or document the config file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// What the box can send (link speed, declared uplink, a measurement against a peer) and
+    /// the limits that follow: egress budget and participants per room.
+    Sizing(SizingArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct SizingArgs {
+    #[command(subcommand)]
+    action: Option<SizingAction>,
+    #[command(flatten)]
+    paths: Paths,
+    /// Measure against this peer (a talkbox or `talkbox sizing sink`) instead of `sizing.peer`.
+    #[arg(long)]
+    peer: Option<String>,
+    /// Ask the running box's SFU to measure again and print the limits it put in force.
+    #[arg(long, conflicts_with = "peer")]
+    apply: bool,
+    /// Print JSON for machines instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum SizingAction {
+    /// Serve a measurement sink (plain HTTP) that another box measures its uplink against.
+    Sink {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:9446")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -133,6 +165,7 @@ fn dispatch(command: Command) -> Result<u8> {
             }
         },
         Command::Config(ConfigCommand::Apply { file, paths }) => apply(&file, &paths),
+        Command::Sizing(args) => sizing(args),
         Command::Config(ConfigCommand::Reference) => {
             print!("{}", reference_markdown());
             Ok(0)
@@ -198,6 +231,40 @@ fn apply(file: &std::path::Path, paths: &Paths) -> Result<u8> {
             "no supervisor is running on {}; it applies at the next start",
             data.root.display()
         ),
+    }
+    Ok(0)
+}
+
+fn sizing(args: SizingArgs) -> Result<u8> {
+    use appliance::sizing;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if let Some(SizingAction::Sink { listen }) = args.action {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(listen))
+            .with_context(|| format!("binding the sizing sink to {listen}"))?;
+        println!("sizing sink listening on {listen}");
+        rt.block_on(sizing::probe::serve_sink(listener))?;
+        return Ok(0);
+    }
+    let cap = if args.apply {
+        sizing::request_and_wait(&DataDir::new(&args.paths.data_dir), Duration::from_secs(40))?
+    } else {
+        let mut config = match load(&args.paths) {
+            Ok(c) => c,
+            Err(code) => return Ok(code),
+        };
+        if let Some(peer) = args.peer {
+            config.sizing.peer = Some(peer);
+        }
+        let (measured, error) = rt.block_on(sizing::measure_peer(&config));
+        sizing::compute(sizing::links_now(), &config, measured, error)
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&cap)?);
+    } else {
+        print!("{}", sizing::describe(&cap));
     }
     Ok(0)
 }

@@ -224,6 +224,10 @@ pub struct WebConfig {
 pub struct SizingConfig {
     pub uplink_mbps: u64,
     pub egress_fraction: f64,
+    /// Another box's (or any talkbox sizing sink's) base URL to measure against; `None` = none.
+    pub peer: Option<String>,
+    pub measure_seconds: u64,
+    pub remeasure_minutes: u64,
 }
 
 /// The whole configuration of a box.
@@ -734,6 +738,19 @@ impl WebConfig {
     }
 }
 
+fn check_sizing_peer(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let uri: axum::http::Uri = s
+        .parse()
+        .map_err(|_| "not a URL; expected http://HOST:PORT or https://HOST:PORT".to_string())?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") if uri.host().is_some() => Ok(()),
+        _ => Err("expected an http:// or https:// URL with a host".to_string()),
+    }
+}
+
 impl SizingConfig {
     fn read(r: &mut SectionReader<'_, '_>) -> Self {
         Self {
@@ -749,6 +766,25 @@ impl SizingConfig {
                 (0.1, 1.0),
                 "Share of the measured capacity the SFU may plan to send.",
             ),
+            peer: Some(r.string(
+                "peer",
+                "",
+                "Base URL (`http://` or `https://`) of another talkbox, or of `talkbox sizing sink`, to measure the uplink against; empty = no active measurement.",
+                check_sizing_peer,
+            ))
+            .filter(|s| !s.is_empty()),
+            measure_seconds: r.int(
+                "measure_seconds",
+                3,
+                (1, 30),
+                "How long one active measurement sends.",
+            ) as u64,
+            remeasure_minutes: r.int(
+                "remeasure_minutes",
+                0,
+                (0, 10_080),
+                "Repeat the active measurement this often; 0 = only at start and when asked (`talkbox sizing --apply`, setup page).",
+            ) as u64,
         }
     }
 }
@@ -1132,6 +1168,10 @@ impl DataDir {
     }
     pub fn control_socket(&self) -> PathBuf {
         self.run_dir().join("control.sock")
+    }
+    /// Sizing state written by the SFU (`sizing::Sizer`) and its measurement requests.
+    pub fn sizing_dir(&self) -> PathBuf {
+        self.root.join("sizing")
     }
 }
 

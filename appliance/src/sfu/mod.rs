@@ -86,6 +86,7 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
             None
         });
     }
+    crate::sizing::Sizer::prepare(config, data)?;
     let mut keys = token::TokenKeys::default();
     let (_, public) = secrets::proxy_token_keys(data)?;
     keys.add_pem(secrets::PROXY_TOKEN_ID, &public)
@@ -183,6 +184,12 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         }
     });
     tokio::spawn(sfu.clone().load_updates(ctx.shutdown.clone()));
+    // Sizing: the egress budget the allocator plans within, kept current (links, measurement).
+    let (sizing_tx, mut sizing_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(
+        crate::sizing::Sizer::new(ctx.config.clone(), ctx.data.clone())
+            .run(sizing_tx, ctx.shutdown.clone()),
+    );
     let app = server::router(sfu);
     let listener = tokio::net::TcpListener::from_std(p.listener)?;
     let addr = listener.local_addr()?;
@@ -191,9 +198,22 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         ..https::Limits::default()
     };
     ctx.link.ready().await;
-    ctx.link
-        .status(&format!("sfu: {} workers, /proxy on {addr}", handles.len()))
-        .await;
+    let status = format!("sfu: {} workers, /proxy on {addr}", handles.len());
+    ctx.link.status(&status).await;
+    let link = ctx.link.clone();
+    tokio::spawn(async move {
+        while sizing_rx.changed().await.is_ok() {
+            let budget = sizing_rx
+                .borrow()
+                .as_ref()
+                .and_then(|c| c.budget_bps)
+                .map_or("no limit known".to_string(), |b| {
+                    format!("{:.1} Mbit/s", b as f64 / 1e6)
+                });
+            link.status(&format!("{status}, egress budget {budget}"))
+                .await;
+        }
+    });
     tracing::info!(%addr, workers = handles.len(), tls = p.tls.is_some(), "sfu control listening");
     match p.tls {
         Some(tls) => https::serve(listener, tls, app, limits, ctx.shutdown.clone()).await,
