@@ -51,7 +51,7 @@ enum Command {
     Bundle(BundleCommand),
     /// Push a bundle to a box's provisioning API (mutual TLS) with a one-time enrolment token.
     Push {
-        /// HOST:PORT of the box's provisioning API (`provision.listen`, port 9444 by default).
+        /// HOST:PORT of the box's provisioning API (`provision.listen`, port 9445 by default).
         #[arg(long = "box")]
         address: String,
         /// The bundle file.
