@@ -544,6 +544,9 @@ impl Provisioner {
     /// in a process started at or after `t`.
     pub fn tick(&mut self, config: &Config, ready_since: impl Fn(Instant) -> bool) -> Option<Step> {
         let now = Instant::now();
+        if let Some(step) = self.poll_sources(config, now) {
+            return Some(step);
+        }
         if let Some(r) = &mut self.running {
             match &mut r.phase {
                 TrialPhase::Starting if ready_since(r.started) => {
@@ -574,21 +577,23 @@ impl Provisioner {
             }
             return None;
         }
+        None
+    }
+
+    /// Takes dropped bundles and pushes; while a trial runs they are refused as busy.
+    fn poll_sources(&mut self, config: &Config, now: Instant) -> Option<Step> {
         if now.duration_since(self.last_poll) < POLL_EVERY {
             return None;
         }
         self.last_poll = now;
+        let mut step = None;
         for bytes in sources::take_incoming(&self.paths.incoming()) {
-            if let Some(step) = self.offer(config, Source::DevDir, &bytes, None) {
-                return Some(step);
-            }
+            step = step.or(self.offer(config, Source::DevDir, &bytes, None));
         }
         for req in spool::take_requests(&self.paths.spool()) {
-            if let Some(step) = self.offer_push(config, req) {
-                return Some(step);
-            }
+            step = step.or(self.offer_push(config, req));
         }
-        None
+        step
     }
 
     fn offer_push(&mut self, config: &Config, req: spool::Request) -> Option<Step> {
@@ -611,6 +616,21 @@ impl Provisioner {
             );
             None
         };
+        if self.running.is_some() {
+            // Checked before the token, so that a push that must wait does not spend it.
+            spool::answer(
+                &self.paths.spool(),
+                &req.id,
+                &spool::Answer::new(
+                    "refused",
+                    "busy",
+                    "another bundle is being tried; nothing changed, the token is still open; push again when it is decided",
+                    &self.box_id,
+                    0,
+                ),
+            );
+            return None;
+        }
         let stored = read_token(&self.paths);
         if let Err(e) = token::check(stored.as_ref(), &req.token, now_unix()) {
             return answer_now(self, "token", format!("{e}; nothing changed"));
