@@ -139,3 +139,77 @@ fn bundles_failing_their_self_checks_are_rolled_back_and_the_old_config_serves_a
     );
     assert!(!data.join("provisioning/trial").exists());
 }
+
+/// A loopback "Nextcloud" that accepts connections and never answers (its check takes the
+/// full timeout); returns its base URL.
+fn silent_backend() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming().take(1000).flatten() {
+            held.push(c);
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn a_trial_cut_short_by_a_crash_is_rolled_back_at_the_next_start() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(tmp.path(), "engineer");
+    let keys = trusted_dir(tmp.path(), &[&public]);
+    let keys_line = format!("engineer_keys_dir = \"{}\"", keys.display());
+    let initial = isolated_config(&[("provision", &keys_line)]);
+    let mut sup = Supervisor::start(Some(&initial));
+    sup.wait_ready();
+    let data = sup.data_dir().to_path_buf();
+    let site = format!(
+        "{}\n[[signaling.backend]]\nid = \"nc1\"\nurls = [\"{}\"]\nsecret = \"0123456789abcdef0123\"\n",
+        isolated_config(&[("provision", &keys_line)]),
+        silent_backend()
+    );
+    let b = make_bundle(
+        tmp.path(),
+        "slow",
+        &key,
+        &site,
+        &["--serial", "1", "--target", "any", "--valid-for", "1h"],
+    );
+    std::fs::copy(&b, data.join("provisioning/incoming/slow.bundle")).expect("drop");
+    eventually("the trial to start", Duration::from_secs(60), || {
+        data.join("provisioning/trial/manifest.json").exists()
+    });
+    assert_eq!(
+        std::fs::read_to_string(data.join("talkbox.toml")).expect("config"),
+        site.replace("${DATA_DIR}", &data.display().to_string())
+    );
+    // Power cut: the supervisor and its children die at once.
+    sup.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(sup.wait_exit(Duration::from_secs(10)).is_some());
+    std::thread::sleep(Duration::from_millis(500));
+
+    let log = data.join("second.log");
+    let mut again = std::process::Command::new(talkbox())
+        .args(["run", "--data-dir"])
+        .arg(&data)
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("restart");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let new = wait_audit(&data, 0, AUDIT_WAIT, read_log);
+    let _ = again.kill();
+    let _ = again.wait();
+    let e = new.last().expect("entry");
+    assert_eq!(e.result, "rolled-back", "{new:?}\n{}", read_log());
+    assert!(e.message.contains("restarted"), "{}", e.message);
+    assert_eq!(
+        std::fs::read_to_string(data.join("talkbox.toml")).expect("config"),
+        initial
+    );
+    assert!(!data.join("provisioning/trial").exists());
+}
