@@ -603,7 +603,8 @@ impl Provisioner {
                 &AuditEntry {
                     time: rfc3339(now_unix()),
                     source: Source::Push,
-                    key: String::new(),
+                    // The bundle is not opened; the TLS client key is who knocked.
+                    key: provisioning::fingerprint_of(&req.client_key),
                     serial: 0,
                     result: "refused".into(),
                     message: format!("push from {}: {msg}", req.peer),
