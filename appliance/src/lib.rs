@@ -8,6 +8,7 @@
 //! - [`service_runtime`], [`privileges`], [`logging`], [`https`]: what every service process
 //!   shares (start-up order, dropping root, journald/stderr logs, the HTTPS loop).
 //!
+//! - [`provision`]: remote provisioning (signed bundles, try-and-revert, the push API);
 //! - [`signaling`]: the Talk HPB signaling service; [`sfu`]: the SFU media service (media-core
 //!   behind the `/proxy` control protocol); [`sizing`]: what the box can send and the limits
 //!   that follow from it.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod https;
 pub mod logging;
 pub mod privileges;
+pub mod provision;
 pub mod secrets;
 pub mod service;
 pub mod service_runtime;

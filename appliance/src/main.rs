@@ -58,6 +58,17 @@ enum Command {
     Turn(Paths),
     /// Run the setup page service (normally started by `run`).
     Web(Paths),
+    /// Run the provisioning push API service (normally started by `run`).
+    Provision(Paths),
+    /// Open a new one-time enrolment token for `talkbox-provision push` (replacing any open
+    /// one) and print it with the box id and the certificate fingerprint to pin.
+    EnrolToken {
+        #[command(flatten)]
+        paths: Paths,
+        /// How long the token stays valid (90s, 30m, 12h, 7d).
+        #[arg(long, default_value = "24h")]
+        valid_for: String,
+    },
     /// Show the state of every service of a running supervisor.
     Status {
         #[command(flatten)]
@@ -153,6 +164,8 @@ fn dispatch(command: Command) -> Result<u8> {
         Command::Sfu(p) => run_service(Service::Sfu, &p),
         Command::Turn(p) => run_service(Service::Turn, &p),
         Command::Web(p) => run_service(Service::Web, &p),
+        Command::Provision(p) => run_service(Service::Provision, &p),
+        Command::EnrolToken { paths, valid_for } => enrol_token(&paths, &valid_for),
         Command::Status { paths, json } => status(&paths, json),
         Command::Config(ConfigCommand::Check { file }) => match Config::from_file(&file) {
             Ok(_) => {
@@ -189,6 +202,7 @@ fn run_service(service: Service, paths: &Paths) -> Result<u8> {
         Service::Signaling => appliance::signaling::main(config, data),
         Service::Sfu => appliance::sfu::main(config, data),
         Service::Turn => appliance::turn::main(config, data),
+        Service::Provision => appliance::provision::service::main(config, data),
     };
     if let Err(e) = &result {
         tracing::error!("{e:#}");
@@ -266,6 +280,26 @@ fn sizing(args: SizingArgs) -> Result<u8> {
     } else {
         print!("{}", sizing::describe(&cap));
     }
+    Ok(0)
+}
+
+fn enrol_token(paths: &Paths, valid_for: &str) -> Result<u8> {
+    let secs = provisioning::time::parse_duration(valid_for)
+        .map_err(|m| anyhow::anyhow!("--valid-for: {m}"))?;
+    let data = DataDir::new(&paths.data_dir);
+    if !data.root.exists() {
+        storage::ensure_private_dir(&data.root, 0o700)
+            .with_context(|| format!("creating {}", data.root.display()))?;
+    }
+    let paths = appliance::provision::Paths::new(&data);
+    storage::ensure_private_dir(&paths.dir, 0o700)
+        .with_context(|| format!("creating {}", paths.dir.display()))?;
+    let id = appliance::provision::identity::ensure(&paths.identity())?;
+    let (token, expires) = appliance::provision::issue_enrolment_token(&data, secs)?;
+    println!("enrolment token: {token}");
+    println!("valid until:     {}", provisioning::time::rfc3339(expires));
+    println!("box id:          {}", id.box_id);
+    println!("pin:             {}", id.fingerprint);
     Ok(0)
 }
 

@@ -13,15 +13,18 @@ pub enum Service {
     Signaling,
     /// The admin setup page.
     Web,
+    /// The provisioning push API (mutual TLS); applying a bundle is the supervisor's job.
+    Provision,
 }
 
 impl Service {
     /// Start order: what others depend on comes first (signaling connects to the SFU).
-    pub const START_ORDER: [Service; 4] = [
+    pub const START_ORDER: [Service; 5] = [
         Service::Sfu,
         Service::Turn,
         Service::Signaling,
         Service::Web,
+        Service::Provision,
     ];
 
     pub fn name(self) -> &'static str {
@@ -30,6 +33,7 @@ impl Service {
             Service::Turn => "turn",
             Service::Signaling => "signaling",
             Service::Web => "web",
+            Service::Provision => "provision",
         }
     }
 
@@ -44,6 +48,7 @@ impl Service {
             Service::Turn => c.turn.enabled,
             Service::Signaling => c.signaling.enabled,
             Service::Web => c.web.enabled,
+            Service::Provision => c.provision.enabled,
         }
     }
 
@@ -64,6 +69,7 @@ impl Service {
                 old.signaling != new.signaling || old.turn != new.turn || old.sfu != new.sfu
             }
             Service::Web => old.web != new.web,
+            Service::Provision => old.provision != new.provision,
         };
         // Every service logs at the supervisor's level and pings at its watchdog rate.
         own || old.supervisor.log_level != new.supervisor.log_level

@@ -19,7 +19,15 @@ pub use reader::{KeyDoc, Problem, SectionReader};
 use reader::{line_of_span, show, type_name};
 
 /// The sections, in the order they are documented.
-const SECTIONS: &[&str] = &["supervisor", "signaling", "sfu", "turn", "web", "sizing"];
+const SECTIONS: &[&str] = &[
+    "supervisor",
+    "signaling",
+    "sfu",
+    "turn",
+    "web",
+    "sizing",
+    "provision",
+];
 
 /// Largest config file accepted; a config is a few KiB, anything bigger is a mistake.
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
@@ -219,6 +227,15 @@ pub struct WebConfig {
     pub listen: SocketAddr,
 }
 
+/// `[provision]`: remote provisioning (signed bundles, the mTLS push API, try-and-revert).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProvisionConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub try_timeout_s: u64,
+    pub engineer_keys_dir: PathBuf,
+}
+
 /// `[sizing]`: what the box may send, from which the SFU's limits follow.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SizingConfig {
@@ -239,6 +256,7 @@ pub struct Config {
     pub turn: TurnConfig,
     pub web: WebConfig,
     pub sizing: SizingConfig,
+    pub provision: ProvisionConfig,
 }
 
 fn check_user_name(s: &str) -> Result<(), String> {
@@ -751,6 +769,41 @@ fn check_sizing_peer(s: &str) -> Result<(), String> {
     }
 }
 
+impl ProvisionConfig {
+    fn read(r: &mut SectionReader<'_, '_>) -> Self {
+        Self {
+            enabled: r.bool(
+                "enabled",
+                true,
+                "Run the provisioning service: the mutual-TLS push API through which an engineer's `talkbox-provision push` delivers a signed bundle with a one-time enrolment token.",
+            ),
+            listen: r.socket_addr(
+                "listen",
+                "127.0.0.1:9445",
+                "Address of the provisioning push API (mutual TLS; its certificate is the box identity the engineer pins).",
+            ),
+            try_timeout_s: r.int(
+                "try_timeout_s",
+                90,
+                (5, 3600),
+                "How long a newly provisioned config has to pass the self-checks (every service ready, Nextcloud backends reachable, certificate valid for `supervisor.names`) before the previous config comes back.",
+            ) as u64,
+            engineer_keys_dir: PathBuf::from(r.string(
+                "engineer_keys_dir",
+                "/usr/share/talkbox/engineer-keys",
+                "Directory of engineer public keys (`*.pub`) baked into the image; bundles signed by them, or by keys in DATA_DIR/provisioning/trusted-keys, are accepted.",
+                |s| {
+                    if s.starts_with('/') && s.len() <= 4096 {
+                        Ok(())
+                    } else {
+                        Err("expected an absolute directory path".into())
+                    }
+                },
+            )),
+        }
+    }
+}
+
 impl SizingConfig {
     fn read(r: &mut SectionReader<'_, '_>) -> Self {
         Self {
@@ -898,6 +951,7 @@ impl Config {
         let (turn, l3) = section!("turn", TurnConfig);
         let (web, l4) = section!("web", WebConfig);
         let (sizing, _) = section!("sizing", SizingConfig);
+        let (provision, l5) = section!("provision", ProvisionConfig);
         let mut signaling = signaling;
         if signaling.sfu_url.as_deref() == Some(DEFAULT_SFU_URL) {
             signaling.sfu_url = sfu.enabled.then(|| {
@@ -917,8 +971,15 @@ impl Config {
             turn,
             web,
             sizing,
+            provision,
         };
-        let lines: Vec<(&str, usize)> = l1.into_iter().chain(l2).chain(l3).chain(l4).collect();
+        let lines: Vec<(&str, usize)> = l1
+            .into_iter()
+            .chain(l2)
+            .chain(l3)
+            .chain(l4)
+            .chain(l5)
+            .collect();
         config.check_port_overlaps(&lines, problems);
         config
     }
@@ -948,6 +1009,14 @@ impl Config {
                 key: "web.listen",
                 proto: "tcp",
                 range: one(self.web.listen.port()),
+            });
+        }
+        if self.provision.enabled {
+            uses.push(PortUse {
+                what: "the provisioning API",
+                key: "provision.listen",
+                proto: "tcp",
+                range: one(self.provision.listen.port()),
             });
         }
         if self.turn.enabled {
@@ -1054,6 +1123,7 @@ impl Config {
         let keys: &[&str] = match service {
             "signaling" => &["signaling.listen", "signaling.http_listen"],
             "web" => &["web.listen"],
+            "provision" => &["provision.listen"],
             "turn" => &["turn.port", "turn.tls_port", "turn.relay_port_min"],
             "sfu" => &["sfu.listen", "sfu.media_port_min"],
             _ => &[],
@@ -1071,6 +1141,7 @@ const PORT_KEYS: &[(&str, &str)] = &[
     ("signaling", "listen"),
     ("signaling", "http_listen"),
     ("web", "listen"),
+    ("provision", "listen"),
     ("turn", "port"),
     ("turn", "tls_port"),
     ("turn", "relay_port_min"),
@@ -1172,6 +1243,11 @@ impl DataDir {
     /// Sizing state written by the SFU (`sizing::Sizer`) and its measurement requests.
     pub fn sizing_dir(&self) -> PathBuf {
         self.root.join("sizing")
+    }
+
+    /// Provisioning state: identity, trusted keys, last serial, audit log, trial snapshot.
+    pub fn provisioning_dir(&self) -> PathBuf {
+        self.root.join("provisioning")
     }
 }
 

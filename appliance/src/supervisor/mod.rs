@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, DataDir};
+use crate::provision::{Provisioner, Step};
 use crate::service::Service;
 use crate::{secrets, storage, tls};
 use backoff::{RestartPolicy, RestartTracker};
@@ -149,6 +150,7 @@ struct Supervisor {
     watchdog_every: Option<Duration>,
     last_systemd_ping: Instant,
     last_systemd_status: String,
+    provision: Provisioner,
 }
 
 /// Runs the supervisor until SIGTERM/SIGINT; returns the process exit code.
@@ -156,6 +158,14 @@ pub fn run(opts: RunOptions, config: Config) -> Result<i32> {
     // Refuse at once rather than let every service crash-loop on the same missing user.
     crate::privileges::check_user(&config.supervisor.user)?;
     prepare_data_dir(&opts.data, &config)?;
+    // A bundle found at boot (stick, fw_cfg, dropped file) is applied before any service starts.
+    let (provision, changed) = Provisioner::start(&opts.data, opts.config.as_deref(), &config)?;
+    let config = if changed {
+        opts.load_config()
+            .map_err(|e| anyhow::anyhow!("the provisioned config does not load:\n{e}"))?
+    } else {
+        config
+    };
     // Single-threaded on purpose: the parent-death signal of a child fires when the *thread*
     // that forked it exits, so children must be forked by a thread that lives as long as the
     // supervisor, and a current-thread runtime forks from the main thread.
@@ -192,6 +202,7 @@ pub fn run(opts: RunOptions, config: Config) -> Result<i32> {
             watchdog_every,
             last_systemd_ping: Instant::now(),
             last_systemd_status: String::new(),
+            provision,
         };
         tracing::info!(
             data_dir = %opts.data.root.display(),
@@ -519,6 +530,50 @@ impl Supervisor {
             }
         }
         self.report_to_systemd(now);
+        let slots = &self.slots;
+        // A trial waits for every service to be ready in a process started for the new config;
+        // the provision service itself is not restarted (it carries the push waiting for the
+        // verdict) unless its own settings changed.
+        let ready_since = |t: Instant| {
+            slots.iter().all(|s| {
+                s.state == ServiceState::Running
+                    && s.running
+                        .as_ref()
+                        .is_some_and(|r| r.started >= t || s.service == Service::Provision)
+            })
+        };
+        if let Some(Step::ReloadAndRestartAll(why)) = self.provision.tick(&self.config, ready_since)
+        {
+            self.restart_for_provisioning(&why);
+        }
+    }
+
+    /// Applies a provisioning change (or its rollback): re-reads the config and restarts every
+    /// service, since certificates and secret files may have changed under the same config.
+    fn restart_for_provisioning(&mut self, why: &str) {
+        if let Some(e) = self.reload(why) {
+            tracing::error!(
+                trigger = why,
+                "provisioned config refused by the supervisor: {e}"
+            );
+        }
+        let now = Instant::now();
+        for s in &mut self.slots {
+            if s.service == Service::Provision || s.remove_requested || s.restart_requested {
+                continue;
+            }
+            match &mut s.running {
+                Some(r) => {
+                    s.restart_requested = true;
+                    r.kill_reason = Some("stopped to apply a provisioning change".into());
+                    let _ = killpg(Pid::from_raw(r.pid as i32), Signal::SIGTERM);
+                }
+                None if matches!(s.state, ServiceState::Backoff | ServiceState::CrashLoop) => {
+                    s.restart_at = Some(now);
+                }
+                None => {}
+            }
+        }
     }
 
     fn report_to_systemd(&mut self, now: Instant) {

@@ -46,6 +46,10 @@ pub fn isolated_config(extra: &[(&str, &str)]) -> String {
             format!("listen = \"127.0.0.1:{}\"\n", free_port()),
         ),
         (
+            "provision".into(),
+            format!("listen = \"127.0.0.1:{}\"\n", free_port()),
+        ),
+        (
             "turn".into(),
             format!(
                 "port = {}\ntls_port = {}\nrelay_port_min = {relay}\nrelay_port_max = {relay}\n",
