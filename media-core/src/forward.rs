@@ -136,7 +136,8 @@ impl KeyframeThrottle {
         }
     }
 
-    /// True once if a deferred request is due at `now`.
+    /// True once if a deferred request is due at `now`; the caller then sends it without
+    /// asking `request` again (it already counts as the latest request).
     pub fn poll(&mut self, now: Instant) -> bool {
         self.pending && self.request(now)
     }

@@ -256,6 +256,8 @@ struct Worker<I> {
     routes: HashMap<u32, Vec<u32>>,
     /// (publisher, mid) → throttle.
     keyframes: HashMap<(u32, Mid), KeyframeThrottle>,
+    /// Earliest time a deferred keyframe request comes due, if any is deferred.
+    keyframe_due: Option<Instant>,
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
     tcp: Option<TcpListener>,
     /// ICE-TCP connections by peer address.
@@ -307,6 +309,7 @@ impl<I: DatagramIo> Worker<I> {
             by_addr: HashMap::new(),
             routes: HashMap::new(),
             keyframes: HashMap::new(),
+            keyframe_due: None,
             timers: BinaryHeap::new(),
             tcp: None,
             conns: HashMap::new(),
@@ -343,7 +346,11 @@ impl<I: DatagramIo> Worker<I> {
                 .peek()
                 .map(|Reverse((t, _))| *t)
                 .unwrap_or(now + Duration::from_millis(200))
-                .min(housekeeping + Duration::from_millis(250));
+                .min(housekeeping + Duration::from_millis(250))
+                .min(
+                    self.keyframe_due
+                        .unwrap_or(now + Duration::from_millis(250)),
+                );
             let wait_ms = next.saturating_duration_since(now).as_millis().min(250) as i32;
             let ready = self.wait(wait_ms);
             let (readable, woken) = (ready.udp, ready.wake);
@@ -383,6 +390,9 @@ impl<I: DatagramIo> Worker<I> {
             self.drain_dirty(Instant::now());
             let now = Instant::now();
             self.fire_timers(now);
+            if self.keyframe_due.is_some_and(|t| t <= now) {
+                self.send_due_keyframe_requests(now);
+            }
             if now >= housekeeping + Duration::from_millis(250) {
                 housekeeping = now;
                 self.housekeeping(now);
@@ -855,15 +865,21 @@ impl<I: DatagramIo> Worker<I> {
         self.conns.retain(|_, c| {
             c.session.is_some() || now.saturating_duration_since(c.since) < TCP_UNBOUND_TIMEOUT
         });
-        // Deferred keyframe requests that came due.
+    }
+
+    /// Sends the deferred keyframe requests that came due and notes when the next one does.
+    /// They go straight to the publisher: their throttle already counted them (passing them
+    /// through `send_keyframe_request` again would defer them once more, forever).
+    fn send_due_keyframe_requests(&mut self, now: Instant) {
         let due: Vec<(u32, Mid)> = self
             .keyframes
             .iter_mut()
             .filter_map(|(k, t)| t.poll(now).then_some(*k))
             .collect();
         for (p, mid) in due {
-            self.send_keyframe_request(p, mid, KeyframeRequestKind::Pli, now);
+            self.request_keyframe_of(p, mid, KeyframeRequestKind::Pli);
         }
+        self.keyframe_due = self.keyframes.values().filter_map(|t| t.due_at()).min();
     }
 
     /// Drains every session marked dirty (draining may mark more).
@@ -1017,20 +1033,39 @@ impl<I: DatagramIo> Worker<I> {
         kind: KeyframeRequestKind,
         now: Instant,
     ) {
+        // A publisher stream that has not been received yet cannot be asked; its first
+        // frame is a keyframe anyway, so the throttle is left untouched.
+        let known = self
+            .sessions
+            .get_mut(&publisher)
+            .is_some_and(|p| p.rtc.direct_api().stream_rx_by_mid(mid, None).is_some());
+        if !known {
+            tracing::debug!(publisher, %mid, "keyframe request for a stream not received yet");
+            return;
+        }
         let interval = self.config.keyframe_interval;
         let throttle = self
             .keyframes
             .entry((publisher, mid))
             .or_insert_with(|| KeyframeThrottle::new(interval));
-        if !throttle.request(now) {
-            return;
+        if throttle.request(now) {
+            self.request_keyframe_of(publisher, mid, kind);
+        } else if let Some(due) = throttle.due_at() {
+            // Deferred, not dropped: whoever asked (a joining subscriber, say) still gets a
+            // keyframe one interval after the last one at most.
+            self.keyframe_due = Some(self.keyframe_due.map_or(due, |t| t.min(due)));
         }
+    }
+
+    /// Asks a publisher's stream for a keyframe now (no throttling).
+    fn request_keyframe_of(&mut self, publisher: u32, mid: Mid, kind: KeyframeRequestKind) {
         let Some(p) = self.sessions.get_mut(&publisher) else {
             return;
         };
         let mut api = p.rtc.direct_api();
         if let Some(rx) = api.stream_rx_by_mid(mid, None) {
             rx.request_keyframe(kind);
+            tracing::trace!(publisher, %mid, ?kind, "keyframe requested");
         }
         self.dirty.insert(publisher);
     }

@@ -115,7 +115,7 @@ fn publisher_media_and_messages_reach_the_subscriber_with_rewritten_numbering_an
     assert!(got[0].0 < 65_536, "starts with ROC 0");
     assert_eq!(s.messages[0], br#"{"type":"speaking"}"#.to_vec());
 
-    // PLI from the subscriber reaches the publisher, throttled to one per 300 ms.
+    // PLI from the subscriber reaches the publisher, throttled to one per 500 ms.
     let before = p.keyframe_requests;
     let smid = s.mids[0];
     for _ in 0..20 {
@@ -233,5 +233,77 @@ fn commands_for_unknown_or_wrong_sessions_fail_cleanly() {
             reply
         }),
         Err(WorkerError::SessionExists)
+    );
+}
+
+/// A keyframe request refused by the throttle is deferred and sent when the interval has
+/// passed, once, even if nobody asks again; and a subscriber joining later gets its keyframe
+/// request through at once. (The deferred request used to pass through the throttle a second
+/// time when it came due, which deferred it again, forever: the stream got no keyframe request
+/// after that, and a later joiner's request only joined the endless deferral.)
+#[test]
+fn a_deferred_keyframe_request_is_sent_once_due_and_a_later_joiner_still_gets_one() {
+    // The harness worker throttles to one request per 500 ms, as `talkbox sfu` does.
+    let w = Worker::start(Duration::from_secs(30));
+    let mut p = connect_publisher(&w, 1);
+    let mut a = connect_subscriber(&w, 2, 1, &mut p);
+    // The publisher's stream must exist at the worker before it can be asked for keyframes.
+    let mid = p.mids[0];
+    p.write_rtp(mid, 100, 9000, b"first");
+    assert!(run_until(
+        &mut [&mut p, &mut a],
+        Duration::from_secs(5),
+        |c| !c[1].rtp.is_empty()
+    ));
+    // Let the join's own request age past the interval.
+    run_until(&mut [&mut p, &mut a], Duration::from_millis(600), |_| false);
+
+    // Two PLIs 20 ms apart: the first goes out, the second is deferred and must follow about
+    // 500 ms later; nothing else asks meanwhile.
+    let amid = a.mids[0];
+    let before = p.keyframe_requests;
+    a.request_keyframe(amid);
+    run_until(&mut [&mut p, &mut a], Duration::from_millis(20), |_| false);
+    a.request_keyframe(amid);
+    run_until(&mut [&mut p, &mut a], Duration::from_millis(1500), |_| {
+        false
+    });
+    let forwarded = p.keyframe_requests - before;
+    assert_eq!(
+        forwarded, 2,
+        "keyframe requests that reached the publisher in 1.5 s after two PLIs 20 ms apart \
+         (throttle 500 ms): the first at once, the deferred one when due"
+    );
+
+    // B joins later: its keyframe request reaches the publisher within 1 s of its connection.
+    w.ask(|reply| WorkerCommand::CreateSubscriber {
+        session: 3,
+        publisher: 1,
+        reply,
+    })
+    .expect("create subscriber");
+    let offer = w
+        .ask(|reply| WorkerCommand::RequestOffer { session: 3, reply })
+        .expect("offer");
+    let mut b = support::Client::new();
+    let answer = b.answer(&offer);
+    w.ask(|reply| WorkerCommand::Answer {
+        session: 3,
+        sdp: answer,
+        reply,
+    })
+    .expect("answer accepted");
+    let before = p.keyframe_requests;
+    assert!(run_until(
+        &mut [&mut p, &mut a, &mut b],
+        Duration::from_secs(10),
+        |c| c[2].connected
+    ));
+    assert!(
+        run_until(&mut [&mut p, &mut a, &mut b], Duration::from_secs(1), |c| c
+            [0]
+        .keyframe_requests
+            > before),
+        "no keyframe request reached the publisher within 1 s of a subscriber joining"
     );
 }

@@ -123,7 +123,8 @@ impl Worker {
                 core: None,
                 setup,
                 ice_timeout,
-                keyframe_interval: Duration::from_millis(300),
+                // As `talkbox sfu` runs it.
+                keyframe_interval: Duration::from_millis(500),
             },
             io,
             tcp,

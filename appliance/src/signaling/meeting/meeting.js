@@ -6,7 +6,8 @@
 //   whose offers come from the SFU; trickle ICE and mute state through signaling.
 // Speaking indicators come from an audio level meter on each tile's audio track.
 // The page state is in document.body.dataset.state: loading, start, join, connecting, joined,
-// left, error; dataset.published is set once the camera offer has been sent.
+// left, error; dataset.published is set once the camera offer has been sent. call.notes keeps
+// the last signaling errors and failed media steps (for support and for the browser tests).
 'use strict';
 
 const $ = (id) => document.getElementById(id);
@@ -27,7 +28,14 @@ const call = {
   videoOn: true,
   meters: new Map(),   // tile element -> analyser
   audioCtx: null,
+  notes: [],           // last problems seen: {at, what, detail}
 };
+
+function note(what, detail) {
+  call.notes.push({ at: Date.now(), what, detail: String(detail) });
+  if (call.notes.length > 50) call.notes.shift();
+  console.warn(what, detail);
+}
 
 function setState(s, text) {
   document.body.dataset.state = s;
@@ -199,14 +207,15 @@ async function onFrame(m, resolve, reject) {
 }
 
 function onError(m) {
-  // Subscriptions retry: the publisher may not have published yet.
+  // Subscriptions and pushed offers retry: the publisher may not have published yet.
   const retry = call.retries && m.id && call.retries.get(m.id);
+  note(`signaling error${retry ? ` (${retry.kind} ${retry.roomType}, ${retry.left} retries left)` : ''}`,
+    m.error && `${m.error.code}: ${m.error.message}`);
   if (retry) {
     call.retries.delete(m.id);
-    if (retry.left > 0) setTimeout(() => requestOffer(retry.peer, retry.roomType, retry.left - 1), 1500);
-    return;
+    const again = retry.kind === 'sendoffer' ? sendOffer : requestOffer;
+    if (retry.left > 0) setTimeout(() => again(retry.peer, retry.roomType, retry.left - 1), 1000);
   }
-  console.warn('signaling error', m.error);
 }
 
 function onEvent(e) {
@@ -302,7 +311,17 @@ function requestOffer(sessionId, roomType, retries) {
   if (!p || p.subs[roomType]) return;
   call.retries = call.retries || new Map();
   const id = sendMessage(sessionId, { type: 'requestoffer', roomType });
-  call.retries.set(id, { peer: sessionId, roomType, left: retries });
+  call.retries.set(id, { kind: 'requestoffer', peer: sessionId, roomType, left: retries });
+}
+
+// Pushes our stream to a participant (the SFU offers it to them), as Talk does for screens.
+function sendOffer(sessionId, roomType, retries) {
+  if (!call.sfu || !call.pubs[roomType]) return;
+  const p = call.peers.get(sessionId);
+  if (!p || !(p.inCall & 1)) return;
+  call.retries = call.retries || new Map();
+  const id = sendMessage(sessionId, { type: 'sendoffer', roomType });
+  call.retries.set(id, { kind: 'sendoffer', peer: sessionId, roomType, left: retries });
 }
 
 async function onMessage(msg) {
@@ -314,15 +333,17 @@ async function onMessage(msg) {
       const pc = call.pubs[roomType];
       if (pc && from === call.me) {
         document.body.dataset.answered = roomType;
-        await pc.setRemoteDescription({ type: 'answer', sdp: d.payload.sdp }).catch((e) => console.warn('answer', e));
+        await pc.setRemoteDescription({ type: 'answer', sdp: d.payload.sdp }).catch((e) => note(`answer (${roomType})`, e));
       }
       break;
     }
-    case 'offer': await subscribe(from, roomType, d); break;
+    case 'offer':
+      await subscribe(from, roomType, d).catch((e) => note(`offer from ${from} (${roomType})`, e));
+      break;
     case 'candidate': {
       const pc = from === call.me ? call.pubs[roomType] : (call.peers.get(from) || { subs: {} }).subs[roomType];
       const c = d.payload && d.payload.candidate;
-      if (pc && c && c.candidate) await pc.addIceCandidate(c).catch((e) => console.warn('candidate', e));
+      if (pc && c && c.candidate) await pc.addIceCandidate(c).catch((e) => note(`candidate (${roomType})`, e));
       break;
     }
     case 'mute':
@@ -501,9 +522,7 @@ $('toggle-screen').addEventListener('click', async () => {
   btn.textContent = 'Stop sharing';
   await publish('screen', call.screen);
   // Push the screen to everyone in the call, as Talk does with an SFU.
-  for (const [sid, p] of call.peers) {
-    if (p.inCall & 1) sendMessage(sid, { type: 'sendoffer', roomType: 'screen' });
-  }
+  for (const sid of call.peers.keys()) sendOffer(sid, 'screen', 3);
 });
 
 function stopScreen() {
