@@ -132,7 +132,13 @@ fn listen_of(config: &str, section: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     // A declared uplink, so the capacity table has figures even where sysfs has no NIC speed.
-    let config = isolated_config(&[("sfu", "enabled = false"), ("sizing", "uplink_mbps = 100")]);
+    // signaling.http_listen lets the status page show session and room counts.
+    let http = format!("http_listen = \"127.0.0.1:{}\"", common::free_port());
+    let config = isolated_config(&[
+        ("sfu", "enabled = false"),
+        ("sizing", "uplink_mbps = 100"),
+        ("signaling", &http),
+    ]);
     let web = listen_of(&config, "web");
     let signaling = listen_of(&config, "signaling");
     let sup = Supervisor::start(Some(&config));
@@ -197,6 +203,12 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     b.wait_for(
         "return document.querySelectorAll('#services tbody tr').length;",
         &json!(3),
+        T,
+    )
+    .await;
+    b.wait_for(
+        "return document.querySelector('main .kv').textContent.includes('Rooms0');",
+        &json!(true),
         T,
     )
     .await;
@@ -284,6 +296,13 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     goto_page(&b, "#bandwidth", "Speed test").await;
     shot(&b, "10-bandwidth").await;
     goto_page(&b, "#checks", "Clock synchronised").await;
+    // The page's own TURN check: a relay-only connection through the box's TURN server.
+    b.wait_for(
+        "return [...document.querySelectorAll('#checks td')].some(td => td.textContent.includes('got a relay address'));",
+        &json!(true),
+        T,
+    )
+    .await;
     shot(&b, "11-checks").await;
     goto_page(&b, "#provisioning", "Provisioning").await;
     shot(&b, "12-provisioning").await;

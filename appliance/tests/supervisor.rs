@@ -381,7 +381,7 @@ fn config_apply_restarts_only_the_affected_service() {
         },
     );
     let ca = sup.data_dir().join("tls/cert.pem");
-    let (code, body) = https_get(&format!("https://127.0.0.1:{new_port}/api/status"), &ca);
+    let (code, body) = https_get(&format!("https://127.0.0.1:{new_port}/"), &ca);
     assert_eq!(code, 200, "{body}");
     for s in after.services.iter().filter(|s| s.name != "web") {
         let was = before

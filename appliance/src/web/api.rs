@@ -561,14 +561,12 @@ fn boot_slot() -> String {
 
 /// Sessions, rooms, publishers and subscribers from the signaling service on loopback.
 async fn signaling_counts(app: &App) -> Value {
-    let port = app.config.signaling.listen.port();
     if !app.config.signaling.enabled {
         return json!({"error": "signaling is disabled"});
     }
     let Some(http) = app.config.signaling.http_listen else {
         return json!({"error": "set signaling.http_listen to a loopback address to see session counts here"});
     };
-    let _ = port;
     let base = format!("http://{}", loopback_of(http));
     let get = |path: &str| {
         let url = format!("{base}{path}");
