@@ -306,8 +306,16 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     shot(&b, "11-checks").await;
     goto_page(&b, "#provisioning", "Provisioning").await;
     shot(&b, "12-provisioning").await;
+    goto_page(&b, "#logs", "support bundle").await;
+    b.wait_for(
+        "return document.getElementById('logs-lines').textContent.length > 0;",
+        &json!(true),
+        T,
+    )
+    .await;
+    shot(&b, "13-logs").await;
     goto_page(&b, "#account", "Current password").await;
-    shot(&b, "13-account").await;
+    shot(&b, "13-account-password").await;
 
     // Phone-sized viewport: the menu collapses, nothing needs sideways scrolling.
     b.client.set_window_size(390, 844).await.expect("resize");

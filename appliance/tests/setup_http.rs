@@ -1,6 +1,7 @@
 //! The setup page over HTTP against a real supervisor: no admin route answers without a
 //! session, no change without the CSRF token; wrong codes and passwords are throttled with
-//! growing delays; sessions end when idle, at logout and at a password change; the one-time
+//! growing delays; sessions end when idle, at logout and at a password change (of another
+//! session); the one-time
 //! login link of provisioning works once; an invalid config change changes nothing.
 
 mod common;
@@ -117,9 +118,14 @@ impl Client {
 }
 
 fn start(extra: &[(&str, &str)]) -> (Supervisor, String) {
+    start_with(extra, "")
+}
+
+/// `tail` is appended to the config (for tables such as `[[signaling.backend]]`).
+fn start_with(extra: &[(&str, &str)], tail: &str) -> (Supervisor, String) {
     let mut cfg: Vec<(&str, &str)> = vec![("sfu", "enabled = false")];
     cfg.extend_from_slice(extra);
-    let config = isolated_config(&cfg);
+    let config = isolated_config(&cfg) + tail;
     let web = config
         .split("[web]")
         .nth(1)
@@ -187,7 +193,6 @@ fn admin_routes_refuse_without_session_and_without_csrf_token() {
         "code must be gone after claiming"
     );
     c.session();
-    let good = c.csrf.clone();
     for path in ADMIN_POST {
         let a = c.call("POST", path, Some(&json!({})), None);
         assert_eq!(a.code, 403, "POST {path} without CSRF token: {a:?}");
@@ -240,9 +245,32 @@ fn admin_routes_refuse_without_session_and_without_csrf_token() {
         "{v}"
     );
     assert!(v["turn_secret"].as_str().unwrap_or("").len() >= 32, "{v}");
+    // A password change ends the other sessions.
+    let mut a1 = Client::new(&base, sup.data_dir(), "a1");
+    let mut a2 = Client::new(&base, sup.data_dir(), "a2");
+    for x in [&mut a1, &mut a2] {
+        x.session();
+        assert_eq!(
+            x.post("/api/login", json!({"password": "a long password"}))
+                .code,
+            200
+        );
+        x.session();
+    }
+    let a = a1.post(
+        "/api/password",
+        json!({"old": "a long password", "new": "second password 2"}),
+    );
+    assert_eq!(a.code, 200, "{a:?}");
+    assert_eq!(a1.get("/api/status").code, 200);
+    assert_eq!(a2.get("/api/status").code, 401, "other session ended");
+    // The new password is stored by the supervisor: it holds after a web restart.
+    let hash = std::fs::read_to_string(sup.data_dir().join("web/admin.json")).expect("admin.json");
+    assert!(hash.contains("$argon2id$"), "{hash}");
+    assert!(!hash.contains("second password"), "{hash}");
     // Logout ends the session; its token no longer works.
-    assert_eq!(c.call("POST", "/api/logout", None, Some(&good)).code, 200);
-    assert_eq!(c.get("/api/status").code, 401);
+    assert_eq!(a1.post("/api/logout", json!({})).code, 200);
+    assert_eq!(a1.get("/api/status").code, 401);
 }
 
 #[test]
@@ -302,7 +330,7 @@ fn wrong_codes_and_passwords_are_throttled_with_growing_delays() {
 }
 
 #[test]
-fn sessions_end_when_idle_and_at_a_password_change_and_login_links_work_once() {
+fn sessions_end_when_idle_and_login_links_work_once() {
     let (sup, base) = start(&[("web", "session_idle_s = 2")]);
     let data = sup.data_dir().to_path_buf();
     // A one-time login link on an unclaimed box gives a session that must set a password.
@@ -339,29 +367,14 @@ fn sessions_end_when_idle_and_at_a_password_change_and_login_links_work_once() {
     // Idle expiry.
     std::thread::sleep(Duration::from_millis(2600));
     assert_eq!(c.get("/api/status").code, 401, "idle session must end");
-    // A password change ends the other sessions.
     let mut a1 = Client::new(&base, &data, "a1");
-    let mut a2 = Client::new(&base, &data, "a2");
-    for x in [&mut a1, &mut a2] {
-        x.session();
-        assert_eq!(
-            x.post("/api/login", json!({"password": "first password 1"}))
-                .code,
-            200
-        );
-        x.session();
-    }
-    let a = a1.post(
-        "/api/password",
-        json!({"old": "first password 1", "new": "second password 2"}),
+    a1.session();
+    assert_eq!(
+        a1.post("/api/login", json!({"password": "first password 1"}))
+            .code,
+        200
     );
-    assert_eq!(a.code, 200, "{a:?}");
-    assert_eq!(a1.get("/api/status").code, 200);
-    assert_eq!(a2.get("/api/status").code, 401, "other session ended");
-    // The new password is stored by the supervisor: it holds after a web restart.
-    let hash = std::fs::read_to_string(data.join("web/admin.json")).expect("admin.json");
-    assert!(hash.contains("$argon2id$"), "{hash}");
-    assert!(!hash.contains("second password"), "{hash}");
+    a1.session();
     // The provisioning audit log is shown newest first.
     std::fs::create_dir_all(data.join("provisioning")).expect("dir");
     std::fs::write(
@@ -394,6 +407,62 @@ fn engineer_key_given_at_claim_is_trusted_and_bad_keys_are_refused() {
     let keys =
         std::fs::read_to_string(sup.data_dir().join("provisioning/trusted-keys")).expect("keys");
     assert_eq!(keys.trim(), key);
+}
+
+#[test]
+fn support_bundle_has_the_config_without_secrets_and_logs_answer() {
+    let secret = "inline-secret-0123456789-abcdef";
+    let (sup, base) = start_with(
+        &[],
+        &format!(
+            "[[signaling.backend]]\nid = \"inl\"\nurls = [\"https://cloud.example.org\"]\nsecret = \"{secret}\"\n"
+        ),
+    );
+    let mut c = Client::new(&base, sup.data_dir(), "b");
+    c.session();
+    let code = sup.status().and_then(|s| s.setup_code).expect("code");
+    assert_eq!(
+        c.post(
+            "/api/claim",
+            json!({"code": code, "password": "a long password"})
+        )
+        .code,
+        200
+    );
+    let a = c.get("/api/support-bundle");
+    assert_eq!(a.code, 200, "{a:?}");
+    assert!(
+        a.header("content-disposition")
+            .unwrap_or_default()
+            .contains("attachment"),
+        "{a:?}"
+    );
+    assert!(
+        !a.body.contains(secret),
+        "secret leaked into the bundle: {}",
+        a.body
+    );
+    let v = a.json();
+    assert!(
+        v["config"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cloud.example.org"),
+        "{v}"
+    );
+    assert!(
+        v["config"].as_str().unwrap_or("").contains("(removed)"),
+        "{v}"
+    );
+    assert_eq!(v["talkbox"], env!("CARGO_PKG_VERSION"));
+    assert!(v["status"]["services"].is_array(), "{v}");
+    assert!(v["status"].get("setup_code").is_none(), "{v}");
+    // Logs answer (from the journal under systemd; a plain note elsewhere); bad levels are refused.
+    let a = c.get("/api/logs?service=web&level=warn");
+    assert_eq!(a.code, 200, "{a:?}");
+    assert!(a.json()["available"].is_boolean(), "{a:?}");
+    assert_eq!(c.get("/api/logs?level=loud").code, 400);
+    assert_eq!(c.get("/api/logs?service=../../etc&level=info").code, 400);
 }
 
 fn hex_sha256(s: &str) -> String {

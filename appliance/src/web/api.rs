@@ -44,6 +44,8 @@ pub const ADMIN_GET: &[&str] = &[
     "/api/checks/turn-credentials",
     "/api/provisioning",
     "/api/speedtest/down",
+    "/api/logs",
+    "/api/support-bundle",
 ];
 pub const ADMIN_POST: &[&str] = &[
     "/api/logout",
@@ -85,6 +87,8 @@ pub fn router(app: AppState) -> Router {
         .route("/api/checks/turn-credentials", get(turn_credentials))
         .route("/api/provisioning", get(provisioning))
         .route("/api/speedtest/down", get(speed_down))
+        .route("/api/logs", get(logs))
+        .route("/api/support-bundle", get(support_bundle))
         .route(
             "/api/speedtest/up",
             post(speed_up).layer(DefaultBodyLimit::max(MAX_SPEEDTEST_BYTES)),
@@ -1110,6 +1114,59 @@ async fn provisioning(State(app): State<AppState>, headers: HeaderMap) -> Respon
         return r;
     }
     answer(ask(&app, &SetupRequest::ProvisioningAudit).await)
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    level: Option<String>,
+}
+
+async fn logs(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    if let Err(r) = admin(&app, &headers, false, false) {
+        return r;
+    }
+    answer(
+        ask(
+            &app,
+            &SetupRequest::Logs {
+                service: q.service.filter(|s| !s.is_empty() && s != "all"),
+                level: q.level.unwrap_or_else(|| "info".into()),
+            },
+        )
+        .await,
+    )
+}
+
+async fn support_bundle(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&app, &headers, false, false) {
+        return r;
+    }
+    let a = ask(&app, &SetupRequest::SupportBundle).await;
+    if !a.ok {
+        return answer(a);
+    }
+    let mut data = a.data;
+    data["status"] =
+        serde_json::to_value(app.link.query_status().await.ok()).unwrap_or(Value::Null);
+    let body = serde_json::to_vec_pretty(&data).unwrap_or_default();
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"talkbox-support.json\"",
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]

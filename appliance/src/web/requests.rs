@@ -52,6 +52,13 @@ pub enum SetupRequest {
     },
     /// The last entries of the provisioning audit log.
     ProvisioningAudit,
+    /// Recent log lines of one service (or all), at `level` or more severe, from the journal.
+    Logs {
+        service: Option<String>,
+        level: String,
+    },
+    /// Support bundle: the config with secrets removed, versions, recent logs.
+    SupportBundle,
 }
 
 /// The answer: `ok` plus data, or an error an admin can act on.

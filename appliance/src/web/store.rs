@@ -280,6 +280,10 @@ impl SetupStore {
                 done(json!({"password_set": password_set}))
             }
             SetupRequest::ProvisioningAudit => done(self.audit()),
+            SetupRequest::Logs { service, level } => {
+                done(logs(service.as_deref(), &level, LOG_LINES)?)
+            }
+            SetupRequest::SupportBundle => done(self.support_bundle()?),
         }
     }
 
@@ -527,6 +531,116 @@ impl SetupStore {
         entries.drain(..skip);
         entries.reverse();
         json!({"entries": entries, "present": true})
+    }
+}
+
+/// Lines of log a request returns at most.
+const LOG_LINES: usize = 300;
+/// Bytes of log text an answer carries at most (the link's datagram is 256 KiB).
+const LOG_BYTES: usize = 120 * 1024;
+
+/// Recent journal lines of the talkbox services (`SYSLOG_IDENTIFIER=talkbox-*`). Only under
+/// systemd: elsewhere the services log to the supervisor's stderr, which the box cannot read back.
+fn logs(service: Option<&str>, level: &str, lines: usize) -> Result<Value, String> {
+    const SERVICES: [&str; 5] = ["supervisor", "signaling", "sfu", "turn", "web"];
+    let priority = match level {
+        "error" => "3",
+        "warn" => "4",
+        "info" => "6",
+        "debug" => "7",
+        _ => return Err("level must be error, warn, info or debug".into()),
+    };
+    if let Some(s) = service
+        && !SERVICES.contains(&s)
+    {
+        return Err(format!(
+            "unknown service {s:?}; one of {}",
+            SERVICES.join(", ")
+        ));
+    }
+    if std::env::var_os("JOURNAL_STREAM").is_none() {
+        return Ok(json!({"available": false, "lines": [],
+            "reason": "the box is not running under systemd: logs go to the terminal that started `talkbox run`"}));
+    }
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.args([
+        "2",
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "short-iso",
+        "-p",
+        priority,
+        "-n",
+    ])
+    .arg(lines.to_string());
+    match service {
+        Some(s) => {
+            cmd.arg(format!("SYSLOG_IDENTIFIER=talkbox-{s}"));
+        }
+        None => {
+            for (i, s) in SERVICES.iter().enumerate() {
+                if i > 0 {
+                    cmd.arg("+");
+                }
+                cmd.arg(format!("SYSLOG_IDENTIFIER=talkbox-{s}"));
+            }
+        }
+    }
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running journalctl: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut kept: Vec<&str> = Vec::new();
+    let mut size = 0;
+    for l in text.lines().rev() {
+        size += l.len() + 1;
+        if size > LOG_BYTES {
+            break;
+        }
+        kept.push(l);
+    }
+    kept.reverse();
+    Ok(json!({"available": true, "lines": kept}))
+}
+
+/// Keys whose values never leave the box in a support bundle.
+fn redact(v: &mut toml::Value) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, val) in t.iter_mut() {
+                if k == "secret" || k.ends_with("_secret") || k.ends_with("password") {
+                    *val = toml::Value::String("(removed)".into());
+                } else {
+                    redact(val);
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+impl SetupStore {
+    fn support_bundle(&self) -> Result<Value, String> {
+        let mut table = toml::Value::Table(self.config_table()?);
+        redact(&mut table);
+        let config = toml::to_string(&table).map_err(|e| e.to_string())?;
+        let logs = logs(None, "info", 200).unwrap_or_else(|e| json!({"error": e}));
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Ok(json!({
+            "talkbox": env!("CARGO_PKG_VERSION"),
+            "kernel": kernel,
+            "created": rfc3339(now_unix()),
+            "config_file": self.config_path.display().to_string(),
+            "config": config,
+            "claimed": self.admin().is_some(),
+            "logs": logs,
+        }))
     }
 }
 

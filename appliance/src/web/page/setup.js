@@ -416,10 +416,31 @@ async function provisioningPage() {
           el("td", { text: e.serial }), el("td", { class: e.result === "applied" ? "ok" : e.result === "refused" ? "bad" : "warn", text: e.result }), el("td", { text: e.message })))))));
 }
 
+// ---- logs ----
+
+async function logsPage() {
+  const svc = el("select", { id: "logs-service" }, ["all", "supervisor", "signaling", "sfu", "turn", "web"].map(v => el("option", { value: v, text: v })));
+  const lvl = el("select", { id: "logs-level" }, ["error", "warn", "info", "debug"].map(v => el("option", { value: v, text: v })));
+  lvl.value = S.logLevel || "info"; svc.value = S.logService || "all";
+  const out = el("pre", { id: "logs-lines", class: "scroll" });
+  const load = async () => {
+    S.logLevel = lvl.value; S.logService = svc.value;
+    try {
+      const d = await api("GET", `/api/logs?service=${encodeURIComponent(svc.value)}&level=${encodeURIComponent(lvl.value)}`);
+      out.textContent = d.available ? (d.lines.join("\n") || "(no lines)") : d.reason;
+    } catch (e) { out.textContent = e.message; }
+  };
+  svc.addEventListener("change", load); lvl.addEventListener("change", load);
+  page("Logs", el("div", { class: "card" }, field("Service", svc), field("Level and more severe", lvl)),
+    el("p", {}, el("a", { href: "/api/support-bundle", download: "talkbox-support.json", id: "support-bundle", text: "Download a support bundle" }),
+      " (config without secrets, versions, recent logs)."), out);
+  load();
+}
+
 // ---- routing ----
 
 const PAGES = { "#status": statusPage, "#backends": backendsPage, "#certificate": certificatePage, "#network": networkPage,
-  "#bandwidth": bandwidthPage, "#checks": checksPage, "#provisioning": provisioningPage, "#account": accountPage };
+  "#bandwidth": bandwidthPage, "#checks": checksPage, "#provisioning": provisioningPage, "#logs": logsPage, "#account": accountPage };
 
 async function route() {
   clearInterval(S.timer);
