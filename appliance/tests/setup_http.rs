@@ -465,6 +465,134 @@ fn support_bundle_has_the_config_without_secrets_and_logs_answer() {
     assert_eq!(c.get("/api/logs?service=../../etc&level=info").code, 400);
 }
 
+/// Waits until a fresh client sees the page in `state` (services restart after a restore).
+fn wait_state(base: &str, dir: &Path, state: &str) {
+    let start = Instant::now();
+    let mut last = Value::Null;
+    while start.elapsed() < Duration::from_secs(30) {
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "5"])
+            .arg(format!("{base}/api/session"))
+            .output()
+            .expect("curl");
+        last = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if last["state"] == state {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "the page never showed {state}; last {last}; dir {}",
+        dir.display()
+    );
+}
+
+#[test]
+fn backup_restores_only_with_its_passphrase_and_factory_reset_needs_the_typed_words() {
+    let (sup, base) = start(&[]);
+    let data = sup.data_dir().to_path_buf();
+    let mut c = Client::new(&base, &data, "k");
+    c.session();
+    let code = sup.status().and_then(|s| s.setup_code).expect("code");
+    assert_eq!(
+        c.post(
+            "/api/claim",
+            json!({"code": code, "password": "the first password"})
+        )
+        .code,
+        200
+    );
+    c.session();
+    assert_eq!(c.post("/api/backups", json!({})).code, 404);
+    assert_eq!(
+        c.post("/api/backup", json!({"passphrase": "short"})).code,
+        400
+    );
+    let a = c.post("/api/backup", json!({"passphrase": "backup passphrase 1"}));
+    assert_eq!(a.code, 200, "{a:?}");
+    let backup = a.body.clone();
+    let turn_secret = std::fs::read_to_string(data.join("secrets/turn-secret")).expect("secret");
+    assert!(!backup.contains(turn_secret.trim()), "backup not encrypted");
+    // Changes after the backup: a backend and a new password.
+    assert_eq!(
+        c.post(
+            "/api/backends",
+            json!({"id": "later", "urls": ["https://later.example.com"]})
+        )
+        .code,
+        200
+    );
+    assert_eq!(
+        c.post(
+            "/api/password",
+            json!({"old": "the first password", "new": "the second password"})
+        )
+        .code,
+        200
+    );
+    let config_before = std::fs::read_to_string(data.join("talkbox.toml")).expect("config");
+    let a = c.post(
+        "/api/restore",
+        json!({"backup": backup, "passphrase": "not the passphrase"}),
+    );
+    assert_eq!(a.code, 400, "{a:?}");
+    assert!(a.body.contains("wrong passphrase"), "{a:?}");
+    assert_eq!(
+        config_before,
+        std::fs::read_to_string(data.join("talkbox.toml")).expect("config"),
+        "a refused restore changed the config"
+    );
+    let a = c.post(
+        "/api/restore",
+        json!({"backup": backup, "passphrase": "backup passphrase 1"}),
+    );
+    assert_eq!(a.code, 200, "{a:?}");
+    assert!(
+        !std::fs::read_to_string(data.join("talkbox.toml"))
+            .expect("config")
+            .contains("later"),
+        "backend of after the backup still there"
+    );
+    // Every service restarts; the password of the backup holds again.
+    std::thread::sleep(Duration::from_millis(1500));
+    wait_state(&base, &data, "login");
+    let mut l = Client::new(&base, &data, "l2");
+    l.session();
+    assert_eq!(
+        l.post("/api/login", json!({"password": "the second password"}))
+            .code,
+        403
+    );
+    assert_eq!(
+        l.post("/api/login", json!({"password": "the first password"}))
+            .code,
+        200
+    );
+    l.session();
+    // Factory reset: only with the typed words; then the box is unclaimed with new secrets.
+    assert_eq!(
+        l.post("/api/factory-reset", json!({"confirm": "yes"})).code,
+        400
+    );
+    assert!(data.join("web/admin.json").exists());
+    let a = l.post("/api/factory-reset", json!({"confirm": "factory reset"}));
+    assert_eq!(a.code, 200, "{a:?}");
+    assert!(!data.join("web/admin.json").exists());
+    let new_turn = std::fs::read_to_string(data.join("secrets/turn-secret")).expect("new secret");
+    assert_ne!(new_turn, turn_secret, "secrets must be made anew");
+    std::thread::sleep(Duration::from_millis(1500));
+    wait_state(&base, &data, "unclaimed");
+    let new_code = sup
+        .status()
+        .and_then(|s| s.setup_code)
+        .expect("a new setup code");
+    assert_ne!(new_code, code);
+    assert!(
+        sup.log().contains(&format!("setup code: {new_code}")),
+        "new code not on the console"
+    );
+}
+
 fn hex_sha256(s: &str) -> String {
     let out = Command::new("sha256sum")
         .stdin(std::process::Stdio::piped())

@@ -151,6 +151,9 @@ struct Supervisor {
     last_systemd_status: String,
     /// The setup page's state and the changes it may ask for (see `web::store`).
     setup: crate::web::store::SetupStore,
+    /// A restore or factory reset asked to restart everything; done a moment after the answer
+    /// went out, so the web service can still deliver it.
+    restart_all_at: Option<Instant>,
 }
 
 /// Runs the supervisor until SIGTERM/SIGINT; returns the process exit code.
@@ -205,6 +208,7 @@ pub fn run(opts: RunOptions, config: Config) -> Result<i32> {
             last_systemd_ping: Instant::now(),
             last_systemd_status: String::new(),
             setup,
+            restart_all_at: None,
         };
         tracing::info!(
             data_dir = %opts.data.root.display(),
@@ -516,6 +520,12 @@ impl Supervisor {
                         tracing::error!(error = %e, "the setup page's config change did not load");
                     }
                 }
+                crate::web::store::Effect::RestartAll => {
+                    if let Some(e) = self.reload("setup page: restore or reset") {
+                        tracing::error!(error = %e, "the restored config did not load");
+                    }
+                    self.restart_all_at = Some(Instant::now() + Duration::from_millis(500));
+                }
                 crate::web::store::Effect::RestartTlsUsers => {
                     // The web service swaps its certificate in place; the others load it at start.
                     self.restart_services(&[Service::Signaling, Service::Turn], "new certificate")
@@ -543,6 +553,10 @@ impl Supervisor {
     fn on_tick(&mut self, now: Instant) {
         if self.shutting_down {
             return;
+        }
+        if self.restart_all_at.is_some_and(|t| t <= now) {
+            self.restart_all_at = None;
+            self.restart_services(&Service::START_ORDER, "restore or factory reset");
         }
         let ready_timeout = Duration::from_secs(self.config.supervisor.ready_timeout_s);
         let watchdog_timeout = Duration::from_secs(self.config.supervisor.watchdog_timeout_s);

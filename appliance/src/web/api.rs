@@ -55,6 +55,9 @@ pub const ADMIN_POST: &[&str] = &[
     "/api/backends/test",
     "/api/certificate",
     "/api/speedtest/up",
+    "/api/backup",
+    "/api/restore",
+    "/api/factory-reset",
 ];
 
 pub fn router(app: AppState) -> Router {
@@ -88,6 +91,9 @@ pub fn router(app: AppState) -> Router {
         .route("/api/provisioning", get(provisioning))
         .route("/api/speedtest/down", get(speed_down))
         .route("/api/logs", get(logs))
+        .route("/api/backup", post(make_backup))
+        .route("/api/restore", post(restore))
+        .route("/api/factory-reset", post(factory_reset))
         .route("/api/support-bundle", get(support_bundle))
         .route(
             "/api/speedtest/up",
@@ -1114,6 +1120,94 @@ async fn provisioning(State(app): State<AppState>, headers: HeaderMap) -> Respon
         return r;
     }
     answer(ask(&app, &SetupRequest::ProvisioningAudit).await)
+}
+
+#[derive(Deserialize)]
+struct BackupForm {
+    passphrase: String,
+}
+
+async fn make_backup(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = admin(&app, &headers, true, false) {
+        return r;
+    }
+    let f: BackupForm = match parse_json(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    if let Err(e) = super::backup::check_passphrase(&f.passphrase) {
+        return fail(StatusCode::BAD_REQUEST, e);
+    }
+    let a = ask(
+        &app,
+        &SetupRequest::Backup {
+            passphrase: f.passphrase,
+        },
+    )
+    .await;
+    if !a.ok {
+        return answer(a);
+    }
+    let text = a.data["backup"].as_str().unwrap_or("").to_string();
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"talkbox-backup.json\"",
+            ),
+        ],
+        text,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct RestoreForm {
+    backup: String,
+    passphrase: String,
+}
+
+async fn restore(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = admin(&app, &headers, true, false) {
+        return r;
+    }
+    let f: RestoreForm = match parse_json(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let a = ask(
+        &app,
+        &SetupRequest::Restore {
+            backup: f.backup,
+            passphrase: f.passphrase,
+        },
+    )
+    .await;
+    if a.ok {
+        tracing::warn!("configuration restored from a backup; every service restarts");
+    }
+    answer(a)
+}
+
+#[derive(Deserialize)]
+struct ResetForm {
+    confirm: String,
+}
+
+async fn factory_reset(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = admin(&app, &headers, true, false) {
+        return r;
+    }
+    let f: ResetForm = match parse_json(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let a = ask(&app, &SetupRequest::FactoryReset { confirm: f.confirm }).await;
+    if a.ok {
+        tracing::warn!("factory reset from the setup page; the box is unclaimed again");
+    }
+    answer(a)
 }
 
 #[derive(Deserialize)]

@@ -151,6 +151,11 @@ pub fn certified_key(
     Ok(Arc::new(ck))
 }
 
+/// Checks that a PEM chain and key belong together (restore of a backup).
+pub fn check_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
+    certified_key(chain_der(cert_pem)?, key_pem).map(|_| ())
+}
+
 /// Every check an upload must pass. `names` are the box's configured public names (may be
 /// empty); `now` is Unix seconds.
 pub fn validate_upload(

@@ -59,6 +59,20 @@ pub enum SetupRequest {
     },
     /// Support bundle: the config with secrets removed, versions, recent logs.
     SupportBundle,
+    /// An encrypted backup of the config and what the box cannot recreate.
+    Backup {
+        passphrase: String,
+    },
+    /// Restore such a backup (everything restarts with it).
+    Restore {
+        backup: String,
+        passphrase: String,
+    },
+    /// Forget the admin, secrets, certificate, backends, engineer keys and rooms; the box is
+    /// unclaimed again. `confirm` must be the typed words "factory reset".
+    FactoryReset {
+        confirm: String,
+    },
 }
 
 /// The answer: `ok` plus data, or an error an admin can act on.

@@ -19,8 +19,8 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::cert;
 use super::requests::{AdminState, SetupAnswer, SetupRequest, now_unix, parse_rfc3339, rfc3339};
+use super::{backup, cert};
 use crate::config::{Config, DataDir};
 use crate::secrets::{self, Secret};
 use crate::storage;
@@ -33,6 +33,9 @@ pub enum Effect {
     ReloadConfig,
     /// The certificate changed: restart the services that loaded it at start.
     RestartTlsUsers,
+    /// Config, secrets and certificate were replaced (restore, factory reset): reload the
+    /// config and restart every service, the web service too, once the answer is out.
+    RestartAll,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -284,7 +287,110 @@ impl SetupStore {
                 done(logs(service.as_deref(), &level, LOG_LINES)?)
             }
             SetupRequest::SupportBundle => done(self.support_bundle()?),
+            SetupRequest::Backup { passphrase } => {
+                let c = backup::collect(&self.data.root, &self.config_path)?;
+                done(json!({"backup": backup::seal(&c, &passphrase)?}))
+            }
+            SetupRequest::Restore {
+                backup: text,
+                passphrase,
+            } => {
+                self.restore(&text, &passphrase)?;
+                Ok((SetupAnswer::ok(json!({})), Effect::RestartAll))
+            }
+            SetupRequest::FactoryReset { confirm } => {
+                if confirm.trim() != "factory reset" {
+                    return Err("type the words factory reset to confirm".into());
+                }
+                self.factory_reset(config)?;
+                Ok((SetupAnswer::ok(json!({})), Effect::RestartAll))
+            }
         }
+    }
+
+    fn restore(&mut self, text: &str, passphrase: &str) -> Result<(), String> {
+        let c = backup::open(text, passphrase)?;
+        let files = backup::files_to_write(&c)?;
+        // Everything is checked before the first file is written.
+        if let Some(cfg) = &c.config {
+            Config::from_toml("the backup's config", cfg)
+                .map_err(|e| format!("the backup's config is not valid here: {e}"))?;
+        }
+        let find = |n: &str| {
+            files
+                .iter()
+                .find(|(p, _)| p == Path::new(n))
+                .map(|(_, b)| b)
+        };
+        if let (Some(cert_pem), Some(key_pem)) = (find("tls/cert.pem"), find("tls/key.pem")) {
+            cert::check_pair(cert_pem, key_pem)
+                .map_err(|e| format!("the backup's certificate: {e}"))?;
+        }
+        for (rel, bytes) in &files {
+            let path = self.data.root.join(rel);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            storage::write_atomic(&path, bytes, 0o600)
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        }
+        if let Some(cfg) = &c.config {
+            storage::write_atomic(&self.config_path, cfg.as_bytes(), 0o600)
+                .map_err(|e| format!("writing {}: {e}", self.config_path.display()))?;
+        }
+        if self.admin().is_some() {
+            self.setup_code = None;
+        }
+        tracing::warn!(
+            files = files.len(),
+            "configuration restored from a backup; restarting every service"
+        );
+        Ok(())
+    }
+
+    fn factory_reset(&mut self, config: &Config) -> Result<(), String> {
+        if self.config_path.exists() {
+            let mut table = self.config_table()?;
+            if let Some(sig) = table.get_mut("signaling").and_then(|s| s.as_table_mut()) {
+                sig.remove("backend");
+            }
+            self.write_config(&table)?;
+        }
+        let root = &self.data.root;
+        let mut gone: Vec<PathBuf> = std::fs::read_dir(root.join("secrets"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        for f in [
+            "tls/cert.pem",
+            "tls/key.pem",
+            "web/admin.json",
+            "web/login-link.json",
+            "provisioning/trusted-keys",
+            "rooms/rooms.json",
+        ] {
+            let p = root.join(f);
+            gone.push(storage::previous_version(&p));
+            gone.push(p);
+        }
+        for p in gone {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("removing {}: {e}", p.display())),
+            }
+        }
+        secrets::ensure_all(&self.data).map_err(|e| e.to_string())?;
+        crate::tls::ensure_certificate(
+            &self.data,
+            &crate::tls::box_names(&config.supervisor.names),
+        )
+        .map_err(|e| e.to_string())?;
+        let code = new_code().map_err(|e| e.to_string())?;
+        tracing::warn!(setup_code = %code, "factory reset: the box is unclaimed again; enter the new setup code on the setup page");
+        eprintln!("talkbox: setup code: {code}");
+        self.setup_code = Some(code);
+        self.link_used_unclaimed = false;
+        Ok(())
     }
 
     fn add_trusted_key(&self, line: &str) -> Result<(), String> {

@@ -437,10 +437,55 @@ async function logsPage() {
   load();
 }
 
+// ---- backup, restore, factory reset ----
+
+function backupPage() {
+  const b = el("form", { id: "backup-form" }, el("h3", { text: "Back up the configuration" }),
+    el("p", { class: "muted", text: "The file holds the config, the secrets, the certificate and key, and the admin password hash, encrypted with your passphrase. Keep the passphrase: without it the file is useless." }),
+    field("Passphrase (at least 12 characters)", el("input", { id: "backup-passphrase", type: "password", autocomplete: "new-password" })),
+    el("button", { id: "backup-submit", type: "submit", text: "Download backup" }));
+  b.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const r = await fetch("/api/backup", { method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf },
+      body: JSON.stringify({ passphrase: document.getElementById("backup-passphrase").value }) });
+    if (!r.ok) { message(((await r.json().catch(() => null)) || {}).error || "HTTP " + r.status, "error"); return; }
+    const url = URL.createObjectURL(await r.blob());
+    const a = el("a", { href: url, download: "talkbox-backup.json" });
+    document.body.append(a); a.click(); a.remove(); URL.revokeObjectURL(url);
+    message("Backup downloaded.", "info");
+  });
+  const r = el("form", { id: "restore-form" }, el("h3", { text: "Restore" }),
+    field("Backup file", el("input", { id: "restore-file", type: "file", accept: ".json,application/json" })),
+    field("Passphrase", el("input", { id: "restore-passphrase", type: "password", autocomplete: "off" })),
+    el("button", { id: "restore-submit", type: "submit", text: "Restore" }));
+  r.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const f = document.getElementById("restore-file").files[0];
+    if (!f) { message("Choose the backup file first.", "error"); return; }
+    try {
+      await api("POST", "/api/restore", { backup: await f.text(), passphrase: document.getElementById("restore-passphrase").value });
+      message("Restored. The services restart; log in again with the password of the backup.", "info");
+    } catch (e) { message(e.message, "error"); }
+  });
+  const z = el("form", { id: "reset-form" }, el("h3", { text: "Factory reset" }),
+    el("p", { text: "Forgets the admin password, every secret, the certificate, the Nextcloud servers, engineer keys and rooms. Ports and names in the config stay, so the box stays reachable. A new setup code appears on the console." }),
+    field("Type factory reset to confirm", el("input", { id: "reset-confirm", autocomplete: "off" })),
+    el("button", { id: "reset-submit", type: "submit", class: "danger", text: "Reset the box" }));
+  z.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await api("POST", "/api/factory-reset", { confirm: document.getElementById("reset-confirm").value });
+      message("The box was reset. Claim it again with the new setup code.", "info");
+    } catch (e) { message(e.message, "error"); }
+  });
+  page("Backup and reset", b, r, z);
+}
+
 // ---- routing ----
 
 const PAGES = { "#status": statusPage, "#backends": backendsPage, "#certificate": certificatePage, "#network": networkPage,
-  "#bandwidth": bandwidthPage, "#checks": checksPage, "#provisioning": provisioningPage, "#logs": logsPage, "#account": accountPage };
+  "#bandwidth": bandwidthPage, "#checks": checksPage, "#provisioning": provisioningPage, "#logs": logsPage, "#backup": backupPage, "#account": accountPage };
 
 async function route() {
   clearInterval(S.timer);
