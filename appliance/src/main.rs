@@ -320,6 +320,9 @@ fn status(paths: &Paths, json: bool) -> Result<u8> {
         s.uptime_s,
         if s.ready { "ready" } else { "NOT READY" }
     );
+    if let Some(code) = &s.setup_code {
+        println!("unclaimed: setup code {code} (enter it on the setup page)");
+    }
     println!(
         "{:<10} {:<11} {:>8} {:>10} {:>8}  last exit",
         "SERVICE", "STATE", "PID", "UPTIME", "RESTARTS"

@@ -225,6 +225,8 @@ pub struct TurnConfig {
 pub struct WebConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    pub session_idle_s: u64,
+    pub session_max_s: u64,
 }
 
 /// `[provision]`: remote provisioning (signed bundles, the mTLS push API, try-and-revert).
@@ -752,6 +754,18 @@ impl WebConfig {
                 "127.0.0.1:9443",
                 "HTTPS address of the admin setup page (restrict it to an admin network where you can).",
             ),
+            session_idle_s: r.int(
+                "session_idle_s",
+                1800,
+                (2, 86_400),
+                "An admin session ends after this many seconds without a request.",
+            ) as u64,
+            session_max_s: r.int(
+                "session_max_s",
+                43_200,
+                (60, 604_800),
+                "An admin session ends this many seconds after login, however active.",
+            ) as u64,
         }
     }
 }

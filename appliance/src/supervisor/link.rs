@@ -5,7 +5,9 @@
 //! `STATUS=...`, `WATCHDOG=1`, `STOPPING=1`), so a service behaves the same under the supervisor
 //! and directly under systemd, where [`ServiceLink`] falls back to `NOTIFY_SOCKET`. A child may
 //! also send `QUERY=status` and gets the supervisor's [`SupervisorStatus`] as JSON in reply; the
-//! read-only status page uses this, so it needs no access to the owner-only control socket.
+//! status page uses this, so it needs no access to the owner-only control socket. The `web`
+//! service alone may also send `REQUEST=<json>` (one [`crate::web::requests::SetupRequest`]) and
+//! gets one JSON answer: the setup page's narrow way to change the box (see `web::store`).
 //!
 //! A socket pair (rather than a path) means no other process can pretend to be a service.
 
@@ -40,6 +42,8 @@ pub enum ChildMessage {
     Stopping,
     Status(String),
     QueryStatus,
+    /// A setup-page request (JSON); the supervisor honours it from the web service only.
+    Request(String),
 }
 
 /// Parses one datagram; unknown assignments are ignored as sd_notify does.
@@ -52,6 +56,7 @@ pub fn parse_child_datagram(data: &[u8]) -> Vec<ChildMessage> {
             Some(("STOPPING", "1")) => Some(ChildMessage::Stopping),
             Some(("STATUS", s)) => Some(ChildMessage::Status(s.chars().take(200).collect())),
             Some(("QUERY", "status")) => Some(ChildMessage::QueryStatus),
+            Some(("REQUEST", json)) => Some(ChildMessage::Request(json.to_string())),
             _ => None,
         })
         .collect()
@@ -138,22 +143,41 @@ impl ServiceLink {
         });
     }
 
-    /// Asks the supervisor for its status.
-    pub async fn query_status(&self) -> Result<SupervisorStatus> {
+    /// Sends one message and waits for the supervisor's one datagram in reply.
+    async fn ask(&self, msg: &[u8], timeout: Duration) -> Result<Vec<u8>> {
         let s = self
             .socket
             .as_ref()
             .ok_or_else(|| anyhow!("not running under the talkbox supervisor"))?;
         let _one_at_a_time = self.query.lock().await;
-        s.send(b"QUERY=status")
-            .await
-            .context("asking the supervisor")?;
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        let n = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf))
+        // A reply that arrived after an earlier caller gave up must not answer this question.
+        while s.try_recv(&mut buf).is_ok() {}
+        s.send(msg).await.context("asking the supervisor")?;
+        let n = tokio::time::timeout(timeout, s.recv(&mut buf))
             .await
-            .map_err(|_| anyhow!("the supervisor did not answer within 2 s"))?
+            .map_err(|_| anyhow!("the supervisor did not answer within {timeout:?}"))?
             .context("reading the supervisor's answer")?;
-        serde_json::from_slice(&buf[..n]).context("decoding the supervisor's status")
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Asks the supervisor for its status.
+    pub async fn query_status(&self) -> Result<SupervisorStatus> {
+        let answer = self.ask(b"QUERY=status", Duration::from_secs(2)).await?;
+        serde_json::from_slice(&answer).context("decoding the supervisor's status")
+    }
+
+    /// Sends one setup-page request (a single line of JSON) and returns the JSON answer.
+    pub async fn request(&self, json: &str) -> Result<Vec<u8>> {
+        if json.contains('\n') {
+            anyhow::bail!("a setup request must be one line of JSON");
+        }
+        self.ask(
+            format!("REQUEST={json}").as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await
     }
 }
 
@@ -164,7 +188,7 @@ mod tests {
     #[test]
     fn notify_lines_are_parsed_and_unknown_ones_ignored() {
         let m = parse_child_datagram(
-            b"READY=1\nSTATUS=serving 3 rooms\nMAINPID=5\nWATCHDOG=1\nQUERY=status",
+            b"READY=1\nSTATUS=serving 3 rooms\nMAINPID=5\nWATCHDOG=1\nQUERY=status\nREQUEST={\"op\":\"state\"}",
         );
         assert_eq!(
             m,
@@ -172,7 +196,8 @@ mod tests {
                 ChildMessage::Ready,
                 ChildMessage::Status("serving 3 rooms".into()),
                 ChildMessage::Watchdog,
-                ChildMessage::QueryStatus
+                ChildMessage::QueryStatus,
+                ChildMessage::Request("{\"op\":\"state\"}".into())
             ]
         );
         assert!(parse_child_datagram(b"\xff\xfe garbage").is_empty());

@@ -151,6 +151,11 @@ struct Supervisor {
     last_systemd_ping: Instant,
     last_systemd_status: String,
     provision: Provisioner,
+    /// The setup page's state and the changes it may ask for (see `web::store`).
+    setup: crate::web::store::SetupStore,
+    /// A restore or factory reset asked to restart everything; done a moment after the answer
+    /// went out, so the web service can still deliver it.
+    restart_all_at: Option<Instant>,
 }
 
 /// Runs the supervisor until SIGTERM/SIGINT; returns the process exit code.
@@ -183,6 +188,16 @@ pub fn run(opts: RunOptions, config: Config) -> Result<i32> {
             data_dir: opts.data.root.clone(),
             config: opts.config_path(),
         };
+        let setup = crate::web::store::SetupStore::open(&opts.data, opts.config_path())
+            .with_context(|| format!("preparing {}/web", opts.data.root.display()))?;
+        if let Some(code) = setup.setup_code() {
+            // The console and the journal are where the person holding the box looks.
+            tracing::warn!(
+                setup_code = code,
+                "this box is unclaimed: open the setup page and enter the setup code"
+            );
+            eprintln!("talkbox: setup code: {code}");
+        }
         let mut watchdog_usec = 0u64;
         let watchdog_every = sd_notify::watchdog_enabled(false, &mut watchdog_usec)
             .then(|| Duration::from_micros(watchdog_usec / 2));
@@ -203,6 +218,8 @@ pub fn run(opts: RunOptions, config: Config) -> Result<i32> {
             last_systemd_ping: Instant::now(),
             last_systemd_status: String::new(),
             provision,
+            setup,
+            restart_all_at: None,
         };
         tracing::info!(
             data_dir = %opts.data.root.display(),
@@ -433,9 +450,12 @@ impl Supervisor {
                 generation,
                 messages,
             } => {
-                let status_json = messages
-                    .contains(&ChildMessage::QueryStatus)
-                    .then(|| serde_json::to_vec(&self.status()).unwrap_or_default());
+                let status_json = messages.contains(&ChildMessage::QueryStatus).then(|| {
+                    let mut st = self.status();
+                    st.setup_code = None;
+                    serde_json::to_vec(&st).unwrap_or_default()
+                });
+                let answers = self.on_setup_requests(service, generation, &messages);
                 let Some(slot) = self.slots.iter_mut().find(|s| s.service == service) else {
                     return;
                 };
@@ -465,8 +485,78 @@ impl Supervisor {
                                 let _ = r.link.try_send(json);
                             }
                         }
+                        ChildMessage::Request(_) => {}
                     }
                 }
+                for a in answers {
+                    let _ = r.link.try_send(&a);
+                }
+            }
+        }
+    }
+
+    /// Carries out the setup page's requests (from the current web process only) and applies
+    /// their effect; returns the answers to send back, in order.
+    fn on_setup_requests(
+        &mut self,
+        service: Service,
+        generation: u64,
+        messages: &[ChildMessage],
+    ) -> Vec<Vec<u8>> {
+        let mut answers = Vec::new();
+        let current = self
+            .slots
+            .iter()
+            .any(|s| s.service == service && s.generation == generation);
+        for m in messages {
+            let ChildMessage::Request(json) = m else {
+                continue;
+            };
+            let (answer, effect) = if service == Service::Web && current {
+                self.setup.handle(json, &self.config)
+            } else {
+                tracing::warn!(
+                    service = service.name(),
+                    "refused a setup request from a service other than web"
+                );
+                (
+                    crate::web::requests::SetupAnswer::err("only the web service may ask this"),
+                    crate::web::store::Effect::None,
+                )
+            };
+            match effect {
+                crate::web::store::Effect::None => {}
+                crate::web::store::Effect::ReloadConfig => {
+                    if let Some(e) = self.reload("setup page") {
+                        tracing::error!(error = %e, "the setup page's config change did not load");
+                    }
+                }
+                crate::web::store::Effect::RestartAll => {
+                    if let Some(e) = self.reload("setup page: restore or reset") {
+                        tracing::error!(error = %e, "the restored config did not load");
+                    }
+                    self.restart_all_at = Some(Instant::now() + Duration::from_millis(500));
+                }
+                crate::web::store::Effect::RestartTlsUsers => {
+                    // The web service swaps its certificate in place; the others load it at start.
+                    self.restart_services(&[Service::Signaling, Service::Turn], "new certificate")
+                }
+            }
+            answers.push(serde_json::to_vec(&answer).unwrap_or_default());
+        }
+        answers
+    }
+
+    /// Restarts the named services (those running) without counting a failure.
+    fn restart_services(&mut self, which: &[Service], why: &str) {
+        for s in &mut self.slots {
+            if !which.contains(&s.service) {
+                continue;
+            }
+            if let Some(r) = &mut s.running {
+                s.restart_requested = true;
+                r.kill_reason = Some(format!("stopped to apply a change: {why}"));
+                let _ = killpg(Pid::from_raw(r.pid as i32), Signal::SIGTERM);
             }
         }
     }
@@ -474,6 +564,10 @@ impl Supervisor {
     fn on_tick(&mut self, now: Instant) {
         if self.shutting_down {
             return;
+        }
+        if self.restart_all_at.is_some_and(|t| t <= now) {
+            self.restart_all_at = None;
+            self.restart_services(&Service::START_ORDER, "restore or factory reset");
         }
         let ready_timeout = Duration::from_secs(self.config.supervisor.ready_timeout_s);
         let watchdog_timeout = Duration::from_secs(self.config.supervisor.watchdog_timeout_s);
@@ -702,6 +796,7 @@ impl Supervisor {
                     message: s.message.clone(),
                 })
                 .collect(),
+            setup_code: self.setup.setup_code().map(str::to_string),
         }
     }
 }

@@ -67,4 +67,8 @@ pub struct SupervisorStatus {
     /// True once every enabled service has been ready at least once.
     pub ready: bool,
     pub services: Vec<ServiceStatus>,
+    /// The one-time setup code while the box is unclaimed. Only the owner-only control socket
+    /// (`talkbox status`, a local root) carries it; the copy sent to the web service has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup_code: Option<String>,
 }

@@ -1,20 +1,28 @@
-//! The `web` service: the admin setup page on its own HTTPS port.
+//! The `web` service: the admin setup page on its own HTTPS port (`web.listen`, default 9443).
 //!
-//! For now it serves the read-only status page (services, state, PID, uptime, restarts, last
-//! exit) from the supervisor's own status, fetched over the supervisor link; claiming, login and
-//! configuration arrive with the setup-page work. It never reads secrets other than the TLS key.
+//! It serves one static page (HTML/CSS/JS compiled into the binary, no build step) and a JSON
+//! API behind it. The service runs as the unprivileged service user and holds no admin secret
+//! on disk: claim state and every change go to the supervisor as narrow requests over the link
+//! ([`requests`], carried out by [`store`] in the supervisor). Sessions, CSRF and throttling
+//! live in [`auth`]; certificate checks in [`cert`]; the charts' history in [`metrics`]; the
+//! API handlers in [`api`].
 
-mod page;
+pub mod api;
+pub mod auth;
+pub mod backup;
+pub mod cert;
+pub mod metrics;
+pub mod page;
+pub mod requests;
+pub mod store;
 
 use std::net::TcpListener as StdTcpListener;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
 
 use crate::config::{Config, DataDir};
 use crate::https;
@@ -23,9 +31,10 @@ use crate::service_runtime::{self, ServiceContext};
 use crate::supervisor::link::ServiceLink;
 use crate::tls;
 
-/// Root-only preparation: the TLS key and the bound listener.
+/// Root-only preparation: the TLS certificate and key, and the bound listener.
 struct Prepared {
-    tls: Arc<rustls::ServerConfig>,
+    cert: Arc<cert::SwappableCert>,
+    cert_pem: Vec<u8>,
     listener: StdTcpListener,
 }
 
@@ -35,7 +44,19 @@ pub fn main(config: Config, data: DataDir) -> Result<()> {
 }
 
 fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
-    let tls = tls::load_server_config(data)?;
+    let cert_path = tls::cert_path(data);
+    let cert_pem =
+        std::fs::read(&cert_path).with_context(|| format!("reading {}", cert_path.display()))?;
+    let key_path = tls::key_path(data);
+    let key_pem =
+        std::fs::read(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            anyhow::anyhow!("{}: not a PEM certificate chain: {e}", cert_path.display())
+        })?;
+    let ck = cert::certified_key(chain, &key_pem)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
     let listener = StdTcpListener::bind(config.web.listen).with_context(|| {
         format!(
             "binding the setup page to {} (web.listen)",
@@ -43,13 +64,71 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
         )
     })?;
     listener.set_nonblocking(true)?;
-    Ok(Prepared { tls, listener })
+    Ok(Prepared {
+        cert: Arc::new(cert::SwappableCert::new(ck)),
+        cert_pem,
+        listener,
+    })
+}
+
+use rustls::pki_types::pem::PemObject;
+
+/// Everything the handlers share.
+pub struct App {
+    pub link: Arc<ServiceLink>,
+    pub config: Config,
+    pub auth: Mutex<AuthState>,
+    pub cert: Arc<cert::SwappableCert>,
+    pub cert_pem: RwLock<Vec<u8>>,
+    pub history: metrics::History,
+    pub nextcloud: crate::signaling::nextcloud::NextcloudClient,
+    /// For the sizing state the SFU keeps (`sizing::read_state`).
+    pub data: crate::config::DataDir,
+}
+
+/// Sessions, throttle and what the page knows of the admin account.
+pub struct AuthState {
+    pub sessions: auth::Sessions,
+    pub throttle: auth::Throttle,
+    pub admin: requests::AdminState,
 }
 
 async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
     let listener = tokio::net::TcpListener::from_std(p.listener)?;
     let addr = listener.local_addr()?;
-    let app = router(ctx.link.clone());
+    let admin = match ctx
+        .link
+        .request(&serde_json::to_string(&requests::SetupRequest::State)?)
+        .await
+    {
+        Ok(bytes) => serde_json::from_slice::<requests::SetupAnswer>(&bytes)
+            .ok()
+            .and_then(|a| serde_json::from_value(a.data).ok())
+            .unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "no claim state from the supervisor; the page cannot change anything");
+            requests::AdminState::default()
+        }
+    };
+    let tls = cert::server_config(p.cert.clone()).map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+    let app = Arc::new(App {
+        data: ctx.data.clone(),
+        link: ctx.link.clone(),
+        auth: Mutex::new(AuthState {
+            sessions: auth::Sessions::new(
+                Duration::from_secs(ctx.config.web.session_idle_s),
+                Duration::from_secs(ctx.config.web.session_max_s),
+            ),
+            throttle: auth::Throttle::default(),
+            admin,
+        }),
+        config: ctx.config.clone(),
+        cert: p.cert,
+        cert_pem: RwLock::new(p.cert_pem),
+        history: metrics::spawn_sampler(),
+        nextcloud: crate::signaling::nextcloud::NextcloudClient::new(Duration::from_secs(5), 2)?,
+    });
+    let router = api::router(app).layer(axum::middleware::map_response(security_headers));
     ctx.link.ready().await;
     ctx.link
         .status(&format!("setup page on https://{addr}/"))
@@ -57,28 +136,23 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
     tracing::info!(%addr, "setup page listening");
     https::serve(
         listener,
-        p.tls,
-        app,
-        https::Limits::default(),
+        tls,
+        router,
+        https::Limits {
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+        },
         ctx.shutdown.clone(),
     )
     .await;
     Ok(())
 }
 
-fn router(link: Arc<ServiceLink>) -> Router {
-    Router::new()
-        .route("/", get(status_page))
-        .route("/api/status", get(status_json))
-        .with_state(link)
-        .layer(axum::middleware::map_response(security_headers))
-}
-
 async fn security_headers(mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
+        HeaderValue::from_static("default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
@@ -95,21 +169,4 @@ async fn security_headers(mut r: Response) -> Response {
         HeaderValue::from_static("max-age=31536000"),
     );
     r
-}
-
-async fn status_json(State(link): State<Arc<ServiceLink>>) -> Response {
-    match link.query_status().await {
-        Ok(s) => axum::Json(s).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("status unavailable: {e}\n"),
-        )
-            .into_response(),
-    }
-}
-
-async fn status_page(State(link): State<Arc<ServiceLink>>) -> Html<String> {
-    Html(page::render(
-        link.query_status().await.map_err(|e| e.to_string()),
-    ))
 }

@@ -1,0 +1,522 @@
+// talkbox setup page. Draws every page from the JSON API; server text is only ever set with
+// textContent, never as HTML. Changes carry the session's CSRF token in X-CSRF-Token.
+"use strict";
+
+const S = { state: null, csrf: "", pre: "", timer: null };
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of kids.flat(Infinity)) {
+    if (c === null || c === undefined) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+function message(text, kind) {
+  const m = document.getElementById("message");
+  m.textContent = text || "";
+  m.className = kind || "";
+  m.hidden = !text;
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  if (method !== "GET") {
+    headers["Content-Type"] = "application/json";
+    headers["X-CSRF-Token"] = S.csrf || S.pre;
+  }
+  const r = await fetch(path, {
+    method, headers, credentials: "same-origin",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let data = null;
+  try { data = await r.json(); } catch (_) { data = null; }
+  if (r.status === 401 && S.state === "admin") { await refreshSession(); route(); }
+  if (!r.ok) {
+    const err = new Error((data && data.error) || ("HTTP " + r.status));
+    err.status = r.status;
+    throw err;
+  }
+  return data;
+}
+
+async function refreshSession() {
+  const s = await (await fetch("/api/session", { credentials: "same-origin" })).json();
+  S.state = s.state; S.csrf = s.csrf || ""; S.pre = s.pre || "";
+  S.supervised = s.supervised;
+  const nav = document.getElementById("nav");
+  const admin = S.state === "admin";
+  nav.hidden = !admin;
+  document.getElementById("menu-toggle").hidden = !admin || window.innerWidth > 640;
+  return s;
+}
+
+function page(title, ...kids) {
+  const main = document.getElementById("main");
+  main.replaceChildren(el("h2", { text: title }), ...kids.flat(Infinity).filter(k => k !== null && k !== undefined));
+  document.querySelectorAll("nav a").forEach(a => a.classList.toggle("current", a.getAttribute("href") === location.hash));
+  if (window.innerWidth <= 640) {
+    document.getElementById("nav").classList.add("collapsed");
+    document.getElementById("menu-toggle").setAttribute("aria-expanded", "false");
+  }
+  return main;
+}
+
+function field(label, input) { return [el("label", { for: input.id, text: label }), input]; }
+
+function kv(pairs) {
+  return el("dl", { class: "kv" }, pairs.map(([k, v]) => [el("dt", { text: k }), el("dd", {}, v)]));
+}
+
+function fmtDuration(s) {
+  if (s === null || s === undefined) return "-";
+  s = Math.floor(s);
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+  return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+}
+
+function copyButton(text) {
+  return el("button", { type: "button", class: "secondary copy", onclick: async (ev) => {
+    try { await navigator.clipboard.writeText(text); ev.target.textContent = "Copied"; }
+    catch (_) { ev.target.textContent = "Select and copy"; }
+  }, text: "Copy" });
+}
+
+// ---- claim, login, password ----
+
+function claimPage() {
+  const f = el("form", { id: "claim-form" },
+    el("p", {}, "This box is not claimed yet. Enter the setup code shown on the box's console (or by ",
+      el("code", { text: "talkbox status" }), " as root), then choose the admin password. There is no default password."),
+    field("Setup code", el("input", { id: "claim-code", autocomplete: "off", placeholder: "XXXX-XXXX-XXXX-XXXX", required: true })),
+    field("Admin password (at least 10 characters)", el("input", { id: "claim-password", type: "password", autocomplete: "new-password", required: true })),
+    field("Repeat the password", el("input", { id: "claim-password2", type: "password", autocomplete: "new-password", required: true })),
+    field("Engineer public key (optional)", el("input", { id: "claim-key", autocomplete: "off", placeholder: "talkbox-engineer-ed25519 BASE64" })),
+    el("p", { class: "muted", text: "Give an engineer key only if a certified engineer will provision this box remotely; it lets bundles signed with that key change the box." }),
+    el("button", { id: "claim-submit", type: "submit", text: "Claim this box" }));
+  f.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const p = document.getElementById("claim-password").value;
+    if (p !== document.getElementById("claim-password2").value) { message("The two passwords differ.", "error"); return; }
+    try {
+      await api("POST", "/api/claim", { code: document.getElementById("claim-code").value, password: p,
+        engineer_key: document.getElementById("claim-key").value || null });
+      await refreshSession();
+      message("The box is yours. Next: add your Nextcloud server.", "info");
+      if (location.hash === "#backends") route(); else go("#backends");
+    } catch (e) { message(e.message, "error"); }
+  });
+  page("Claim this box", f);
+}
+
+function loginPage() {
+  const f = el("form", { id: "login-form" },
+    field("Admin password", el("input", { id: "login-password", type: "password", autocomplete: "current-password", required: true })),
+    el("button", { id: "login-submit", type: "submit", text: "Log in" }));
+  f.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await api("POST", "/api/login", { password: document.getElementById("login-password").value });
+      await refreshSession();
+      message("", "");
+      route();
+    } catch (e) { message(e.message, "error"); }
+  });
+  page("Log in", f);
+}
+
+function accountPage() {
+  const must = S.state === "set-password";
+  const f = el("form", { id: "password-form" },
+    must ? el("p", { text: "You came in with a one-time link. Set the admin password now." }) : null,
+    must ? null : field("Current password", el("input", { id: "old-password", type: "password", autocomplete: "current-password" })),
+    field("New password (at least 10 characters)", el("input", { id: "new-password", type: "password", autocomplete: "new-password" })),
+    el("button", { id: "password-submit", type: "submit", text: "Change password" }));
+  f.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await api("POST", "/api/password", { old: must ? "" : document.getElementById("old-password").value,
+        new: document.getElementById("new-password").value });
+      await refreshSession();
+      message("Password changed. Other sessions were logged out.", "info");
+      if (must) go("#status");
+    } catch (e) { message(e.message, "error"); }
+  });
+  page("Account", f);
+}
+
+// ---- status ----
+
+function chart(title, series, unit, max) {
+  const W = 300, H = 100;
+  const all = series.flatMap(s => s.values);
+  const top = Math.max(max || 0, ...all, 1e-9);
+  const n = Math.max(...series.map(s => s.values.length), 2);
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", title);
+  const colors = ["#0969da", "#bf3989"];
+  series.forEach((s, i) => {
+    const pts = s.values.map((v, j) => `${(j / (n - 1)) * W},${H - (v / top) * (H - 4) - 2}`).join(" ");
+    const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    line.setAttribute("points", pts);
+    line.setAttribute("fill", "none");
+    line.setAttribute("stroke", colors[i % 2]);
+    line.setAttribute("stroke-width", "1.5");
+    line.setAttribute("vector-effect", "non-scaling-stroke");
+    svg.append(line);
+  });
+  const last = series.map(s => `${s.name} ${(s.values.at(-1) ?? 0).toFixed(1)} ${unit}`).join(" · ");
+  return el("div", { class: "chart" }, el("div", { class: "title", text: title }), svg,
+    el("div", { class: "muted", text: last + ` (max ${top.toFixed(1)} ${unit}, last 15 min)` }));
+}
+
+async function statusPage() {
+  let d;
+  try { d = await api("GET", "/api/status"); } catch (e) { message(e.message, "error"); return; }
+  if (location.hash !== "#status") return;
+  const sup = d.supervisor;
+  const rows = sup ? sup.services.map(s => {
+    const cls = s.state === "running" ? "ok" : (["starting", "waiting", "stopping"].includes(s.state) ? "warn" : "bad");
+    return el("tr", {}, el("td", { text: s.name }), el("td", { class: cls, text: s.state }),
+      el("td", { text: s.pid ?? "-" }), el("td", { text: fmtDuration(s.uptime_s) }),
+      el("td", { text: s.restarts }), el("td", { text: s.last_exit || "-" }));
+  }) : [];
+  const sig = d.signaling || {};
+  const h = d.history || [];
+  page("Status",
+    kv([["Version", "talkbox " + d.version], ["Boot slot", d.boot_slot],
+      ["Supervisor", sup ? `PID ${sup.pid}, up ${fmtDuration(sup.uptime_s)}, ${sup.ready ? "all services ready" : "not all services ready"}` : (d.supervisor_error || "-")],
+      ["Sessions", sig.sessions ?? (sig.error || "-")], ["Rooms", sig.rooms ?? "-"],
+      ["Publishers / subscribers", `${sig.publishers ?? "-"} / ${sig.subscribers ?? "-"}`]]),
+    el("h3", { text: "Services" }),
+    el("div", { class: "scroll" }, el("table", { id: "services" },
+      el("thead", {}, el("tr", {}, ["Service", "State", "PID", "Uptime", "Restarts", "Last error"].map(t => el("th", { text: t })))),
+      el("tbody", {}, rows))),
+    el("h3", { text: "Load" }),
+    h.length < 2 ? el("p", { class: "muted", text: `Charts appear after the first samples (every ${d.sample_every_s} s).` }) : null,
+    el("div", { class: "charts" },
+      chart("Network", [{ name: "in", values: h.map(x => x.rx_mbps) }, { name: "out", values: h.map(x => x.tx_mbps) }], "Mbit/s"),
+      chart("CPU", [{ name: "CPU", values: h.map(x => x.cpu_pct) }], "%", 100),
+      chart("Memory", [{ name: "used", values: h.map(x => x.mem_pct) }], "%", 100)));
+}
+
+// ---- Nextcloud backends ----
+
+async function backendsPage() {
+  let d;
+  try { d = await api("GET", "/api/backends"); } catch (e) { message(e.message, "error"); return; }
+  if (location.hash !== "#backends") return;
+  const list = d.backends.map(b => {
+    const rows = [
+      ["Signaling server URL", d.signaling_url],
+      ["Shared secret", b.secret],
+      ["TURN server", d.turn_server + "  (turn:, UDP and TCP)"],
+      ["TURN secret", d.turn_secret],
+      ["STUN server", d.stun_server],
+    ];
+    const results = el("div", { class: "test-results" });
+    return el("div", { class: "card backend", "data-id": b.id },
+      el("h3", { text: b.id }),
+      el("p", {}, "Nextcloud: ", b.urls.join(", ")),
+      el("p", { class: "muted", text: "Paste these into Nextcloud → Administration settings → Talk (High-performance backend, STUN and TURN servers):" }),
+      el("div", { class: "snippet" }, rows.map(([k, v]) => [
+        el("span", { class: "name", text: k }),
+        el("code", { "data-field": k, text: k === "TURN server" ? d.turn_server : v }),
+        copyButton(k === "TURN server" ? d.turn_server : v)])),
+      el("button", { type: "button", class: "secondary test", text: "Test", onclick: async () => {
+        results.replaceChildren(el("p", { text: "Testing…" }));
+        try {
+          const t = await api("POST", "/api/backends/test", { id: b.id });
+          results.replaceChildren(...t.results.map(r => el("p", {},
+            el("span", { class: r.capabilities && r.signed_round_trip ? "ok" : "bad", text: r.capabilities && r.signed_round_trip ? "OK " : "Problem " }),
+            `${r.url}: capabilities ${r.capabilities ? "fetched" : "not reachable"}; signed request: ${r.detail}. ${r.remedy}`)));
+        } catch (e) { results.replaceChildren(el("p", { class: "bad", text: e.message })); }
+      } }),
+      el("button", { type: "button", class: "secondary", text: "New secret", onclick: async () => {
+        if (!confirm("Make a new shared secret? Nextcloud must then be given the new one.")) return;
+        try { await api("POST", "/api/backends", { id: b.id, urls: b.urls, new_secret: true }); backendsPage(); }
+        catch (e) { message(e.message, "error"); }
+      } }),
+      el("button", { type: "button", class: "danger", text: "Remove", onclick: async () => {
+        if (!confirm(`Remove backend ${b.id}? Its Nextcloud can no longer use this box.`)) return;
+        try { await api("POST", "/api/backends/remove", { id: b.id }); message(`Removed ${b.id}.`, "info"); backendsPage(); }
+        catch (e) { message(e.message, "error"); }
+      } }),
+      results);
+  });
+  const f = el("form", { id: "backend-form" },
+    el("h3", { text: "Add or edit a Nextcloud server" }),
+    field("Name (letters, digits, - or _)", el("input", { id: "backend-id", placeholder: "cloud" })),
+    field("Nextcloud URL(s), one per line", el("textarea", { id: "backend-urls", placeholder: "https://cloud.example.com", style: null })),
+    el("button", { id: "backend-save", type: "submit", text: "Save" }));
+  f.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const id = document.getElementById("backend-id").value.trim();
+    const urls = document.getElementById("backend-urls").value.split(/\s+/).filter(Boolean);
+    try {
+      await api("POST", "/api/backends", { id, urls });
+      message(`Saved ${id}. Copy the values below into Talk's settings.`, "info");
+      backendsPage();
+    } catch (e) { message(e.message, "error"); }
+  });
+  page("Nextcloud servers",
+    d.backends.length ? null : el("p", { text: "No Nextcloud server uses this box yet." }),
+    el("div", { id: "backend-list" }, list), f);
+}
+
+// ---- certificate ----
+
+async function certificatePage() {
+  let d;
+  try { d = await api("GET", "/api/certificate"); } catch (e) { message(e.message, "error"); return; }
+  if (location.hash !== "#certificate") return;
+  const c = d.certificate;
+  const f = el("form", { id: "cert-form" },
+    el("h3", { text: "Upload a certificate" }),
+    el("p", { class: "muted", text: "Paste the full chain (server certificate first, then intermediates) and its private key, in PEM. They are checked (key matches, chain complete, names, dates) before they replace the current one." }),
+    field("Certificate chain (PEM)", el("textarea", { id: "cert-pem", placeholder: "-----BEGIN CERTIFICATE-----" })),
+    field("Private key (PEM)", el("textarea", { id: "key-pem", placeholder: "-----BEGIN PRIVATE KEY-----" })),
+    el("button", { id: "cert-upload", type: "submit", text: "Check and install" }));
+  f.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const r = await api("POST", "/api/certificate", { cert: document.getElementById("cert-pem").value, key: document.getElementById("key-pem").value });
+      message(`Installed the certificate for ${r.names.join(", ")}. The services now serve it.`, "info");
+      certificatePage();
+    } catch (e) { message("Not installed: " + e.message, "error"); }
+  });
+  page("Certificate",
+    el("div", { id: "cert-info" }, kv([["Names", c.names.join(", ")], ["Subject", c.subject], ["Issuer", c.issuer + (c.self_signed ? " (self-signed)" : "")],
+      ["Valid", `${d.not_before} to ${d.not_after} (${d.days_left} days left)`], ["Chain", c.chain_len + " certificate(s)"],
+      ["Public name", d.public_name], ["ACME", d.acme]])),
+    f);
+}
+
+// ---- network, bandwidth ----
+
+async function networkPage() {
+  let d;
+  try { d = await api("GET", "/api/network"); } catch (e) { message(e.message, "error"); return; }
+  if (location.hash !== "#network") return;
+  page("Network and identity",
+    kv([["Host name", d.hostname], ["Public name", d.public_name], ["Configured names", d.names.join(", ") || "(none: set supervisor.names)"],
+      ["Public IPs for ICE", d.public_ips.join(", ") || "(none: set sfu.public_ips behind NAT)"]]),
+    el("h3", { text: "Service ports" }),
+    el("div", { class: "scroll" }, el("table", {}, el("thead", {}, el("tr", {}, ["Service", "Protocol", "Port", "Enabled"].map(t => el("th", { text: t })))),
+      el("tbody", {}, d.ports.map(p => el("tr", {}, el("td", { text: p.service }), el("td", { text: p.proto }), el("td", { text: p.port }), el("td", { text: p.enabled ? "yes" : "no" })))))),
+    el("h3", { text: "Network interfaces" }),
+    el("table", {}, el("tbody", {}, d.nics.map(n => el("tr", {}, el("td", { text: n.name }), el("td", { text: n.up ? "up" : "down" }),
+      el("td", { text: n.speed_mbps ? n.speed_mbps + " Mbit/s" : "speed unknown" }))))));
+}
+
+async function speedTest(out) {
+  out.textContent = "Measuring download…";
+  try {
+    let t0 = performance.now();
+    const r = await fetch("/api/speedtest/down?mb=8", { credentials: "same-origin" });
+    const n = (await r.arrayBuffer()).byteLength;
+    const down = n * 8 / ((performance.now() - t0) / 1000) / 1e6;
+    out.textContent = `Download ${down.toFixed(1)} Mbit/s; measuring upload…`;
+    const up = new Uint8Array(8 * 1024 * 1024);
+    for (let i = 0; i < up.length; i += 65536) crypto.getRandomValues(up.subarray(i, i + 65536));
+    t0 = performance.now();
+    await fetch("/api/speedtest/up", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": S.csrf }, body: up });
+    const upM = up.length * 8 / ((performance.now() - t0) / 1000) / 1e6;
+    out.textContent = `From this browser: download ${down.toFixed(1)} Mbit/s, upload ${upM.toFixed(1)} Mbit/s.`;
+  } catch (e) { out.textContent = "Speed test failed: " + e.message; }
+}
+
+async function bandwidthPage() {
+  let d;
+  try { d = await api("GET", "/api/network"); } catch (e) { message(e.message, "error"); return; }
+  if (location.hash !== "#bandwidth") return;
+  const t = d.turn;
+  const out = el("p", { id: "speed-result", class: "muted", text: "" });
+  const cap = d.capacity;
+  page("TURN and bandwidth",
+    el("h3", { text: "TURN" }),
+    kv([["Enabled", t.enabled ? "yes" : "no"], ["Realm", t.realm], ["Ports", `${t.port} (UDP/TCP), ${t.tls_port} (TLS)`], ["Relay ports", t.relay_ports],
+      ["Allocations", `${t.max_allocations} in all, ${t.max_allocations_per_user} per user`],
+      ["Bandwidth per allocation", t.bandwidth_per_allocation_kbps ? t.bandwidth_per_allocation_kbps + " kbit/s" : "no cap"]]),
+    el("h3", { text: "Capacity" }),
+    kv([["NIC link speed", d.nic_mbps ? d.nic_mbps + " Mbit/s" : "unknown"], ["Declared uplink", d.declared_uplink_mbps ? d.declared_uplink_mbps + " Mbit/s" : "not declared (sizing.uplink_mbps)"],
+      ["Measured", d.measured ? `${d.measured.mbps.toFixed(1)} Mbit/s against ${d.measured.peer}` : (d.measure_error ? "failed: " + d.measure_error : "no peer configured (sizing.peer)")],
+      ["Capacity (lowest)", d.capacity_mbps ? d.capacity_mbps.toFixed(1) + " Mbit/s" : "unknown"],
+      ["Egress budget", d.budget_mbps ? `${d.budget_mbps.toFixed(0)} Mbit/s (${Math.round(d.egress_fraction * 100)} %)` : "unknown: declare the uplink"],
+      ["Bitrate caps", `video ${d.video_cap_mbps.toFixed(2)} Mbit/s, screen ${d.screen_cap_mbps.toFixed(2)} Mbit/s`]]),
+    cap ? el("p", {}, `One room can hold about ${cap.max_video} participants with video, ${cap.max_audio} audio only, or ${cap.max_screen} with one screen share. All-video room: server out = cap × n × (n−1), in = cap × n.`) : null,
+    cap ? el("div", { class: "scroll" }, el("table", { id: "capacity" },
+      el("thead", {}, el("tr", {}, ["n", "video out / in", "audio out / in", "screen out / in"].map(x => el("th", { text: x })))),
+      el("tbody", {}, cap.rows.map(r => el("tr", {}, el("td", { text: r.participants }),
+        el("td", { class: r.video_fits ? "" : "bad", text: `${r.video_out.toFixed(1)} / ${r.video_in.toFixed(1)}` }),
+        el("td", { class: r.audio_fits ? "" : "bad", text: `${r.audio_out.toFixed(1)} / ${r.audio_in.toFixed(1)}` }),
+        el("td", { class: r.screen_fits ? "" : "bad", text: `${r.screen_out.toFixed(1)} / ${r.screen_in.toFixed(1)}` })))))) : null,
+    el("h3", { text: "Speed test from this browser" }),
+    el("button", { id: "speed-start", type: "button", text: "Run speed test", onclick: () => speedTest(out) }), out);
+}
+
+// ---- self-checks ----
+
+async function turnCheck(cell) {
+  try {
+    const c = await api("GET", "/api/checks/turn-credentials");
+    const pc = new RTCPeerConnection({ iceServers: [{ urls: c.urls, username: c.username, credential: c.credential }], iceTransportPolicy: "relay" });
+    pc.createDataChannel("probe");
+    const got = new Promise(res => {
+      pc.onicecandidate = (e) => { if (e.candidate && / relay /.test(e.candidate.candidate)) res(true); if (!e.candidate) res(false); };
+      setTimeout(() => res(false), 8000);
+    });
+    await pc.setLocalDescription(await pc.createOffer());
+    const ok = await got;
+    pc.close();
+    cell.className = ok ? "ok" : "bad";
+    cell.textContent = ok ? "OK: this browser got a relay address from the box's TURN server" : "No relay address: forward UDP/TCP " + c.urls[0].split(":")[2].split("?")[0] + " and the relay range to the box";
+  } catch (e) { cell.className = "bad"; cell.textContent = e.message; }
+}
+
+async function checksPage() {
+  page("Self-checks", el("p", { text: "Running the checks…" }));
+  let d;
+  try { d = await api("GET", "/api/checks"); } catch (e) { message(e.message, "error"); return; }
+  if (location.hash !== "#checks") return;
+  let turnCell = null;
+  const rows = d.checks.map(c => {
+    const cell = el("td", { class: c.ok === true ? "ok" : c.ok === false ? "bad" : "warn", text: c.ok === true ? "OK" : c.ok === false ? "Problem" : "See note" });
+    if (c.name.startsWith("TURN reachable")) turnCell = cell;
+    return el("tr", {}, el("td", { text: c.name }), cell, el("td", {}, el("div", { text: c.detail }), c.remedy ? el("div", { class: "muted", text: c.remedy }) : null));
+  });
+  page("Self-checks", el("div", { class: "scroll" }, el("table", { id: "checks" },
+    el("thead", {}, el("tr", {}, ["Check", "Result", "Details and remedy"].map(t => el("th", { text: t })))), el("tbody", {}, rows))));
+  if (turnCell) { turnCell.textContent = "Testing…"; turnCheck(turnCell); }
+}
+
+// ---- provisioning ----
+
+async function provisioningPage() {
+  let d;
+  try { d = await api("GET", "/api/provisioning"); } catch (e) { message(e.message, "error"); return; }
+  if (location.hash !== "#provisioning") return;
+  page("Provisioning",
+    el("p", { class: "muted", text: "Changes made by signed provisioning bundles, newest first (last 100)." }),
+    d.entries.length === 0 ? el("p", { text: d.present ? "The audit log is empty." : "No provisioning has happened on this box." }) :
+      el("div", { class: "scroll" }, el("table", { id: "audit" },
+        el("thead", {}, el("tr", {}, ["Time", "Source", "Engineer key", "Serial", "Result", "Message"].map(t => el("th", { text: t })))),
+        el("tbody", {}, d.entries.map(e => el("tr", {}, el("td", { text: e.time }), el("td", { text: e.source }), el("td", { text: e.key }),
+          el("td", { text: e.serial }), el("td", { class: e.result === "applied" ? "ok" : e.result === "refused" ? "bad" : "warn", text: e.result }), el("td", { text: e.message })))))));
+}
+
+// ---- logs ----
+
+async function logsPage() {
+  const svc = el("select", { id: "logs-service" }, ["all", "supervisor", "signaling", "sfu", "turn", "web"].map(v => el("option", { value: v, text: v })));
+  const lvl = el("select", { id: "logs-level" }, ["error", "warn", "info", "debug"].map(v => el("option", { value: v, text: v })));
+  lvl.value = S.logLevel || "info"; svc.value = S.logService || "all";
+  const out = el("pre", { id: "logs-lines", class: "scroll" });
+  const load = async () => {
+    S.logLevel = lvl.value; S.logService = svc.value;
+    try {
+      const d = await api("GET", `/api/logs?service=${encodeURIComponent(svc.value)}&level=${encodeURIComponent(lvl.value)}`);
+      out.textContent = d.available ? (d.lines.join("\n") || "(no lines)") : d.reason;
+    } catch (e) { out.textContent = e.message; }
+  };
+  svc.addEventListener("change", load); lvl.addEventListener("change", load);
+  page("Logs", el("div", { class: "card" }, field("Service", svc), field("Level and more severe", lvl)),
+    el("p", {}, el("a", { href: "/api/support-bundle", download: "talkbox-support.json", id: "support-bundle", text: "Download a support bundle" }),
+      " (config without secrets, versions, recent logs)."), out);
+  load();
+}
+
+// ---- backup, restore, factory reset ----
+
+function backupPage() {
+  const b = el("form", { id: "backup-form" }, el("h3", { text: "Back up the configuration" }),
+    el("p", { class: "muted", text: "The file holds the config, the secrets, the certificate and key, and the admin password hash, encrypted with your passphrase. Keep the passphrase: without it the file is useless." }),
+    field("Passphrase (at least 12 characters)", el("input", { id: "backup-passphrase", type: "password", autocomplete: "new-password" })),
+    el("button", { id: "backup-submit", type: "submit", text: "Download backup" }));
+  b.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const r = await fetch("/api/backup", { method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf },
+      body: JSON.stringify({ passphrase: document.getElementById("backup-passphrase").value }) });
+    if (!r.ok) { message(((await r.json().catch(() => null)) || {}).error || "HTTP " + r.status, "error"); return; }
+    const url = URL.createObjectURL(await r.blob());
+    const a = el("a", { href: url, download: "talkbox-backup.json" });
+    document.body.append(a); a.click(); a.remove(); URL.revokeObjectURL(url);
+    message("Backup downloaded.", "info");
+  });
+  const r = el("form", { id: "restore-form" }, el("h3", { text: "Restore" }),
+    field("Backup file", el("input", { id: "restore-file", type: "file", accept: ".json,application/json" })),
+    field("Passphrase", el("input", { id: "restore-passphrase", type: "password", autocomplete: "off" })),
+    el("button", { id: "restore-submit", type: "submit", text: "Restore" }));
+  r.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const f = document.getElementById("restore-file").files[0];
+    if (!f) { message("Choose the backup file first.", "error"); return; }
+    try {
+      await api("POST", "/api/restore", { backup: await f.text(), passphrase: document.getElementById("restore-passphrase").value });
+      message("Restored. The services restart; log in again with the password of the backup.", "info");
+    } catch (e) { message(e.message, "error"); }
+  });
+  const z = el("form", { id: "reset-form" }, el("h3", { text: "Factory reset" }),
+    el("p", { text: "Forgets the admin password, every secret, the certificate, the Nextcloud servers, engineer keys and rooms. Ports and names in the config stay, so the box stays reachable. A new setup code appears on the console." }),
+    field("Type factory reset to confirm", el("input", { id: "reset-confirm", autocomplete: "off" })),
+    el("button", { id: "reset-submit", type: "submit", class: "danger", text: "Reset the box" }));
+  z.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await api("POST", "/api/factory-reset", { confirm: document.getElementById("reset-confirm").value });
+      message("The box was reset. Claim it again with the new setup code.", "info");
+    } catch (e) { message(e.message, "error"); }
+  });
+  page("Backup and reset", b, r, z);
+}
+
+// ---- routing ----
+
+const PAGES = { "#status": statusPage, "#backends": backendsPage, "#certificate": certificatePage, "#network": networkPage,
+  "#bandwidth": bandwidthPage, "#checks": checksPage, "#provisioning": provisioningPage, "#logs": logsPage, "#backup": backupPage, "#account": accountPage };
+
+async function route() {
+  clearInterval(S.timer);
+  if (S.state === "unclaimed") return claimPage();
+  if (S.state === "login") return loginPage();
+  if (S.state === "set-password") { location.hash = "#account"; return accountPage(); }
+  const f = PAGES[location.hash] || statusPage;
+  if (!PAGES[location.hash]) history.replaceState(null, "", "#status");
+  await f();
+  if (location.hash === "#status") S.timer = setInterval(() => { if (location.hash === "#status") statusPage(); }, 5000);
+}
+
+window.addEventListener("resize", () => {
+  const small = window.innerWidth <= 640;
+  document.getElementById("menu-toggle").hidden = S.state !== "admin" || !small;
+  if (!small) document.getElementById("nav").classList.remove("collapsed");
+});
+// A page change clears the banner, except right after an action that announced something.
+window.addEventListener("hashchange", () => { if (!S.keepMessage) message("", ""); S.keepMessage = false; route(); });
+function go(hash) { S.keepMessage = location.hash !== hash; location.hash = hash; }
+document.addEventListener("DOMContentLoaded", async () => {
+  document.getElementById("logout").addEventListener("click", async () => {
+    try { await api("POST", "/api/logout"); } catch (_) { /* the session may already be gone */ }
+    await refreshSession(); message("Logged out.", "info"); route();
+  });
+  document.getElementById("menu-toggle").addEventListener("click", (ev) => {
+    const nav = document.getElementById("nav");
+    nav.classList.toggle("collapsed");
+    ev.target.setAttribute("aria-expanded", String(!nav.classList.contains("collapsed")));
+  });
+  try { await refreshSession(); } catch (e) { message("The box did not answer: " + e.message, "error"); return; }
+  route();
+});

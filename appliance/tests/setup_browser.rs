@@ -1,0 +1,344 @@
+//! The setup page end to end in headless Chromium against a real supervisor: claim with the
+//! code from the console log (wrong codes refused, then throttled), log out and in (wrong
+//! password refused), add a Nextcloud backend and read the Talk values, upload an invalid
+//! certificate (clear error, the old one still served), upload a valid one (served after the
+//! change, by the setup page and by signaling), and every page at desktop and phone size.
+//! Screenshots go to target/setup-screenshots/.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use appliance::supervisor::status::ServiceState;
+use common::browser::Browser;
+use common::{Supervisor, https_get, isolated_config};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(20);
+
+fn shots_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/setup-screenshots");
+    std::fs::create_dir_all(&d).expect("screenshot dir");
+    d
+}
+
+async fn shot(b: &Browser, name: &str) {
+    // Let the page finish drawing (fetches, charts) before the picture.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let png = b.client.screenshot().await.expect("screenshot");
+    std::fs::write(shots_dir().join(format!("{name}.png")), png).expect("write screenshot");
+}
+
+/// The text of the message banner once it shows one containing `want`.
+async fn message_containing(b: &Browser, want: &str) -> String {
+    let start = Instant::now();
+    let mut last = Value::Null;
+    while start.elapsed() < T {
+        last = b
+            .eval("const m = document.getElementById('message'); return m.hidden ? null : m.textContent;")
+            .await;
+        if last.as_str().is_some_and(|s| s.contains(want)) {
+            return last.as_str().unwrap_or("").to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no message containing {want:?}; last: {last}");
+}
+
+async fn clear_message(b: &Browser) {
+    b.eval("const m = document.getElementById('message'); m.hidden = true; m.textContent = ''; return 0;")
+        .await;
+}
+
+async fn set(b: &Browser, id: &str, value: &str) {
+    b.client
+        .execute(
+            "document.getElementById(arguments[0]).value = arguments[1]; return 0;",
+            vec![json!(id), json!(value)],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("set #{id}: {e}"));
+}
+
+async fn click(b: &Browser, id: &str) {
+    b.client
+        .execute(
+            "document.getElementById(arguments[0]).click(); return 0;",
+            vec![json!(id)],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("click #{id}: {e}"));
+}
+
+async fn wait_element(b: &Browser, id: &str) {
+    b.wait_for(
+        &format!("return document.getElementById('{id}') !== null;"),
+        &json!(true),
+        T,
+    )
+    .await;
+}
+
+async fn goto_page(b: &Browser, hash: &str, marker: &str) {
+    b.client
+        .execute("location.hash = arguments[0]; return 0;", vec![json!(hash)])
+        .await
+        .expect("navigate");
+    b.wait_for(
+        &format!("return document.querySelector('main h2') !== null && document.querySelector('main').textContent.includes({});", json!(marker)),
+        &json!(true),
+        T,
+    )
+    .await;
+}
+
+struct Pki {
+    ca_pem: String,
+    chain_pem: String,
+    key_pem: String,
+}
+
+fn new_pki() -> Pki {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "Setup Test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().expect("key");
+    let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    leaf.subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+    let leaf = leaf.signed_by(&leaf_key, &issuer).expect("leaf");
+    Pki {
+        ca_pem: ca_cert.pem(),
+        chain_pem: format!("{}{}", leaf.pem(), ca_cert.pem()),
+        key_pem: leaf_key.serialize_pem(),
+    }
+}
+
+fn listen_of(config: &str, section: &str) -> String {
+    config
+        .split(&format!("[{section}]"))
+        .nth(1)
+        .and_then(|s| s.split("listen = \"").nth(1))
+        .and_then(|s| s.split('"').next())
+        .expect("listen address")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
+    // A declared uplink, so the capacity table has figures even where sysfs has no NIC speed.
+    // signaling.http_listen lets the status page show session and room counts.
+    let http = format!("http_listen = \"127.0.0.1:{}\"", common::free_port());
+    let config = isolated_config(&[
+        ("sfu", "enabled = false"),
+        ("sizing", "uplink_mbps = 100"),
+        ("signaling", &http),
+    ]);
+    let web = listen_of(&config, "web");
+    let signaling = listen_of(&config, "signaling");
+    let sup = Supervisor::start(Some(&config));
+    sup.wait_for("web and signaling running", Duration::from_secs(40), |s| {
+        ["web", "signaling"].iter().all(|n| {
+            s.services
+                .iter()
+                .any(|x| x.name == *n && x.state == ServiceState::Running)
+        })
+    });
+    // The code a person reads on the console (the supervisor's stderr = the journal).
+    let code = sup
+        .log()
+        .lines()
+        .find_map(|l| {
+            l.split_once("talkbox: setup code: ")
+                .map(|(_, c)| c.trim().to_string())
+        })
+        .expect("setup code on the console");
+    let old_ca = sup.data_dir().join("old-cert.pem");
+    std::fs::copy(sup.data_dir().join("tls/cert.pem"), &old_ca).expect("keep old cert");
+    let base = format!("https://{web}/");
+
+    let b = Browser::start(&["--ignore-certificate-errors", "--window-size=1280,900"]).await;
+    b.client.goto(&base).await.expect("open setup page");
+    wait_element(&b, "claim-code").await;
+    shot(&b, "01-claim").await;
+
+    // Wrong codes are refused, the fourth attempt is throttled.
+    for _ in 0..3 {
+        clear_message(&b).await;
+        set(&b, "claim-code", "AAAA-BBBB-CCCC-DDDD").await;
+        set(&b, "claim-password", "correct horse battery").await;
+        set(&b, "claim-password2", "correct horse battery").await;
+        click(&b, "claim-submit").await;
+        message_containing(&b, "wrong setup code").await;
+    }
+    clear_message(&b).await;
+    click(&b, "claim-submit").await;
+    let m = message_containing(&b, "too many wrong attempts").await;
+    assert!(m.contains("1 s"), "{m}");
+    shot(&b, "02-claim-throttled").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clear_message(&b).await;
+    set(&b, "claim-code", &code.to_lowercase()).await;
+    click(&b, "claim-submit").await;
+    message_containing(&b, "The box is yours").await;
+    wait_element(&b, "backend-form").await;
+
+    // Log out, a wrong password is refused, the right one lets in.
+    click(&b, "logout").await;
+    wait_element(&b, "login-password").await;
+    set(&b, "login-password", "not the password").await;
+    click(&b, "login-submit").await;
+    message_containing(&b, "wrong password").await;
+    shot(&b, "03-login-refused").await;
+    set(&b, "login-password", "correct horse battery").await;
+    click(&b, "login-submit").await;
+    wait_element(&b, "backend-form").await;
+    goto_page(&b, "#status", "Services").await;
+    wait_element(&b, "services").await;
+    b.wait_for(
+        "return document.querySelectorAll('#services tbody tr').length;",
+        &json!(3),
+        T,
+    )
+    .await;
+    b.wait_for(
+        "return document.querySelector('main .kv').textContent.includes('Rooms0');",
+        &json!(true),
+        T,
+    )
+    .await;
+    shot(&b, "04-status").await;
+
+    // Add a backend and read the values to paste into Talk.
+    goto_page(&b, "#backends", "Nextcloud servers").await;
+    set(&b, "backend-id", "cloud").await;
+    set(&b, "backend-urls", "https://cloud.example.com").await;
+    click(&b, "backend-save").await;
+    message_containing(&b, "Saved cloud").await;
+    let secret = b
+        .wait_until_set(
+            "document.querySelector('.backend[data-id=cloud] code[data-field=\"Shared secret\"]')?.textContent",
+            T,
+        )
+        .await;
+    let main_text = b.eval("return document.body.innerText;").await;
+    let secret =
+        secret.unwrap_or_else(|e| panic!("shared secret not shown: {e}\npage: {main_text}"));
+    let secret = secret.as_str().unwrap_or("").to_string();
+    let on_disk =
+        std::fs::read_to_string(sup.data_dir().join("secrets/backend-cloud")).expect("secret file");
+    assert_eq!(secret, on_disk.trim());
+    let url = b
+        .eval("return document.querySelector('.backend code[data-field=\"Signaling server URL\"]').textContent;")
+        .await;
+    assert!(url.as_str().unwrap_or("").starts_with("https://"), "{url}");
+    let turn = b
+        .eval("return document.querySelector('.backend code[data-field=\"TURN secret\"]').textContent;")
+        .await;
+    assert!(turn.as_str().unwrap_or("").len() >= 32, "{turn}");
+    shot(&b, "05-nextcloud").await;
+
+    // An invalid certificate (key of another certificate): clear error, old one still served.
+    let good = new_pki();
+    let other = new_pki();
+    goto_page(&b, "#certificate", "Upload a certificate").await;
+    shot(&b, "06-certificate").await;
+    set(&b, "cert-pem", &good.chain_pem).await;
+    set(&b, "key-pem", &other.key_pem).await;
+    click(&b, "cert-upload").await;
+    let m = message_containing(&b, "Not installed").await;
+    assert!(m.contains("does not belong to the certificate"), "{m}");
+    shot(&b, "07-certificate-refused").await;
+    let (code_old, body) = https_get(&base, &old_ca);
+    assert_eq!(code_old, 200, "old certificate no longer served: {body}");
+
+    // A valid one: served by the setup page at once and by signaling after its restart.
+    let new_ca = sup.data_dir().join("new-ca.pem");
+    std::fs::write(&new_ca, &good.ca_pem).expect("ca");
+    clear_message(&b).await;
+    set(&b, "key-pem", &good.key_pem).await;
+    click(&b, "cert-upload").await;
+    message_containing(&b, "Installed the certificate").await;
+    let (c, body) = https_get(&base, &new_ca);
+    assert_eq!(
+        c, 200,
+        "new certificate not served by the setup page: {body}"
+    );
+    let (c, _) = https_get(&base, &old_ca);
+    assert_ne!(c, 200, "the old certificate is still served");
+    let start = Instant::now();
+    loop {
+        let (c, body) = https_get(&format!("https://{signaling}/api/v1/welcome"), &new_ca);
+        if c == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "signaling does not serve the new certificate: {c} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.wait_for(
+        "return document.getElementById('cert-info').textContent.includes('Setup Test CA');",
+        &json!(true),
+        T,
+    )
+    .await;
+    shot(&b, "08-certificate-installed").await;
+    // The session survived the certificate change (no new login needed).
+    goto_page(&b, "#network", "Service ports").await;
+    shot(&b, "09-network").await;
+    goto_page(&b, "#bandwidth", "Speed test").await;
+    shot(&b, "10-bandwidth").await;
+    goto_page(&b, "#checks", "Clock synchronised").await;
+    // The page's own TURN check: a relay-only connection through the box's TURN server.
+    b.wait_for(
+        "return [...document.querySelectorAll('#checks td')].some(td => td.textContent.includes('got a relay address'));",
+        &json!(true),
+        T,
+    )
+    .await;
+    shot(&b, "11-checks").await;
+    goto_page(&b, "#provisioning", "Provisioning").await;
+    shot(&b, "12-provisioning").await;
+    goto_page(&b, "#logs", "support bundle").await;
+    b.wait_for(
+        "return document.getElementById('logs-lines').textContent.length > 0;",
+        &json!(true),
+        T,
+    )
+    .await;
+    shot(&b, "13-logs").await;
+    goto_page(&b, "#account", "Current password").await;
+    shot(&b, "13-account-password").await;
+
+    // Phone-sized viewport: the menu collapses, nothing needs sideways scrolling.
+    b.client.set_window_size(390, 844).await.expect("resize");
+    goto_page(&b, "#status", "Services").await;
+    let inner = b.eval("return window.innerWidth;").await;
+    let wide = b
+        .eval("return document.documentElement.scrollWidth <= window.innerWidth + 1;")
+        .await;
+    assert_eq!(
+        wide,
+        json!(true),
+        "page wider than the phone viewport ({inner})"
+    );
+    shot(&b, "14-phone-status").await;
+    goto_page(&b, "#backends", "Nextcloud servers").await;
+    let wide = b
+        .eval("return document.documentElement.scrollWidth <= window.innerWidth + 1;")
+        .await;
+    assert_eq!(
+        wide,
+        json!(true),
+        "Nextcloud page wider than the phone viewport"
+    );
+    shot(&b, "15-phone-nextcloud").await;
+    b.close().await;
+}
