@@ -177,13 +177,13 @@ fn a_trial_cut_short_by_a_crash_is_rolled_back_at_the_next_start() {
         &["--serial", "1", "--target", "any", "--valid-for", "1h"],
     );
     std::fs::copy(&b, data.join("provisioning/incoming/slow.bundle")).expect("drop");
+    // The trial's manifest is written before the new files (so that a crash in between can be
+    // undone); wait until both are there.
+    let wanted = site.replace("${DATA_DIR}", &data.display().to_string());
     eventually("the trial to start", Duration::from_secs(60), || {
         data.join("provisioning/trial/manifest.json").exists()
+            && std::fs::read_to_string(data.join("talkbox.toml")).is_ok_and(|c| c == wanted)
     });
-    assert_eq!(
-        std::fs::read_to_string(data.join("talkbox.toml")).expect("config"),
-        site.replace("${DATA_DIR}", &data.display().to_string())
-    );
     // Power cut: the supervisor and its children die at once.
     sup.signal(nix::sys::signal::Signal::SIGKILL);
     assert!(sup.wait_exit(Duration::from_secs(10)).is_some());

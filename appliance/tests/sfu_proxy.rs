@@ -433,3 +433,72 @@ async fn memory_stays_flat_over_connected_join_leave_cycles() {
         "RSS grew from {base} KiB to {after} KiB over {cycles} connected cycles"
     );
 }
+
+/// A signaling↔SFU hiccup does not end the call: when the `/proxy` connection drops, the proxy
+/// session keeps its publisher and subscriber (media keeps flowing), a `hello` with `resumeid`
+/// within `sfu.resume_grace_s` gets the same session back with both still usable, an unknown
+/// resume id is refused with `no_such_session`, and a session not resumed in time is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_proxy_connection_is_resumed_and_the_call_survives() {
+    let sfu = SfuProcess::start_with_grace(30, 3);
+    let hello = |resume: Option<&str>| {
+        let mut h = json!({"type":"hello","hello":{"version":"1.0","token": sfu.token()}});
+        if let Some(r) = resume {
+            h["hello"]["resumeid"] = json!(r);
+        }
+        h
+    };
+    let mut proxy = ProxyClient::connect(&sfu).await;
+    let r = proxy.request(hello(None)).await;
+    let session = r["hello"]["sessionid"]
+        .as_str()
+        .unwrap_or_else(|| panic!("sessionid: {r}"))
+        .to_string();
+    let mut call = establish_call(&mut proxy).await;
+    let next = pump(&mut call, 0, 20, Duration::from_secs(20)).await;
+    drop(proxy);
+    // While the signaling side is away, media still flows.
+    let before = call.subscriber.seen.lock().expect("lock").rtp.len();
+    let next = pump(&mut call, next, before + 20, Duration::from_secs(10)).await;
+    let during = call.subscriber.seen.lock().expect("lock").rtp.len();
+    assert!(
+        during >= before + 20,
+        "media stopped with the connection: {before} -> {during}\n{}",
+        sfu.log()
+    );
+    // Resume: the same session, with its publisher and subscriber.
+    let mut proxy = ProxyClient::connect(&sfu).await;
+    let r = proxy.request(hello(Some(&session))).await;
+    assert_eq!(r["type"], "hello", "resume refused: {r}\n{}", sfu.log());
+    assert_eq!(r["hello"]["sessionid"], json!(session), "{r}");
+    let r = proxy
+        .payload("endOfCandidates", &call.subscriber_id, json!({}))
+        .await;
+    assert_eq!(r["type"], "payload", "subscriber lost: {r}");
+    let second = proxy.create_subscriber(&call.publisher_id, "video").await;
+    let r = proxy
+        .command(json!({"type":"delete-subscriber","clientId": second}))
+        .await;
+    assert_eq!(r["type"], "command", "{r}");
+    pump(&mut call, next, during + 20, Duration::from_secs(10)).await;
+    assert!(call.subscriber.seen.lock().expect("lock").rtp.len() >= during + 20);
+    // Someone else's (or a made-up) resume id gets nothing.
+    let mut other = ProxyClient::connect(&sfu).await;
+    let r = other.request(hello(Some(&"ab".repeat(16)))).await;
+    assert_eq!(r["error"]["code"], "no_such_session", "{r}");
+    // Not resumed within the 3 s grace: the session and its clients are closed.
+    drop(proxy);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut late = ProxyClient::connect(&sfu).await;
+    let r = late.request(hello(Some(&session))).await;
+    assert_eq!(r["error"]["code"], "no_such_session", "{r}");
+    let r = late.request(hello(None)).await;
+    assert_eq!(r["type"], "hello", "{r}");
+    let r = late
+        .command(json!({"type":"create-subscriber","publisherId": call.publisher_id, "streamType":"video"}))
+        .await;
+    assert_eq!(
+        r["error"]["code"], "unknown_client",
+        "publisher outlived its session: {r}"
+    );
+}

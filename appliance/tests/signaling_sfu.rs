@@ -300,3 +300,79 @@ async fn an_sfu_with_another_certificate_is_refused() {
     assert!(!has_mcu(&c.welcome), "{}", c.welcome);
     assert!(proxy.state.hellos.lock().expect("lock").is_empty());
 }
+
+/// A lost SFU connection is resumed: the next hello carries `resumeid` (and a fresh token), and
+/// the publisher created before keeps its SFU client id, so the call goes on without a new
+/// `create-publisher`. An SFU that no longer knows the session (`no_such_session`) gets a fresh
+/// hello, and the old publishers are forgotten.
+#[tokio::test]
+async fn a_lost_sfu_connection_is_resumed_and_publishers_keep_their_ids() {
+    let (talk, proxy, sig) = setup().await;
+    welcome_with_mcu(&sig, true).await;
+    let (mut alice, alice_sid) = in_room(&sig, &talk, "alice").await;
+    let body = json!({"type":"incall","incall":{"incall":7,"changed":[{"sessionId":"talk-alice","inCall":7}],"users":[{"sessionId":"talk-alice","inCall":7}]}});
+    let (status, _, _) = backend_post(sig.http, "room1", &body, TALK_SECRET, None).await;
+    assert_eq!(status, 200);
+    alice
+        .send(msg(&alice_sid, json!({"type":"offer","sid":"s-1","roomType":"video","payload":{"type":"offer","sdp":OFFER_SDP}})))
+        .await;
+    recv_data(&mut alice, "answer").await;
+    let publisher = proxy.wait_for("command", "create-publisher").await;
+    assert!(publisher["command"]["streamType"] == "video");
+    let candidate = |n: u32| {
+        msg(
+            &alice_sid,
+            json!({"type":"candidate","sid":"s-1","roomType":"video",
+            "payload":{"candidate":{"candidate":format!("candidate:{n} 1 udp 1 127.0.0.1 5000 typ host"),"sdpMLineIndex":0,"sdpMid":"0"}}}),
+        )
+    };
+
+    // The hiccup.
+    proxy.stop();
+    welcome_with_mcu(&sig, false).await;
+    proxy.restart();
+    welcome_with_mcu(&sig, true).await;
+    let hellos = proxy.received_of("hello", "");
+    let last = hellos.last().expect("hellos");
+    assert_eq!(
+        last["hello"]["resumeid"], "fake-proxy-session",
+        "no resume: {hellos:?}"
+    );
+    assert!(last["hello"]["token"].is_string(), "{last}");
+    alice.send(candidate(7)).await;
+    let mut seen = Value::Null;
+    for _ in 0..100 {
+        if let Some(c) = proxy.received_of("payload", "candidate").pop() {
+            seen = c;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen["payload"]["clientId"], "pub-1",
+        "the publisher's id after resume: {seen}"
+    );
+    assert_eq!(proxy.received_of("command", "create-publisher").len(), 1);
+
+    // An SFU that lost the session: resume refused, fresh hello, publishers forgotten.
+    proxy
+        .state
+        .forget_sessions
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let before = proxy.received_of("hello", "").len();
+    proxy.stop();
+    welcome_with_mcu(&sig, false).await;
+    proxy.restart();
+    welcome_with_mcu(&sig, true).await;
+    let hellos = proxy.received_of("hello", "");
+    let new: Vec<&Value> = hellos[before..].iter().collect();
+    assert!(
+        new.len() >= 2
+            && new[0]["hello"]["resumeid"] == "fake-proxy-session"
+            && new[new.len() - 1]["hello"]["resumeid"].is_null(),
+        "a refused resume, then a fresh hello: {new:?}"
+    );
+    alice.send(candidate(8)).await;
+    let e = alice.recv_type("error").await;
+    assert_eq!(e["error"]["code"], "client_not_found", "{e}");
+}

@@ -193,6 +193,7 @@ pub struct SfuConfig {
     pub media_bind: IpAddr,
     pub ice_tcp: bool,
     pub ice_timeout_s: u64,
+    pub resume_grace_s: u64,
     pub media_port_min: u16,
     pub media_port_max: u16,
     pub public_ips: Vec<String>,
@@ -593,6 +594,12 @@ impl SfuConfig {
                 30,
                 (1, 3600),
                 "A media session that receives nothing for this long (client gone, ICE never completed) is closed.",
+            ) as u64,
+            resume_grace_s: r.int(
+                "resume_grace_s",
+                30,
+                (0, 600),
+                "How long a signaling server's proxy session (its publishers and subscribers) outlives a lost /proxy connection, waiting for it to resume; 0 = close at once.",
             ) as u64,
             public_ips: r.string_list(
                 "public_ips",

@@ -176,7 +176,12 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         joins.push(j);
     }
     drop(ev_tx);
-    let sfu = server::Sfu::new(handles.clone(), p.keys, ctx.shutdown.clone());
+    let sfu = server::Sfu::new(
+        handles.clone(),
+        p.keys,
+        Duration::from_secs(c.resume_grace_s),
+        ctx.shutdown.clone(),
+    );
     let events = sfu.clone();
     tokio::spawn(async move {
         while let Some(e) = ev_rx.recv().await {

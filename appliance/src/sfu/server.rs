@@ -3,14 +3,20 @@
 //!
 //! It owns the map from proxy client ids (publisher/subscriber ids handed to the signaling
 //! server) to (worker, session), placement of publishers on workers (least loaded; a
-//! subscriber lives on its publisher's worker), and per-connection ownership: when a signaling
-//! connection closes, the sessions it created are closed with it.
+//! subscriber lives on its publisher's worker), and per-proxy-session ownership.
+//!
+//! A signaling server's `hello` opens a *proxy session* (its `sessionid`). Publishers and
+//! subscribers belong to that session, not to the WebSocket: when the connection drops, the
+//! session is kept for `sfu.resume_grace_s` (default 30 s) with its media sessions running, and a `hello` with
+//! `resumeid` = that session id (upstream's proxy resume) reattaches it, so calls survive a
+//! signaling↔SFU hiccup. Events for a detached session wait (bounded) and are sent on resume.
+//! When the grace ends without a resume, the session's publishers and subscribers are closed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -33,6 +39,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const WORKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most clients (publishers + subscribers) one SFU holds.
 const MAX_CLIENTS: usize = 100_000;
+/// Most events kept for a detached session (publisher-closed etc.); older ones are dropped.
+const MAX_BACKLOG: usize = 1024;
 
 #[derive(Debug, Clone)]
 struct Client {
@@ -43,11 +51,42 @@ struct Client {
     owner: u64,
 }
 
+/// A signaling server's proxy session: survives its connection for the resume grace.
+struct ProxySession {
+    /// The `sessionid` of the hello answer, which is also the resume id.
+    id: String,
+    /// The connection serving it (connection number, its outgoing queue), if any.
+    attached: Option<(u64, mpsc::UnboundedSender<ServerMessage>)>,
+    /// When its connection ended (`None` while attached).
+    detached_at: Option<Instant>,
+    /// Events that arrived while detached.
+    backlog: Vec<ServerMessage>,
+}
+
+impl ProxySession {
+    fn send(&mut self, m: ServerMessage) {
+        match &self.attached {
+            Some((_, tx)) => {
+                let _ = tx.send(m);
+            }
+            None => {
+                if self.backlog.len() >= MAX_BACKLOG {
+                    self.backlog.remove(0);
+                }
+                self.backlog.push(m);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct State_ {
     clients: HashMap<String, Client>,
     by_key: HashMap<SessionKey, String>,
-    conns: HashMap<u64, mpsc::UnboundedSender<ServerMessage>>,
+    /// Proxy sessions by number (`Client::owner`).
+    sessions: HashMap<u64, ProxySession>,
+    /// Session numbers by resume id.
+    by_resume_id: HashMap<String, u64>,
 }
 
 /// The SFU as the control plane sees it.
@@ -57,6 +96,8 @@ pub struct Sfu {
     state: Mutex<State_>,
     next_session: AtomicU32,
     next_conn: AtomicU64,
+    next_proxy_session: AtomicU64,
+    resume_grace: Duration,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -113,6 +154,7 @@ impl Sfu {
     pub fn new(
         workers: Vec<WorkerHandle>,
         keys: TokenKeys,
+        resume_grace: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Sfu> {
         Arc::new(Sfu {
@@ -121,6 +163,8 @@ impl Sfu {
             state: Mutex::new(State_::default()),
             next_session: AtomicU32::new(1),
             next_conn: AtomicU64::new(1),
+            next_proxy_session: AtomicU64::new(1),
+            resume_grace,
             shutdown,
         })
     }
@@ -176,8 +220,8 @@ impl Sfu {
         } else {
             "subscriber-closed"
         };
-        if let Some(tx) = st.conns.get(&c.owner) {
-            let _ = tx.send(ServerMessage::event(json!({"type": kind, "clientId": id})));
+        if let Some(s) = st.sessions.get_mut(&c.owner) {
+            s.send(ServerMessage::event(json!({"type": kind, "clientId": id})));
         }
     }
 
@@ -216,7 +260,7 @@ impl Sfu {
         Some(c)
     }
 
-    async fn command(&self, conn: u64, msg: &ClientMessage) -> Result<ServerMessage, Failure> {
+    async fn command(&self, owner: u64, msg: &ClientMessage) -> Result<ServerMessage, Failure> {
         let Some(cmd) = &msg.command else {
             return Err(("invalid_format", "command missing".into()));
         };
@@ -248,7 +292,7 @@ impl Sfu {
                         session,
                         publisher: true,
                         stream_type,
-                        owner: conn,
+                        owner,
                     },
                 );
                 tracing::info!(client = %client_id, stream = stream_type.as_str(), worker, "created publisher");
@@ -294,7 +338,7 @@ impl Sfu {
                         session,
                         publisher: false,
                         stream_type: publisher.stream_type,
-                        owner: conn,
+                        owner,
                     },
                 );
                 let sid = random_hex(8);
@@ -423,14 +467,92 @@ impl Sfu {
         }
     }
 
-    /// Closes every session a signaling connection created.
-    async fn connection_closed(&self, conn: u64) {
-        let owned: Vec<(String, Client)> = {
+    /// Opens a proxy session served by connection `conn`; returns its number and id.
+    fn open_session(&self, conn: u64, tx: &mpsc::UnboundedSender<ServerMessage>) -> (u64, String) {
+        let num = self.next_proxy_session.fetch_add(1, Ordering::Relaxed);
+        let id = random_hex(16);
+        let mut st = self.state();
+        st.by_resume_id.insert(id.clone(), num);
+        st.sessions.insert(
+            num,
+            ProxySession {
+                id: id.clone(),
+                attached: Some((conn, tx.clone())),
+                detached_at: None,
+                backlog: Vec::new(),
+            },
+        );
+        (num, id)
+    }
+
+    /// Reattaches the session with resume id `id` to connection `conn`: queued events go out
+    /// first. A connection still serving it is told `bye` (the newer one wins, as when the
+    /// signaling side saw a dead connection the SFU has not noticed yet).
+    fn resume_session(
+        &self,
+        id: &str,
+        conn: u64,
+        tx: &mpsc::UnboundedSender<ServerMessage>,
+    ) -> Option<u64> {
+        let mut st = self.state();
+        let num = *st.by_resume_id.get(id)?;
+        let s = st.sessions.get_mut(&num)?;
+        if let Some((_, old)) = s.attached.take() {
+            let _ = old.send(ServerMessage::bye("session_resumed"));
+        }
+        s.detached_at = None;
+        for m in s.backlog.drain(..) {
+            let _ = tx.send(m);
+        }
+        s.attached = Some((conn, tx.clone()));
+        Some(num)
+    }
+
+    /// Connection `conn` ended: its session (if it still serves it) waits for a resume for
+    /// the grace period, then closes.
+    fn connection_closed(self: &Arc<Self>, conn: u64, session: u64) {
+        {
             let mut st = self.state();
-            st.conns.remove(&conn);
+            let Some(s) = st.sessions.get_mut(&session) else {
+                return;
+            };
+            if !matches!(&s.attached, Some((c, _)) if *c == conn) {
+                return;
+            }
+            s.attached = None;
+            s.detached_at = Some(Instant::now());
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(me.resume_grace).await;
+            let expired = {
+                let mut st = me.state();
+                let expired = st.sessions.get(&session).is_some_and(|s| {
+                    s.detached_at
+                        .is_some_and(|t| t.elapsed() >= me.resume_grace)
+                });
+                if expired && let Some(s) = st.sessions.remove(&session) {
+                    st.by_resume_id.remove(&s.id);
+                }
+                expired
+            };
+            if expired {
+                tracing::info!(
+                    session,
+                    "proxy session not resumed in time; closing its clients"
+                );
+                me.close_session_clients(session).await;
+            }
+        });
+    }
+
+    /// Closes every publisher and subscriber a proxy session created.
+    async fn close_session_clients(&self, session: u64) {
+        let owned: Vec<(String, Client)> = {
+            let st = self.state();
             st.clients
                 .iter()
-                .filter(|(_, c)| c.owner == conn)
+                .filter(|(_, c)| c.owner == session)
                 .map(|(k, c)| (k.clone(), c.clone()))
                 .collect()
         };
@@ -459,7 +581,7 @@ impl Sfu {
             if load != last {
                 last = load;
                 let st = self.state();
-                for tx in st.conns.values() {
+                for (_, tx) in st.sessions.values().filter_map(|s| s.attached.as_ref()) {
                     let _ = tx.send(load_event(load));
                 }
             }
@@ -511,13 +633,14 @@ async fn connection(sfu: Arc<Sfu>, socket: WebSocket) {
         }
     });
     let mut shutdown = sfu.shutdown.clone();
-    let mut authenticated = false;
+    // The proxy session this connection serves, once hello succeeded.
+    let mut session: Option<u64> = None;
     let hello_deadline = tokio::time::sleep(HELLO_TIMEOUT);
     tokio::pin!(hello_deadline);
     loop {
         let msg = tokio::select! {
             m = stream.next() => m,
-            _ = &mut hello_deadline, if !authenticated => {
+            _ = &mut hello_deadline, if session.is_none() => {
                 let _ = tx.send(ServerMessage::bye("hello_timeout"));
                 break;
             }
@@ -550,11 +673,10 @@ async fn connection(sfu: Arc<Sfu>, socket: WebSocket) {
                 continue;
             }
         };
-        if !authenticated {
-            match hello(&sfu, &parsed) {
-                Ok(reply) => {
-                    authenticated = true;
-                    sfu.state().conns.insert(conn, tx.clone());
+        let Some(owner) = session else {
+            match hello(&sfu, &parsed, conn, &tx) {
+                Ok((num, reply)) => {
+                    session = Some(num);
                     let _ = tx.send(reply);
                     let _ = tx.send(load_event(sfu.load()));
                 }
@@ -563,9 +685,9 @@ async fn connection(sfu: Arc<Sfu>, socket: WebSocket) {
                 }
             }
             continue;
-        }
+        };
         let result = match parsed.kind.as_str() {
-            "command" => sfu.command(conn, &parsed).await,
+            "command" => sfu.command(owner, &parsed).await,
             "payload" => sfu.payload(&parsed).await,
             "bye" => break,
             "hello" => Err(("invalid_format", "already authenticated".to_string())),
@@ -576,12 +698,20 @@ async fn connection(sfu: Arc<Sfu>, socket: WebSocket) {
         });
         let _ = tx.send(reply);
     }
-    sfu.connection_closed(conn).await;
+    if let Some(num) = session {
+        sfu.connection_closed(conn, num);
+    }
     drop(tx);
     let _ = writer.await;
 }
 
-fn hello(sfu: &Sfu, m: &ClientMessage) -> Result<ServerMessage, Failure> {
+/// Checks a hello and opens (or resumes) the proxy session; returns its number and the answer.
+fn hello(
+    sfu: &Sfu,
+    m: &ClientMessage,
+    conn: u64,
+    tx: &mpsc::UnboundedSender<ServerMessage>,
+) -> Result<(u64, ServerMessage), Failure> {
     if m.kind != "hello" {
         return Err(err(errors::HELLO_EXPECTED));
     }
@@ -594,18 +724,33 @@ fn hello(sfu: &Sfu, m: &ClientMessage) -> Result<ServerMessage, Failure> {
             format!("unsupported hello version: {}", h.version),
         ));
     }
+    let answer = |id: &str| {
+        ServerMessage::hello(
+            m.id.clone(),
+            json!({
+                "version": "1.0",
+                "sessionid": id,
+                "server": {"version": env!("CARGO_PKG_VERSION"), "features": []},
+            }),
+        )
+    };
     if !h.resumeid.is_empty() {
-        // Sessions end with their connection, so there is nothing to resume.
-        return Err(err(errors::NO_SUCH_SESSION));
+        // Upstream's signaling server resumes with the session id alone (a 128-bit secret it
+        // was given after a valid token); a token, if sent as well, must still be valid.
+        if !h.token.is_empty() {
+            sfu.keys.verify(&h.token, now_unix()).map_err(err)?;
+        }
+        if h.resumeid.len() > 64 {
+            return Err(err(errors::NO_SUCH_SESSION));
+        }
+        let num = sfu
+            .resume_session(&h.resumeid, conn, tx)
+            .ok_or_else(|| err(errors::NO_SUCH_SESSION))?;
+        tracing::info!(session = num, "signaling server resumed its proxy session");
+        return Ok((num, answer(&h.resumeid)));
     }
     let issuer = sfu.keys.verify(&h.token, now_unix()).map_err(err)?;
-    tracing::info!(%issuer, "signaling server connected");
-    Ok(ServerMessage::hello(
-        m.id.clone(),
-        json!({
-            "version": "1.0",
-            "sessionid": random_hex(16),
-            "server": {"version": env!("CARGO_PKG_VERSION"), "features": []},
-        }),
-    ))
+    let (num, id) = sfu.open_session(conn, tx);
+    tracing::info!(%issuer, session = num, "signaling server connected");
+    Ok((num, answer(&id)))
 }

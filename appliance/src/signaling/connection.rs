@@ -15,6 +15,9 @@ use tokio::sync::{mpsc, watch};
 use super::api;
 use super::server::{ConnState, Outbound, QUEUE_FRAMES, Server};
 
+/// Most queued frames written with one flush.
+const WRITE_BATCH: usize = 64;
+
 /// Upstream `pingPeriod` and `pongWait`.
 const PING_PERIOD: Duration = Duration::from_secs(54);
 const PONG_WAIT: Duration = Duration::from_secs(60);
@@ -34,7 +37,29 @@ pub async fn run(
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(Outbound::Text(t)) => {
-                        if sink.send(Message::Text(Utf8Bytes::from(&*t))).await.is_err() {
+                        // Frames already queued go out with this one in one write (one
+                        // syscall instead of one per frame under load), at most WRITE_BATCH.
+                        if sink.feed(Message::Text(Utf8Bytes::from(&*t))).await.is_err() {
+                            break;
+                        }
+                        let mut close = false;
+                        for _ in 1..WRITE_BATCH {
+                            match rx.try_recv() {
+                                Ok(Outbound::Text(t)) => {
+                                    if sink.feed(Message::Text(Utf8Bytes::from(&*t))).await.is_err() {
+                                        close = true;
+                                        break;
+                                    }
+                                }
+                                Ok(Outbound::Close) => {
+                                    close = true;
+                                    let _ = sink.feed(Message::Close(None)).await;
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if sink.flush().await.is_err() || close {
                             break;
                         }
                     }
@@ -74,7 +99,10 @@ pub async fn run(
                 let Some(Ok(frame)) = frame else { break };
                 last_seen = Instant::now();
                 match frame {
-                    Message::Text(t) => server.handle_frame(&mut conn, t.as_str()).await,
+                    // Boxed: handling a frame can await a backend request, and that future
+                    // stored inline would make every idle connection's task as large
+                    // (memory per idle session, benches/signaling).
+                    Message::Text(t) => Box::pin(server.handle_frame(&mut conn, t.as_str())).await,
                     Message::Binary(_) => {
                         let e = api::ApiError::new("invalid_format", "Binary frames are not supported.");
                         let _ = tx.send(Outbound::Text(Arc::from(e.to_json(None).to_string()))).await;

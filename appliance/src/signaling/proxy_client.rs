@@ -15,9 +15,15 @@
 //!   publisher or subscriber; [`Server`] turns Talk clients' SFU messages into these requests
 //!   (`server.rs`, `sfu_message`).
 //!
-//! What it does not do: pick among several SFUs, resume a proxy session after a reconnect
-//! (the publishers of a lost connection are dropped, and Talk clients renegotiate), remote
-//! streams between SFUs.
+//! - Resume: the SFU's hello answer names a proxy session. When the connection drops, the
+//!   client table is kept and the next connection says `hello` with `resumeid` = that session
+//!   (and a fresh token); the SFU keeps the session's publishers and subscribers for its grace
+//!   period (30 s), so calls survive the hiccup. Deletes asked for meanwhile are sent after the
+//!   resume. If the SFU answers `no_such_session` (it restarted, or the grace ran out), the
+//!   table is cleared and a fresh hello follows: those publishers are gone, Talk clients
+//!   renegotiate.
+//!
+//! What it does not do: pick among several SFUs, remote streams between SFUs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -216,7 +222,14 @@ pub struct ProxyClient {
     pending: Mutex<HashMap<String, oneshot::Sender<Value>>>,
     next_id: AtomicU64,
     load: AtomicU64,
+    /// The SFU's proxy session id (its resume id), once a hello succeeded.
+    proxy_session: Mutex<Option<String>>,
+    /// Deletes asked for while disconnected: (client id, is publisher), sent after a resume.
+    orphans: Mutex<Vec<(String, bool)>>,
 }
+
+/// Most deletes remembered while disconnected (one per publisher or subscriber that ended).
+const MAX_ORPHANS: usize = 100_000;
 
 fn sfu_error(code: &str, message: impl Into<String>) -> ApiError {
     ApiError::new(code, message)
@@ -259,6 +272,8 @@ impl ProxyClient {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             load: AtomicU64::new(0),
+            proxy_session: Mutex::new(None),
+            orphans: Mutex::new(Vec::new()),
         })
     }
 
@@ -337,8 +352,16 @@ impl ProxyClient {
         Ok(v["payload"]["payload"].clone())
     }
 
-    /// Deletes a publisher or subscriber on the SFU, not waiting for the answer.
+    /// Deletes a publisher or subscriber on the SFU, not waiting for the answer. While
+    /// disconnected the delete waits for the resume (the SFU still holds the client then).
     pub fn delete(self: &Arc<Self>, client_id: String, publisher: bool) {
+        if lock(&self.sender).is_none() {
+            let mut o = lock(&self.orphans);
+            if o.len() < MAX_ORPHANS {
+                o.push((client_id, publisher));
+            }
+            return;
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let kind = if publisher {
@@ -391,7 +414,23 @@ impl ProxyClient {
         }
         *lock(&self.sender) = None;
         lock(&self.pending).clear();
+        // The client table stays: the next connection resumes the proxy session.
+    }
+
+    /// The SFU has no (more) session for us: its publishers and subscribers are gone.
+    fn session_lost(&self) {
+        *lock(&self.proxy_session) = None;
         lock(&self.clients).clear();
+        lock(&self.orphans).clear();
+    }
+
+    fn hello_message(&self, id: &str, resume: Option<&str>) -> Result<String> {
+        let token = self.token(unix_now()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut hello = json!({"id": id, "type":"hello","hello":{"version":"1.0","token":token}});
+        if let Some(r) = resume {
+            hello["hello"]["resumeid"] = Value::String(r.to_string());
+        }
+        Ok(hello.to_string())
     }
 
     /// One connection; `Ok(true)` if the hello succeeded before it ended.
@@ -452,11 +491,9 @@ impl ProxyClient {
             }
             let _ = sink.close().await;
         });
-        *lock(&self.sender) = Some(tx.clone());
-        let hello_id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
-        let token = self.token(unix_now()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let hello = json!({"id": hello_id, "type":"hello","hello":{"version":"1.0","token":token}});
-        tx.send(hello.to_string())
+        let mut hello_id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+        let mut resuming = lock(&self.proxy_session).clone();
+        tx.send(self.hello_message(&hello_id, resuming.as_deref())?)
             .await
             .context("sending hello to the SFU")?;
         let mut up = false;
@@ -483,12 +520,41 @@ impl ProxyClient {
                 if msg["id"] != hello_id.as_str() {
                     continue;
                 }
+                if msg["type"] == "error"
+                    && msg["error"]["code"] == "no_such_session"
+                    && resuming.take().is_some()
+                {
+                    tracing::warn!(url = %self.url, "the SFU no longer has our proxy session; its publishers and subscribers are gone");
+                    self.session_lost();
+                    hello_id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+                    if tx.send(self.hello_message(&hello_id, None)?).await.is_err() {
+                        break Err(anyhow::anyhow!("the SFU connection closed"));
+                    }
+                    continue;
+                }
                 if msg["type"] != "hello" {
                     break Err(anyhow::anyhow!("the SFU refused hello: {}", msg["error"]));
                 }
+                let Some(session) = msg["hello"]["sessionid"].as_str().filter(|s| !s.is_empty())
+                else {
+                    break Err(anyhow::anyhow!("the SFU's hello answer has no sessionid"));
+                };
+                let resumed = resuming.as_deref() == Some(session);
+                if !resumed {
+                    // A new session: nothing of an earlier one exists on the SFU.
+                    self.session_lost();
+                    *lock(&self.proxy_session) = Some(session.to_string());
+                }
                 up = true;
+                *lock(&self.sender) = Some(tx.clone());
                 server.hub().set_sfu_connected(true);
-                tracing::info!(url = %self.url, session = %msg["hello"]["sessionid"], "SFU connected; mcu features advertised");
+                tracing::info!(url = %self.url, session, resumed, "SFU connected; mcu features advertised");
+                if resumed {
+                    let orphans = std::mem::take(&mut *lock(&self.orphans));
+                    for (id, publisher) in orphans {
+                        self.delete(id, publisher);
+                    }
+                }
                 continue;
             }
             self.dispatch(server, msg).await;

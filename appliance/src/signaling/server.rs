@@ -664,6 +664,12 @@ impl Server {
         match r.kind.as_str() {
             "session" => {
                 let public = r.sessionid.as_deref().unwrap_or("");
+                // Fast path: the id exactly as issued (what clients send). It skips the HMAC and
+                // AES of a decode, ≈10 % of the server's CPU under message load (perf,
+                // benches/signaling).
+                if let Some(sid) = self.hub().sid_of_public(public) {
+                    return Ok(Target::Session(Some(sid)));
+                }
                 // Any encoding of the session's data names it (ids carry a random IV), so the
                 // session is found by the decoded number, not by the exact string we issued.
                 let data = self.codec.decode_public(public).map_err(|_| {

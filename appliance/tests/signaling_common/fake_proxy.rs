@@ -2,6 +2,8 @@
 //! the hello JWT with the box's public proxy token key (RS256, `iss`, `iat`, `exp`), records
 //! every message, and answers like the SFU: publisher and subscriber ids, an SDP answer to a
 //! publisher offer, an SDP offer to `requestoffer`/`sendoffer`, and one trickled candidate.
+//! Its one proxy session (`fake-proxy-session`) can be resumed with `hello` + `resumeid`
+//! unless [`FakeProxyState::forget_sessions`] is set (then `no_such_session`, as after a restart).
 
 #![allow(dead_code)]
 
@@ -29,6 +31,8 @@ pub struct FakeProxyState {
     pub hellos: Mutex<Vec<Value>>,
     /// The box's public proxy token key (PEM), set once the signaling data dir exists.
     pub public_key: Mutex<Option<String>>,
+    /// Refuse resumes with `no_such_session` (an SFU that restarted).
+    pub forget_sessions: std::sync::atomic::AtomicBool,
     next: Mutex<u32>,
 }
 
@@ -193,6 +197,17 @@ fn answer(state: &FakeProxyState, m: &Value) -> Vec<Value> {
     let id = m["id"].clone();
     match m["type"].as_str() {
         Some("hello") => {
+            let resume = m["hello"]["resumeid"].as_str().unwrap_or("");
+            if !resume.is_empty()
+                && (resume != "fake-proxy-session"
+                    || state
+                        .forget_sessions
+                        .load(std::sync::atomic::Ordering::Relaxed))
+            {
+                return vec![
+                    json!({"id":id,"type":"error","error":{"code":"no_such_session","message":"The session to resume does not exist."}}),
+                ];
+            }
             // The key is set right after the signaling process created it.
             match check_token(state, m["hello"]["token"].as_str().unwrap_or("")) {
                 Ok(claims) => {
