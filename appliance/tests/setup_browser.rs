@@ -200,9 +200,10 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     wait_element(&b, "backend-form").await;
     goto_page(&b, "#status", "Services").await;
     wait_element(&b, "services").await;
+    // signaling, turn, provision and web (the SFU is off in this test).
     b.wait_for(
         "return document.querySelectorAll('#services tbody tr').length;",
-        &json!(3),
+        &json!(4),
         T,
     )
     .await;
