@@ -157,7 +157,7 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         let config = WorkerConfig {
             index: i as u16,
             // Core 0 is left to the control plane when there is more than one.
-            core: (cores > 1).then_some(1 + i % (cores - 1)),
+            core: (cores > 1).then(|| 1 + i % (cores - 1)),
             setup,
             ice_timeout: Duration::from_secs(c.ice_timeout_s),
             keyframe_interval: Duration::from_millis(500),
