@@ -1,9 +1,13 @@
 """Boots a talkbox disk image under qemu (TCG) and checks it from outside.
 
 One `Box` is one qemu process: UEFI firmware with Debian's test Secure Boot keys enrolled
-(OVMF / AAVMF "snakeoil" variables), the disk as virtio, user-mode networking restricted to
-forwards on 127.0.0.1 (tcp -> setup page 9443, udp -> STUN/TURN 3478), serial console to a
-log file, and a QMP socket for an ACPI power-off. The image prints marker lines on the
+(OVMF / AAVMF "snakeoil" variables), the disk as virtio, user-mode networking with forwards on
+127.0.0.1 (tcp -> setup page 9443, udp -> STUN/TURN 3478), serial console to a log file, and a
+QMP socket for an ACPI power-off. Every qemu runs inside a network namespace that the
+scenario makes for itself and that holds only a loopback interface (`enter_private_netns`):
+that, not qemu's `restrict=on`, keeps the guest off every real network, because libslirp in
+restricted mode drops every UDP datagram the guest sends (DHCP and TFTP aside), the replies
+of a UDP host forward included, so no STUN answer could ever come back. The image prints marker lines on the
 console (talkbox-healthy.service): TALKBOX-HEALTHY slot=.. version=.., TALKBOX-JOURNAL-ERRORS n,
 TALKBOX-UNHEALTHY, TALKBOX-UPDATE-INSTALLED.
 """
@@ -17,6 +21,7 @@ import ssl
 import struct
 import subprocess
 import time
+import sys
 import urllib.request
 
 FIRMWARE = {
@@ -37,6 +42,32 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+NETNS_MARK = "HW_TESTS_PRIVATE_NETNS"
+STUN_COOKIE = 0x2112A442
+SLIRP_HOST = "10.0.2.2"  # how qemu's user network presents the host (and its forwards) to the guest
+
+
+def enter_private_netns():
+    """Re-runs this program in a new network namespace with only loopback up, unless it runs in
+    one already. qemu's user-mode network then reaches nothing beyond this namespace's loopback
+    (where only the test's own forwards listen); the host-side checks run in the same namespace.
+    As root: `unshare --net`; otherwise a user namespace maps the caller to root first."""
+    if os.environ.get(NETNS_MARK) == "1":
+        if subprocess.run(["ip", "link", "set", "lo", "up"]).returncode != 0:
+            raise SystemExit("hw-tests: cannot bring up loopback in the private network namespace")
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        others = [ln.split(":")[1].strip() for ln in links.splitlines() if ":" in ln and ln.split(":")[1].strip() != "lo"]
+        if others:
+            raise SystemExit(f"hw-tests: the private network namespace has interfaces besides lo: {others}")
+        return
+    cmd = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
+    env = dict(os.environ, **{NETNS_MARK: "1"})
+    try:
+        os.execvpe(cmd[0], cmd + [sys.executable] + sys.argv, env)
+    except OSError as e:
+        raise SystemExit(f"hw-tests: cannot start {' '.join(cmd)} for a private network namespace: {e}")
+
+
 class Box:
     def __init__(self, arch, disk, workdir, name, stick=None, reboot=False, mem=1024):
         self.arch, self.disk, self.workdir, self.name = arch, disk, workdir, name
@@ -50,7 +81,8 @@ class Box:
         self.web_port = free_port(socket.SOCK_STREAM)
         self.stun_port = free_port(socket.SOCK_DGRAM)
         self.stun_tcp_port = free_port(socket.SOCK_STREAM)
-        net = (f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.web_port}-:9443,"
+        # No restrict=on (see the module comment): the private namespace isolates the guest.
+        net = (f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.web_port}-:9443,"
                f"hostfwd=udp:127.0.0.1:{self.stun_port}-:3478,"
                f"hostfwd=tcp:127.0.0.1:{self.stun_tcp_port}-:3478")
         if arch == "x86_64":
@@ -151,42 +183,59 @@ class Box:
                 time.sleep(2)
         raise AssertionError(f"setup page through 127.0.0.1:{self.web_port}: {last}")
 
+    @staticmethod
+    def _stun_request():
+        tid = os.urandom(12)
+        return tid, struct.pack("!HHI", 0x0001, 0, STUN_COOKIE) + tid
+
+    @staticmethod
+    def _stun_mapped(data, tid, transport):
+        """Checks a Binding success response (RFC 8489) and returns its XOR-MAPPED-ADDRESS."""
+        if len(data) < 20:
+            raise AssertionError(f"STUN over {transport}: {len(data)}-byte answer, a STUN header is 20")
+        mtype, mlen, cookie = struct.unpack("!HHI", data[:8])
+        if mtype != 0x0101 or cookie != STUN_COOKIE or data[8:20] != tid:
+            raise AssertionError(f"STUN over {transport}: not a Binding success for our request: {data[:20].hex()}")
+        attrs = data[20:20 + mlen]
+        while len(attrs) >= 4:
+            at, al = struct.unpack("!HH", attrs[:4])
+            if at == 0x0020 and al >= 8 and attrs[5] == 0x01:  # XOR-MAPPED-ADDRESS, IPv4
+                port = struct.unpack("!H", attrs[6:8])[0] ^ (STUN_COOKIE >> 16)
+                ip = bytes(a ^ b for a, b in zip(attrs[8:12], struct.pack("!I", STUN_COOKIE)))
+                return socket.inet_ntoa(ip), port
+            attrs = attrs[4 + ((al + 3) & ~3):]
+        raise AssertionError(f"STUN over {transport}: Binding success without an IPv4 XOR-MAPPED-ADDRESS")
+
     def stun_binding_tcp(self):
         """The same Binding request over TCP (RFC 8489 needs no extra framing over TCP)."""
-        tid = os.urandom(12)
-        req = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + tid
-        with socket.create_connection(("127.0.0.1", self.stun_tcp_port), timeout=10) as s:
+        tid, req = self._stun_request()
+        with socket.create_connection(("127.0.0.1", self.stun_tcp_port), timeout=20) as s:
             s.sendall(req)
             data = s.recv(2048)
-        mtype = struct.unpack("!H", data[:2])[0]
-        assert mtype == 0x0101 and data[8:20] == tid, f"not a Binding success over TCP: {data[:20].hex()}"
-        return "Binding success over TCP"
+        return self._stun_mapped(data, tid, "tcp")
 
     def stun_binding(self):
-        """RFC 8489 Binding request; returns the XOR-MAPPED-ADDRESS seen by the box."""
-        tid = os.urandom(12)
-        req = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + tid
+        """RFC 8489 Binding request through the udp forward. The box must answer with the
+        address it saw the request come from: qemu's user network presents the host as
+        10.0.2.2 and keeps the source port, so the answer names 10.0.2.2 and our port."""
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
         s.settimeout(3)
+        own_port = s.getsockname()[1]
         try:
-            for _ in range(10):
+            for _ in range(10):  # UDP: a request or answer may be lost while the guest is busy
+                tid, req = self._stun_request()
                 s.sendto(req, ("127.0.0.1", self.stun_port))
                 try:
                     data, _ = s.recvfrom(2048)
                 except socket.timeout:
                     continue
-                mtype, mlen, cookie = struct.unpack("!HHI", data[:8])
-                assert mtype == 0x0101 and data[8:20] == tid, f"not a Binding success: {data[:20].hex()}"
-                attrs = data[20:20 + mlen]
-                while attrs:
-                    at, al = struct.unpack("!HH", attrs[:4])
-                    if at == 0x0020:
-                        port = struct.unpack("!H", attrs[6:8])[0] ^ 0x2112
-                        ip = bytes(a ^ b for a, b in zip(attrs[8:12], struct.pack("!I", 0x2112A442)))
-                        return f"{socket.inet_ntoa(ip)}:{port}"
-                    attrs = attrs[4 + ((al + 3) & ~3):]
-                return "(no XOR-MAPPED-ADDRESS)"
-            raise AssertionError(f"no STUN answer through udp 127.0.0.1:{self.stun_port}")
+                mapped = self._stun_mapped(data, tid, "udp")
+                if mapped != (SLIRP_HOST, own_port):
+                    raise AssertionError(f"STUN over udp: XOR-MAPPED-ADDRESS {mapped[0]}:{mapped[1]}, "
+                                         f"expected {SLIRP_HOST}:{own_port} (the client as the guest sees it)")
+                return f"{mapped[0]}:{mapped[1]}"
+            raise AssertionError(f"no STUN answer through udp 127.0.0.1:{self.stun_port} (10 requests, 3 s each)")
         finally:
             s.close()
 
