@@ -86,6 +86,71 @@ pub fn ensure_private_dir(dir: &Path, mode: u32) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(mode))
 }
 
+fn service_user(user: &str) -> anyhow::Result<nix::unistd::User> {
+    use anyhow::Context;
+    nix::unistd::User::from_name(user)
+        .with_context(|| format!("looking up user {user}"))?
+        .with_context(|| format!("user {user} does not exist"))
+}
+
+/// A data directory that a service writes after dropping root to `user`: created (and its
+/// leftover temporaries removed) by root before the drop, then given to the user.
+///
+/// Under systemd, root holds only the unit's bounding set (CAP_CHOWN, no CAP_DAC_OVERRIDE or
+/// CAP_FOWNER): it may give a directory away but not look into it or chmod it afterwards, so a
+/// directory handed over on an earlier start is left as it is, and the entries are given away
+/// before the directory. Not root (tests, development): the directory is simply created.
+pub fn hand_over_dir(dir: &Path, mode: u32, user: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        ensure_private_dir(dir, mode).with_context(|| format!("creating {}", dir.display()))?;
+        remove_stale_temporaries(dir);
+        return Ok(());
+    }
+    let user = service_user(user)?;
+    // The user must be able to pass through the (root-owned) parent to reach the directory.
+    if let Some(parent) = dir.parent()
+        && let Ok(m) = fs::metadata(parent)
+        && m.uid() == 0
+        && m.mode() & 0o001 == 0
+    {
+        fs::set_permissions(
+            parent,
+            fs::Permissions::from_mode((m.mode() & 0o7777) | 0o011),
+        )
+        .with_context(|| format!("letting {} pass through {}", user.name, parent.display()))?;
+    }
+    if fs::metadata(dir).is_ok_and(|m| m.uid() == user.uid.as_raw()) {
+        return Ok(());
+    }
+    ensure_private_dir(dir, mode).with_context(|| format!("creating {}", dir.display()))?;
+    remove_stale_temporaries(dir);
+    let chown = |p: &Path| {
+        nix::unistd::chown(p, Some(user.uid), Some(user.gid))
+            .with_context(|| format!("giving {} to {}", p.display(), user.name))
+    };
+    for e in fs::read_dir(dir)?.flatten() {
+        chown(&e.path())?;
+    }
+    chown(dir)
+}
+
+/// A directory both root (the supervisor) and `user` (a service) write: owned by root, group
+/// `user`, mode 0770, so that neither needs DAC capabilities; files in it must be readable by
+/// others (0644) for root to read the user's, and are protected by a root-only parent.
+pub fn shared_dir(dir: &Path, user: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if nix::unistd::Uid::effective().is_root() {
+        let user = service_user(user)?;
+        nix::unistd::chown(dir, Some(nix::unistd::Uid::from_raw(0)), Some(user.gid))
+            .with_context(|| format!("giving {} to group {}", dir.display(), user.name))?;
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o770))
+        .with_context(|| format!("setting {} to 0770", dir.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,16 +82,11 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-/// Creates the spool (owned by the service user when running as root) and empties it.
+/// Creates the spool (root-owned, group of the service user) and empties it.
 pub fn prepare(dir: &Path, user: &str) -> Result<()> {
-    storage::ensure_private_dir(dir, 0o700)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    if nix::unistd::Uid::effective().is_root()
-        && let Some(u) = nix::unistd::User::from_name(user)?
-    {
-        nix::unistd::chown(dir, Some(u.uid), Some(u.gid))
-            .with_context(|| format!("handing {} to user {user}", dir.display()))?;
-    }
+    // Root (the supervisor, without DAC capabilities under systemd) and the service both
+    // write here.
+    storage::shared_dir(dir, user)?;
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let _ = std::fs::remove_file(e.path());
@@ -202,7 +197,9 @@ impl Spool {
             self.dir.as_fd(),
             tmp.as_str(),
             OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
+            // Readable by others: the supervisor reads it as root without DAC capabilities;
+            // the root-only provisioning directory above keeps everyone else out.
+            Mode::from_bits_truncate(0o644),
         )
         .context("creating a spool request")?;
         let mut f = std::fs::File::from(fd);

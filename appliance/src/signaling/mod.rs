@@ -94,36 +94,7 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
 /// that user pass through the data directory (0711: no listing; secrets/ and tls/ stay 0700).
 fn rooms_dir(config: &Config, data: &DataDir) -> Result<std::path::PathBuf> {
     let dir = data.root.join("rooms");
-    if !nix::unistd::Uid::effective().is_root() {
-        crate::storage::ensure_private_dir(&dir, 0o700)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        crate::storage::remove_stale_temporaries(&dir);
-        return Ok(dir);
-    }
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let user = nix::unistd::User::from_name(&config.supervisor.user)
-        .with_context(|| format!("looking up user {}", config.supervisor.user))?
-        .with_context(|| format!("user {} does not exist", config.supervisor.user))?;
-    // Under systemd, root holds only the unit's bounding set (CAP_CHOWN, no CAP_DAC_OVERRIDE
-    // or CAP_FOWNER): it may give the directory away but not look into it or chmod it after,
-    // so a directory handed over on an earlier start is left as it is.
-    let handed_over = std::fs::metadata(&dir).is_ok_and(|m| m.uid() == user.uid.as_raw());
-    if !handed_over {
-        crate::storage::ensure_private_dir(&dir, 0o700)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        crate::storage::remove_stale_temporaries(&dir);
-        let chown = |p: &std::path::Path| {
-            nix::unistd::chown(p, Some(user.uid), Some(user.gid))
-                .with_context(|| format!("giving {} to {}", p.display(), user.name))
-        };
-        // The entries first: once the directory is the user's, root cannot list it.
-        for e in std::fs::read_dir(&dir)?.flatten() {
-            chown(&e.path())?;
-        }
-        chown(&dir)?;
-    }
-    std::fs::set_permissions(&data.root, std::fs::Permissions::from_mode(0o711))
-        .with_context(|| format!("setting {} to 0711", data.root.display()))?;
+    crate::storage::hand_over_dir(&dir, 0o700, &config.supervisor.user)?;
     Ok(dir)
 }
 

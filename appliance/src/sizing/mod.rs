@@ -217,24 +217,7 @@ impl Sizer {
     /// Creates the sizing directory for the service user (while the service may still be
     /// root), so that the SFU can write its state after dropping privileges.
     pub fn prepare(config: &Config, data: &DataDir) -> Result<()> {
-        let d = dir(data);
-        crate::storage::ensure_private_dir(&d, 0o755)
-            .with_context(|| format!("creating {}", d.display()))?;
-        crate::storage::remove_stale_temporaries(&d);
-        if nix::unistd::Uid::effective().is_root() {
-            let user = nix::unistd::User::from_name(&config.supervisor.user)
-                .with_context(|| format!("looking up user {}", config.supervisor.user))?
-                .with_context(|| format!("user {} does not exist", config.supervisor.user))?;
-            let chown = |p: &Path| {
-                nix::unistd::chown(p, Some(user.uid), Some(user.gid))
-                    .with_context(|| format!("giving {} to {}", p.display(), user.name))
-            };
-            chown(&d)?;
-            for e in std::fs::read_dir(&d)?.flatten() {
-                chown(&e.path())?;
-            }
-        }
-        Ok(())
+        crate::storage::hand_over_dir(&dir(data), 0o755, &config.supervisor.user)
     }
 
     pub async fn run(
