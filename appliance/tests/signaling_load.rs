@@ -16,65 +16,17 @@
 //! Needs root (for `ip netns`), iproute2 and `apt-get install --no-install-recommends
 //! nextcloud-spreed-signaling`.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::netns::{Killed, Netns};
 
 const CLIENT: &str = "/usr/bin/nextcloud-spreed-signaling-client";
 const CLIENTS: u32 = 100;
 const RUN_SECS: u64 = 32;
-
-/// A network namespace deleted (with what still runs in it) on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!("tbload-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip (apt-get install iproute2)");
-        assert!(ok.success(), "ip netns add {name} failed (needs root)");
-        let ns = Netns(name);
-        let ok = ns
-            .cmd("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .expect("ip");
-        assert!(ok.success());
-        ns
-    }
-
-    fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, program]);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(p) = pid.parse::<i32>() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(p),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One `Stats: sent=S (s/sec), recv=R (r/sec), delta=D` line.
 #[derive(Debug, Clone, Copy)]
@@ -176,7 +128,7 @@ fn hundred_upstream_load_clients_exchange_messages_for_30_s_without_loss_or_erro
     std::fs::write(&client_conf_path, client_conf).expect("client config");
 
     let binary = release_binary();
-    let ns = Netns::new();
+    let ns = Netns::new(format!("tbload-{}", std::process::id()));
     let server_log = dir.path().join("signaling.log");
     let _server = Killed(
         ns.cmd(binary.to_str().expect("path"))

@@ -9,75 +9,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns::{Killed, Netns};
 use serde_json::Value;
-
-/// A network namespace, deleted (with what still runs in it) on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        // A namespace left by a killed earlier run would make `add` fail.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip (apt-get install iproute2)");
-        assert!(ok.success(), "ip netns add {name} failed (needs root)");
-        let ns = Netns(name);
-        ns.run(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, program]);
-        c
-    }
-
-    fn run(&self, argv: &[&str]) {
-        let out = self
-            .cmd(argv[0])
-            .args(&argv[1..])
-            .output()
-            .expect("ip netns exec");
-        assert!(
-            out.status.success(),
-            "{argv:?} in {}: {}",
-            self.0,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(p) = pid.parse::<i32>() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(p),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn shape(ns: &Netns, dev: &str, verb: &str, mbit: u32) {
     let rate = format!("{mbit}mbit");
