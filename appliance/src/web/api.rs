@@ -99,11 +99,18 @@ pub fn router(app: AppState) -> Router {
             "/api/speedtest/up",
             post(speed_up).layer(DefaultBodyLimit::max(MAX_SPEEDTEST_BYTES)),
         )
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
         .with_state(app)
         // Another box (or `talkbox sizing`) measures its uplink against this one: a sink that
         // only counts bytes, one measurement at a time, at most 35 s each.
         .merge(crate::sizing::probe::sink_router())
+}
+
+/// Unknown paths. The body is read first: over HTTP/2 an answer sent before the request body
+/// was taken resets the stream, and clients then see no answer at all instead of the 404.
+async fn not_found(_body: Bytes) -> Response {
+    fail(StatusCode::NOT_FOUND, "no such page or API")
 }
 
 fn html(body: &'static str) -> Response {
@@ -284,6 +291,25 @@ fn login_response(app: &App, must_set_password: bool) -> Response {
 }
 
 /// Refuses at once while `ip` must wait.
+/// The forms that come before a session (claim, login): the double-submit form token, the
+/// per-address throttle, then the JSON body.
+fn pre_session_form<T: serde::de::DeserializeOwned>(
+    app: &App,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(IpAddr, T), Response> {
+    if !pre_token_ok(headers) {
+        return Err(fail(
+            StatusCode::FORBIDDEN,
+            "missing or wrong form token; reload the page",
+        ));
+    }
+    let ip = ip_of(peer);
+    check_throttle(app, ip)?;
+    Ok((ip, parse_json(body)?))
+}
+
 fn check_throttle(app: &App, ip: IpAddr) -> Result<(), Response> {
     let st = app.auth.lock().unwrap_or_else(|p| p.into_inner());
     st.throttle.check(ip, Instant::now()).map_err(throttled)
@@ -309,18 +335,8 @@ async fn claim(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !pre_token_ok(&headers) {
-        return fail(
-            StatusCode::FORBIDDEN,
-            "missing or wrong form token; reload the page",
-        );
-    }
-    let ip = ip_of(peer);
-    if let Err(r) = check_throttle(&app, ip) {
-        return r;
-    }
-    let form: ClaimForm = match parse_json(&body) {
-        Ok(f) => f,
+    let (ip, form): (IpAddr, ClaimForm) = match pre_session_form(&app, peer, &headers, &body) {
+        Ok(v) => v,
         Err(r) => return r,
     };
     if form.code.len() > 64 || form.engineer_key.as_ref().is_some_and(|k| k.len() > 200) {
@@ -381,18 +397,8 @@ async fn login(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !pre_token_ok(&headers) {
-        return fail(
-            StatusCode::FORBIDDEN,
-            "missing or wrong form token; reload the page",
-        );
-    }
-    let ip = ip_of(peer);
-    if let Err(r) = check_throttle(&app, ip) {
-        return r;
-    }
-    let form: LoginForm = match parse_json(&body) {
-        Ok(f) => f,
+    let (ip, form): (IpAddr, LoginForm) = match pre_session_form(&app, peer, &headers, &body) {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let stored = {
