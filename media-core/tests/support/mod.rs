@@ -13,6 +13,7 @@ use media_core::session::SessionSetup;
 use media_core::tcp::{FrameReader, frame};
 use media_core::worker::{self, Reply, WorkerCommand, WorkerConfig, WorkerError, WorkerEvent};
 use std::io::{Read, Write};
+use str0m::bwe::BweKind;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
@@ -179,6 +180,8 @@ pub struct Client {
     pub errors: Vec<String>,
     /// Media lines, from our own offer or from `MediaAdded`.
     pub mids: Vec<Mid>,
+    /// REMB received: (media line, bit/s).
+    pub remb: Vec<(Mid, u64)>,
     pending: Option<SdpPendingOffer>,
     buf: Vec<u8>,
     /// ICE-TCP instead of UDP: the connection to the worker and its frame reader.
@@ -209,6 +212,7 @@ impl Client {
             channel_open: false,
             messages: Vec::new(),
             mids: Vec::new(),
+            remb: Vec::new(),
             datagrams: 0,
             errors: Vec::new(),
             pending: None,
@@ -257,6 +261,50 @@ impl Client {
         offer.to_sdp_string()
     }
 
+    /// Publisher side: an offer with one audio and one video track and the `status` data
+    /// channel, as Talk's camera publisher sends.
+    pub fn publish_offer_with_audio(&mut self) -> String {
+        let mut api = self.rtc.sdp_api();
+        let audio = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        let video = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+        self.mids.push(audio);
+        self.mids.push(video);
+        self.channel = Some(api.add_channel("status".into()));
+        let (offer, pending) = api.apply().expect("changes");
+        self.pending = Some(pending);
+        offer.to_sdp_string()
+    }
+
+    /// Writes one Opus packet on `mid` with the audio-level extension at `dbov` (0 loudest,
+    /// 127 silence).
+    pub fn write_audio(&mut self, mid: Mid, seq: u64, ts: u32, dbov: u8) {
+        let pt = self
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.spec().codec == Codec::Opus)
+            .map(|p| p.pt())
+            .expect("opus");
+        let ext = str0m::rtp::ExtensionValues {
+            audio_level: Some(-(dbov.min(127) as i8)),
+            voice_activity: Some(dbov < 60),
+            ..Default::default()
+        };
+        let mut api = self.rtc.direct_api();
+        let tx = api.stream_tx_by_mid(mid, None).expect("send stream");
+        tx.write_rtp(
+            RtpWrite::new(
+                pt,
+                SeqNo::from(seq),
+                ts,
+                Instant::now(),
+                vec![0xf8, 0xff, 0xfe],
+            )
+            .ext_vals(ext),
+        );
+    }
+
     pub fn accept_answer(&mut self, sdp: &str) {
         let answer = SdpAnswer::from_sdp_string(sdp).expect("answer");
         let pending = self.pending.take().expect("pending offer");
@@ -299,6 +347,9 @@ impl Client {
                             .push((*p.seq_no, p.header.timestamp, p.payload.to_vec()))
                     }
                     Event::KeyframeRequest(_) => self.keyframe_requests += 1,
+                    Event::EgressBitrateEstimate(BweKind::Remb { estimate, mid }) => {
+                        self.remb.push((mid, estimate.as_u64()))
+                    }
                     Event::ChannelOpen(id, _) => {
                         self.channel = Some(id);
                         self.channel_open = true;
