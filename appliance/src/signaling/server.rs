@@ -645,7 +645,9 @@ impl Server {
         } else {
             (Value::Null, None)
         };
-        let bandwidth = json!({"maxstreambitrate": backend.max_stream_bitrate, "maxscreenbitrate": backend.max_screen_bitrate});
+        // Only in the join reply, and left out when there is no cap at all, as upstream.
+        let bandwidth = (backend.max_stream_bitrate != 0 || backend.max_screen_bitrate != 0)
+            .then(|| json!({"maxstreambitrate": backend.max_stream_bitrate, "maxscreenbitrate": backend.max_screen_bitrate}));
         let rsid = (!talk_session.is_empty()).then_some(talk_session);
         let out = self.hub().join_room(
             sid,
@@ -653,7 +655,7 @@ impl Server {
             rsid,
             properties,
             permissions,
-            Some(bandwidth),
+            bandwidth,
             id,
         );
         self.apply(out).await;
