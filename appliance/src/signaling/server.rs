@@ -919,6 +919,45 @@ impl Server {
         }
     }
 
+    /// The SFU heard a camera/microphone publisher start or stop speaking (its `speaking` /
+    /// `stopped-speaking` events, a talkbox extension): the others in the publisher's room get
+    /// a message from it with `{"type":"speaking"}` or `{"type":"stoppedSpeaking"}`, the names
+    /// Talk clients send each other over the data channel. Upstream has no server-side speaking
+    /// event; a Talk client keeps learning it from the data channel (which the SFU relays) and
+    /// ignores message types it does not handle; the meeting page uses these.
+    pub async fn sfu_speaking(self: &Arc<Self>, owner: &Owner, speaking: bool) {
+        let Owner::Publisher { session, stream } = owner else {
+            return;
+        };
+        if stream == "screen" {
+            return;
+        }
+        let (from_public, mates) = {
+            let hub = self.hub();
+            let Some(s) = hub.session(*session) else {
+                return;
+            };
+            (s.public_id.clone(), hub.room_mates(*session))
+        };
+        let kind = if speaking {
+            "speaking"
+        } else {
+            "stoppedSpeaking"
+        };
+        let frame: Arc<str> = Arc::from(
+            json!({"type":"message","message":{
+                "sender":{"type":"session","sessionid":from_public},
+                "data":{"type":kind,"from":from_public,"roomType":stream},
+            }})
+            .to_string(),
+        );
+        let mut out = Out::default();
+        for to in mates {
+            out.frames.push((to, frame.clone()));
+        }
+        self.apply(out).await;
+    }
+
     /// May `sid` send media of this kind (upstream `IsAllowedToSend`)?
     fn may_send(&self, sid: Sid, room_type: &str) -> bool {
         let hub = self.hub();
