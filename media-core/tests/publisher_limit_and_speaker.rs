@@ -190,11 +190,11 @@ fn loud_then_quiet_audio_levels_make_speaking_then_stopped_events_within_the_hys
     let (on, off) = (events[0].1, events[1].1);
     // Lower bounds are the hysteresis; upper bounds allow for a loaded machine.
     assert!(
-        on >= Duration::from_millis(240) && on <= Duration::from_millis(600),
+        on >= Duration::from_millis(240) && on <= Duration::from_millis(800),
         "speaking {on:?} after the level rose (hysteresis 250 ms)"
     );
     assert!(
-        off >= Duration::from_millis(980) && off <= Duration::from_millis(1500),
+        off >= Duration::from_millis(980) && off <= Duration::from_millis(1800),
         "stopped {off:?} after the level fell (hysteresis 1 s)"
     );
     eprintln!("speaking after {on:?}, stopped after {off:?}");
