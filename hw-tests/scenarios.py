@@ -88,6 +88,13 @@ def check_journal(box, count, report):
                                                    if known else "") + "; no failed units")
 
 
+def boot_count(box):
+    """The boot-counting line check-healthy prints (what systemd-boot told the OS, whether
+    systemd-bless-boot ran): why a slot was not marked good."""
+    m = re.search(r"TALKBOX-BOOT-COUNT [^\r\n]*", box.console())
+    return m.group(0) if m else "no TALKBOX-BOOT-COUNT line on the console"
+
+
 def outside_checks(box):
     """The setup page through the tcp forward, STUN through the udp and tcp forwards."""
     status, body = box.setup_page()
@@ -113,7 +120,7 @@ def scenario_boot(a, work):
         box.kill()
     names = esp_listing(disk)
     log(f"ESP after the healthy boot: {names}")
-    assert any(n.endswith("-slotA.efi") for n in names), "slot A was not marked good (blessed)"
+    assert any(n.endswith("-slotA.efi") for n in names), f"slot A was not marked good (blessed): {boot_count(box)}"
     return disk
 
 
@@ -143,7 +150,7 @@ def scenario_update(a, work, checks=False):
         box.kill()
     names = esp_listing(disk)
     log(f"ESP after install: {names}")
-    assert any(n.endswith("-slotA.efi") for n in names), "slot A was not marked good before the update"
+    assert any(n.endswith("-slotA.efi") for n in names), f"slot A was not marked good before the update: {boot_count(box)}"
     return disk, i.group(1), ti
 
 
@@ -162,7 +169,7 @@ def run_update(a, work):
         box.kill()
     names = esp_listing(disk)
     log(f"ESP after the first healthy boot of slot B: {names}")
-    assert f"talkbox-{version}-slotB.efi" in names, "slot B was not marked good"
+    assert f"talkbox-{version}-slotB.efi" in names, f"slot B was not marked good: {boot_count(box)}"
     print(f"TIMING update-scenario-{a.arch} {time.monotonic() - t0:.1f}")
 
 
