@@ -30,6 +30,21 @@ FIRMWARE = {
 }
 
 
+# Another qemu to run: the root of unpacked Debian qemu-system-* packages (usr/bin/qemu-system-*;
+# qemu-system-common's modules in usr/lib/x86_64-linux-gnu/qemu), e.g. bookworm's 7.2, which CI
+# uses, unpacked with `apt-get download` + `dpkg-deb -x` (docs/image.md). Default: the PATH's qemu.
+QEMU_ROOT = os.environ.get("HW_TESTS_QEMU_ROOT", "")
+if QEMU_ROOT:
+    # Debian builds the TCG accelerator as a module; qemu looks for it here instead of in its own
+    # (installed) module path, whose modules belong to the installed qemu.
+    os.environ["QEMU_MODULE_DIR"] = os.path.join(QEMU_ROOT, "usr", "lib", "x86_64-linux-gnu", "qemu")
+
+
+def qemu_binary(arch):
+    name = f"qemu-system-{arch}"
+    return os.path.join(QEMU_ROOT, "usr", "bin", name) if QEMU_ROOT else name
+
+
 def free_port(kind):
     s = socket.socket(socket.AF_INET, kind)
     s.bind(("127.0.0.1", 0))
@@ -69,7 +84,9 @@ def enter_private_netns():
 
 
 class Box:
-    def __init__(self, arch, disk, workdir, name, stick=None, reboot=False, mem=1024):
+    def __init__(self, arch, disk, workdir, name, stick=None, reboot=False, mem=1024, fw_cfg=None):
+        """`stick`: a second disk (read-only virtio), e.g. a TALKBOX-UPD or TALKBOX-PROV volume;
+        `fw_cfg`: a file handed to the guest as the fw_cfg item opt/talkbox/bundle."""
         self.arch, self.disk, self.workdir, self.name = arch, disk, workdir, name
         os.makedirs(workdir, exist_ok=True)
         self.logfile = os.path.join(workdir, f"{name}.console.log")
@@ -86,10 +103,12 @@ class Box:
                f"hostfwd=udp:127.0.0.1:{self.stun_port}-:3478,"
                f"hostfwd=tcp:127.0.0.1:{self.stun_tcp_port}-:3478")
         if arch == "x86_64":
-            cmd = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,smm=on",
+            cmd = [qemu_binary("x86_64"), "-accel", "tcg", "-machine", "q35,smm=on",
                    "-global", "driver=cfi.pflash01,property=secure,value=on", "-cpu", "max"]
         else:
-            cmd = ["qemu-system-aarch64", "-accel", "tcg", "-machine", "virt", "-cpu", "cortex-a72"]
+            cmd = [qemu_binary("aarch64"), "-accel", "tcg", "-machine", "virt", "-cpu", "cortex-a72"]
+        if QEMU_ROOT:
+            cmd += ["-L", os.path.join(QEMU_ROOT, "usr", "share", "qemu")]  # its own option ROMs
         cmd += ["-m", str(mem), "-smp", "2", "-nographic", "-nodefaults", "-serial", "stdio",
                 "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
                 "-drive", f"if=pflash,format=raw,file={self.vars}",
@@ -99,12 +118,17 @@ class Box:
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if stick:
             cmd += ["-drive", f"file={stick},if=virtio,format=raw,readonly=on"]
+        if fw_cfg:
+            # read in the guest from /sys/firmware/qemu_fw_cfg/by_name/opt/talkbox/bundle/raw
+            cmd += ["-fw_cfg", f"name=opt/talkbox/bundle,file={fw_cfg}"]
         if not reboot:
             cmd += ["-no-reboot"]
         self.cmd = cmd
         self.out = open(self.logfile, "wb")
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT)
+        version = subprocess.run([cmd[0], "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        log(f"{name}: {version}")
         log(f"{name}: qemu pid {self.proc.pid} ({arch}, web 127.0.0.1:{self.web_port}, "
             f"stun udp 127.0.0.1:{self.stun_port}), console {self.logfile}")
 
@@ -183,6 +207,16 @@ class Box:
                 time.sleep(2)
         raise AssertionError(f"setup page through 127.0.0.1:{self.web_port}: {last}")
 
+    def served_certificate(self):
+        """The DER certificate the setup page presents through the tcp forward (no SNI: the
+        checks connect to 127.0.0.1)."""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", self.web_port), timeout=20) as raw:
+            with ctx.wrap_socket(raw) as s:
+                return s.getpeercert(binary_form=True)
+
     @staticmethod
     def _stun_request():
         tid = os.urandom(12)
@@ -248,15 +282,29 @@ def esp_listing(disk):
     return sorted(os.path.basename(line.strip()) for line in out.splitlines() if line.strip())
 
 
-def make_stick(bundle, path):
-    """A FAT volume labelled TALKBOX-UPD holding the bundle (an update stick)."""
-    size_mib = os.path.getsize(bundle) // 1048576 + 16
+def make_stick(bundle, path, label="TALKBOX-UPD", files=None, fs="vfat"):
+    """A volume labelled `label`, made and filled without mounts: FAT (mkfs.vfat + mtools; labels
+    of at most 11 characters) or ext4 (mkfs.ext4 -d). By default an update stick holding `bundle`
+    as update.raucb; `files` maps names on the stick to files."""
+    files = files if files is not None else {"update.raucb": bundle}
+    size_mib = sum(os.path.getsize(f) for f in files.values()) // 1048576 + 16
     if os.path.exists(path):
         os.unlink(path)
-    subprocess.run(["mkfs.vfat", "-n", "TALKBOX-UPD", "-C", path, str(size_mib * 1024)], check=True,
+    if fs == "ext4":
+        src = path + ".d"
+        shutil.rmtree(src, ignore_errors=True)
+        os.makedirs(src)
+        for name, f in files.items():
+            shutil.copy(f, os.path.join(src, name))
+        subprocess.run(["mkfs.ext4", "-q", "-L", label, "-d", src, path, f"{size_mib}M"], check=True,
+                       capture_output=True)
+        shutil.rmtree(src)
+        return
+    subprocess.run(["mkfs.vfat", "-n", label, "-C", path, str(size_mib * 1024)], check=True,
                    capture_output=True)
-    subprocess.run(["mcopy", "-i", path, bundle, "::/update.raucb"], check=True,
-                   env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+    for name, src in files.items():
+        subprocess.run(["mcopy", "-i", path, src, f"::/{name}"], check=True,
+                       env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
 
 
 def copy_disk(src, dst):
@@ -271,3 +319,48 @@ def partition_offset(disk, name):
         if len(f) >= 7 and f[0].isdigit() and f[-1] == name:
             return int(f[1]) * 512
     raise AssertionError(f"no partition {name} in {disk}")
+
+
+def partition_extent(disk, name):
+    """(byte offset, byte size) of the GPT partition with this name (sgdisk)."""
+    out = subprocess.run(["sgdisk", "-p", disk], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 7 and f[0].isdigit() and f[-1] == name:
+            return int(f[1]) * 512, (int(f[2]) - int(f[1]) + 1) * 512
+    raise AssertionError(f"no partition {name} in {disk}")
+
+
+class DataPartition:
+    """A copy of the disk's data partition (ext4, mounted on /var in the box), read with
+    e2fsprogs after qemu stopped: no mounts. qemu is stopped without a clean shutdown, so the
+    ext4 journal is replayed on the copy first (what the box itself would do at its next boot);
+    without that, metadata still only in the journal would be missed."""
+
+    def __init__(self, disk, path):
+        off, size = partition_extent(disk, "data")
+        mib = 1048576
+        subprocess.run(["dd", f"if={disk}", f"of={path}", f"bs={mib}", f"skip={off // mib}",
+                        f"count={size // mib}", "conv=sparse", "status=none"], check=True)
+        r = subprocess.run(["e2fsck", "-y", "-E", "journal_only", path], capture_output=True, text=True)
+        # 0: clean, 1: errors corrected (the journal replay counts as that)
+        if r.returncode not in (0, 1):
+            raise AssertionError(f"e2fsck of the data partition copy: rc {r.returncode}: {r.stdout}{r.stderr}")
+        self.path = path
+
+    def _debugfs(self, request):
+        r = subprocess.run(["debugfs", "-R", request, self.path], capture_output=True)
+        return r.stdout, r.stderr.decode("utf-8", "replace")
+
+    def read(self, var_path):
+        """The content of /var/VAR_PATH in the box, or None if it is not there."""
+        out, err = self._debugfs(f"cat /{var_path}")
+        if "File not found" in err:
+            return None
+        return out
+
+    def mode(self, var_path):
+        """The permission bits of /var/VAR_PATH (octal string, e.g. '0600'), or None."""
+        out, err = self._debugfs(f"stat /{var_path}")
+        m = re.search(r"Mode:\s+(\d+)", out.decode("utf-8", "replace"))
+        return m.group(1) if m else None

@@ -7,19 +7,28 @@ must-show point from outside the box; every qemu it starts is stopped before it 
                                                            stick, reboot into slot B, healthy, marked good
   scenarios.py rollback --arch A --image IMG --bundle B    B never gets healthy: back on slot A by itself
   scenarios.py verity   --arch A --image IMG               one flipped byte in root A: refused, slot B boots
+  scenarios.py provision --arch A --image IMG --engineer-key K
+                                                           IMG trusts K.pub (image/build --engineer-key): a
+                                                           bundle by fw_cfg is applied (its certificate served
+                                                           on 9443), one by another key on a TALKBOX-PROV stick
+                                                           refused; next boot a stick bundle is applied
 
 Timings go to stdout as `TIMING name seconds` lines (docs/image.md records them).
 """
 
 import argparse
+import hashlib
+import json
 import os
 import re
+import ssl
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qemu_box import (Box, copy_disk, enter_private_netns, esp_listing, log, make_stick,  # noqa: E402
-                      partition_offset)
+from qemu_box import (Box, DataPartition, copy_disk, enter_private_netns, esp_listing, log,  # noqa: E402
+                      make_stick, partition_offset)
 
 BOOT_TIMEOUT = {"x86_64": 600, "aarch64": 900}
 
@@ -79,6 +88,13 @@ def check_journal(box, count, report):
                                                    if known else "") + "; no failed units")
 
 
+def boot_count(box):
+    """The boot-counting line check-healthy prints (what systemd-boot told the OS, whether
+    systemd-bless-boot ran): why a slot was not marked good."""
+    m = re.search(r"TALKBOX-BOOT-COUNT [^\r\n]*", box.console())
+    return m.group(0) if m else "no TALKBOX-BOOT-COUNT line on the console"
+
+
 def outside_checks(box):
     """The setup page through the tcp forward, STUN through the udp and tcp forwards."""
     status, body = box.setup_page()
@@ -104,7 +120,7 @@ def scenario_boot(a, work):
         box.kill()
     names = esp_listing(disk)
     log(f"ESP after the healthy boot: {names}")
-    assert any(n.endswith("-slotA.efi") for n in names), "slot A was not marked good (blessed)"
+    assert any(n.endswith("-slotA.efi") for n in names), f"slot A was not marked good (blessed): {boot_count(box)}"
     return disk
 
 
@@ -134,7 +150,7 @@ def scenario_update(a, work, checks=False):
         box.kill()
     names = esp_listing(disk)
     log(f"ESP after install: {names}")
-    assert any(n.endswith("-slotA.efi") for n in names), "slot A was not marked good before the update"
+    assert any(n.endswith("-slotA.efi") for n in names), f"slot A was not marked good before the update: {boot_count(box)}"
     return disk, i.group(1), ti
 
 
@@ -153,7 +169,7 @@ def run_update(a, work):
         box.kill()
     names = esp_listing(disk)
     log(f"ESP after the first healthy boot of slot B: {names}")
-    assert f"talkbox-{version}-slotB.efi" in names, "slot B was not marked good"
+    assert f"talkbox-{version}-slotB.efi" in names, f"slot B was not marked good: {boot_count(box)}"
     print(f"TIMING update-scenario-{a.arch} {time.monotonic() - t0:.1f}")
 
 
@@ -210,13 +226,165 @@ def run_verity(a, work):
     print(f"TIMING verity-scenario-{a.arch} {time.monotonic() - t0:.1f}")
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The box's config as the image ships it; a bundle carries a whole config file.
+IMAGE_CONFIG = os.path.join(REPO, "image", "rootfs", "usr", "share", "talkbox", "talkbox.toml")
+
+
+def run(cmd, what):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(f"{what}: {' '.join(cmd)}: rc {r.returncode}: {r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def make_cert(work, stem, names):
+    """A self-signed P-256 certificate and key for `names` (what a site's certificate stands in
+    for); returns (cert path, key path, DER bytes)."""
+    cert, key = os.path.join(work, f"{stem}.cert.pem"), os.path.join(work, f"{stem}.key.pem")
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", key, "-out", cert, "-days", "30", "-subj", f"/CN={names[0]}",
+         "-addext", "subjectAltName=" + ",".join(f"DNS:{n}" for n in names)], "openssl req")
+    with open(cert) as f:
+        der = ssl.PEM_cert_to_DER_cert(f.read())
+    return cert, key, der
+
+
+def make_bundle(a, work, stem, key, serial, names, secret=None):
+    """A bundle for any box: the image's config with `supervisor.names`, a certificate for those
+    names, optionally a secret. Returns (bundle path, certificate DER, config text)."""
+    cert, ckey, der = make_cert(work, stem, names)
+    with open(IMAGE_CONFIG) as f:
+        config = "[supervisor]\nnames = [" + ", ".join(f'"{n}"' for n in names) + "]\n\n" + f.read()
+    conf = os.path.join(work, f"{stem}.toml")
+    with open(conf, "w") as f:
+        f.write(config)
+    out = os.path.join(work, f"{stem}.bundle")
+    cmd = [a.tool, "bundle", "create", "--key", key, "--config", conf, "--serial", str(serial),
+           "--target", "any", "--valid-for", "1d", "--tls-cert", cert, "--tls-key", ckey,
+           "--comment", f"hw-tests {stem}", "--out", out]
+    if secret:
+        cmd += ["--secret", f"hwtest={secret}"]
+    run(cmd, f"bundle {stem}")
+    return out, der, config
+
+
+def wait_certificate(box, want, refused, timeout):
+    """Polls the certificate served on 9443 until it is `want`; fails at once if it is one of
+    `refused` (a bundle that must not be applied)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = box.served_certificate()
+        except OSError as e:
+            last = e
+        if last == want:
+            return time.monotonic() - box.t0
+        if last in refused:
+            raise AssertionError(f"{box.name}: the setup page serves the certificate of a bundle that must be refused")
+        time.sleep(2)
+    got = f"a certificate with SHA-256 {hashlib.sha256(last).hexdigest()[:16]}" if isinstance(last, bytes) else last
+    raise AssertionError(f"{box.name}: the setup page did not serve the bundle's certificate within {timeout} s; "
+                         f"it served {got}")
+
+
+def audit_entries(data):
+    text = data.read("lib/talkbox/provisioning/audit.jsonl")
+    if text is None:
+        raise AssertionError("no provisioning audit log (/var/lib/talkbox/provisioning/audit.jsonl) on the data partition")
+    return [json.loads(ln) for ln in text.decode().splitlines() if ln.strip()]
+
+
+def expect_audit(entries, source, serial, result, why=""):
+    hits = [e for e in entries if e.get("source") == source and e.get("serial") == serial
+            and e.get("result") == result and why in e.get("message", "")]
+    if not hits:
+        raise AssertionError(f"the audit log has no '{result}' entry for {source} serial {serial}"
+                             f"{' naming ' + repr(why) if why else ''}; it has: {entries}")
+    log(f"audit log: {source} serial {serial} {result}: {hits[0]['message'][:110]}")
+
+
+def run_provision(a, work):
+    """fw_cfg and TALKBOX-PROV delivery in a real boot. Boot 1: the fw_cfg item carries a bundle
+    by the trusted key (serial 1, certificate for box.example.test); a TALKBOX-PROV stick carries
+    one by another key (serial 7). The stick is read first, so if its bundle were accepted it would
+    be the one applied (and the fw_cfg one refused as busy): the setup page must serve the fw_cfg
+    bundle's certificate. Boot 2 (same disk, no fw_cfg): a stick with a trusted bundle (serial 2,
+    two names, a secret) is applied. Afterwards the data partition shows the audit entries, the
+    config and the secret."""
+    t0 = time.monotonic()
+    if not a.engineer_key or not os.path.exists(a.engineer_key):
+        raise AssertionError("provision needs --engineer-key FILE: the secret key whose .pub the image was built with")
+    disk = os.path.join(work, "disk.img")
+    copy_disk(a.image, disk)
+    rogue = os.path.join(work, "rogue")
+    run([a.tool, "keygen", "--out", rogue, "--comment", "hw-tests: a key the box does not trust"], "keygen")
+    b1, cert1, _ = make_bundle(a, work, "fw-cfg-1", a.engineer_key, 1, ["box.example.test"])
+    bad, cert_bad, _ = make_bundle(a, work, "rogue-7", rogue, 7, ["box.example.test"])
+    secret = os.path.join(work, "hwtest.secret")
+    with open(secret, "w") as f:
+        f.write(os.urandom(16).hex())
+    b2, cert2, config2 = make_bundle(a, work, "stick-2", a.engineer_key, 2,
+                                     ["box.example.test", "talk.example.test"], secret)
+
+    # FAT labels have at most 11 characters: a FAT stick is labelled TALKBOXPROV.
+    stick1 = os.path.join(work, "prov-stick-1.img")
+    make_stick(None, stick1, "TALKBOXPROV", {"site.bundle": bad}, fs="vfat")
+    box = Box(a.arch, disk, work, "fwcfg", stick=stick1, fw_cfg=b1)
+    try:
+        staged, _ = box.wait_for(r"TALKBOX-PROVISION-MEDIA TALKBOXPROV \(\S+\): (\d+) bundle", BOOT_TIMEOUT[a.arch])
+        assert staged.group(1) == "1", f"the FAT stick has 1 bundle, {staged.group(1)} staged"
+        m, t = healthy(box, BOOT_TIMEOUT[a.arch], "A")
+        print(f"TIMING provision-boot-to-healthy-{a.arch} {t:.1f}")
+        tc = wait_certificate(box, cert1, [cert_bad], 180)
+        log(f"fwcfg: the setup page serves the fw_cfg bundle's certificate (box.example.test) {tc:.1f} s after qemu start")
+        print(f"TIMING provision-fw-cfg-certificate-served-{a.arch} {tc:.1f}")
+        no_late_errors(box)
+        box.powerdown()
+    finally:
+        box.kill()
+    entries = audit_entries(DataPartition(disk, os.path.join(work, "data-1.img")))
+    expect_audit(entries, "usb", 7, "refused", "untrusted key")
+    expect_audit(entries, "fw_cfg", 1, "applied")
+
+    stick2 = os.path.join(work, "prov-stick-2.img")
+    make_stick(None, stick2, "TALKBOX-PROV", {"site.bundle": b2}, fs="ext4")
+    box = Box(a.arch, disk, work, "stick", stick=stick2)
+    try:
+        staged, _ = box.wait_for(r"TALKBOX-PROVISION-MEDIA TALKBOX-PROV \(\S+\): (\d+) bundle", BOOT_TIMEOUT[a.arch])
+        assert staged.group(1) == "1", f"the ext4 stick has 1 bundle, {staged.group(1)} staged"
+        m, t = healthy(box, BOOT_TIMEOUT[a.arch], "A")
+        tc = wait_certificate(box, cert2, [], 180)
+        log(f"stick: the setup page serves the TALKBOX-PROV bundle's certificate {tc:.1f} s after qemu start")
+        print(f"TIMING provision-stick-certificate-served-{a.arch} {tc:.1f}")
+        no_late_errors(box)
+        box.powerdown()
+    finally:
+        box.kill()
+    data = DataPartition(disk, os.path.join(work, "data-2.img"))
+    entries = audit_entries(data)
+    expect_audit(entries, "usb", 2, "applied")
+    got = data.read("lib/talkbox/talkbox.toml")
+    assert got is not None and got.decode() == config2, "the box's config is not the stick bundle's"
+    with open(secret, "rb") as f:
+        assert data.read("lib/talkbox/secrets/hwtest") == f.read(), "the bundle's secret is not on the box"
+    mode = data.mode("lib/talkbox/secrets/hwtest")
+    assert mode == "0600", f"the bundle's secret has mode {mode}, expected 0600"
+    log("data partition: config is the stick bundle's; secret hwtest installed with mode 0600")
+    print(f"TIMING provision-scenario-{a.arch} {time.monotonic() - t0:.1f}")
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["boot", "update", "rollback", "verity"])
+    p.add_argument("scenario", choices=["boot", "update", "rollback", "verity", "provision"])
     p.add_argument("--arch", default="x86_64")
     p.add_argument("--image", required=True)
     p.add_argument("--bundle")
     p.add_argument("--work", default=None)
+    p.add_argument("--engineer-key", help="provision: the engineer's secret key (its .pub is baked into the image)")
+    p.add_argument("--tool", default=os.path.join(REPO, "target", "debug", "talkbox-provision"),
+                   help="provision: the talkbox-provision binary")
     a = p.parse_args()
     enter_private_netns()
     work = a.work or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", f"{a.scenario}-{a.arch}")
@@ -225,12 +393,13 @@ def main():
         os.unlink(os.path.join(work, f))
     t0 = time.monotonic()
     try:
-        {"boot": scenario_boot, "update": run_update, "rollback": run_rollback, "verity": run_verity}[a.scenario](a, work)
+        {"boot": scenario_boot, "update": run_update, "rollback": run_rollback, "verity": run_verity,
+         "provision": run_provision}[a.scenario](a, work)
     except AssertionError as e:
         print(f"FAIL {a.scenario} {a.arch}: {e}", flush=True)
         return 1
     print(f"PASS {a.scenario} {a.arch} ({time.monotonic() - t0:.0f} s)", flush=True)
-    for f in ("disk.img", "stick.img"):
+    for f in ("disk.img", "stick.img", "data-1.img", "data-2.img", "prov-stick-1.img", "prov-stick-2.img"):
         path = os.path.join(work, f)
         if os.path.exists(path) and not os.environ.get("HW_TESTS_KEEP"):
             os.unlink(path)

@@ -1,10 +1,11 @@
 //! Where bundles come from besides a push: a stick or partition labelled `TALKBOX-PROV` (read
-//! once at boot, under the image only), qemu's fw_cfg (`-fw_cfg name=opt/talkbox/bundle,file=…`),
-//! and files dropped into `DATA_DIR/provisioning/incoming/` (taken and removed). Each reader
-//! bounds what it reads and skips quietly when its source is absent.
+//! at supervisor start, under the image only, from the copies the image's
+//! `talkbox-provision-media.service` made of it), qemu's fw_cfg
+//! (`-fw_cfg name=opt/talkbox/bundle,file=…`), and files dropped into
+//! `DATA_DIR/provisioning/incoming/` (taken and removed). Each reader bounds what it reads and
+//! skips quietly when its source is absent.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use provisioning::bundle::MAX_BUNDLE_BYTES;
 
@@ -87,35 +88,25 @@ pub fn read_fw_cfg() -> Option<Vec<u8>> {
     Some(buf)
 }
 
-/// Mounts a `TALKBOX-PROV` stick or partition read-only, reads its `*.bundle` files (top
-/// level), and unmounts it. Absent device: nothing, quietly.
+/// Where the image's `talkbox-provision-media.service` puts the `*.bundle` files of a
+/// `TALKBOX-PROV` stick or partition before the supervisor starts. The supervisor cannot mount
+/// the device itself: its unit has no device nodes (`PrivateDevices`), no mount system calls
+/// and no `CAP_SYS_ADMIN`. The copies live on a tmpfs, so they are gone at the next boot.
+pub const USB_STAGING: &str = "/run/talkbox-prov";
+
+/// Reads the `*.bundle` files staged from a `TALKBOX-PROV` stick or partition (see
+/// [`USB_STAGING`]). No stick: nothing, quietly.
 pub fn read_usb() -> Vec<Vec<u8>> {
-    let dev = Path::new("/dev/disk/by-label").join(USB_LABEL);
-    if !dev.exists() {
+    read_staged(Path::new(USB_STAGING))
+}
+
+fn read_staged(dir: &Path) -> Vec<Vec<u8>> {
+    let files = bundle_files(dir);
+    if files.is_empty() {
         return Vec::new();
     }
-    let mnt = Path::new("/run/talkbox-prov");
-    if std::fs::create_dir_all(mnt).is_err() {
-        return Vec::new();
-    }
-    let mounted = Command::new("mount")
-        .args(["-o", "ro,nosuid,nodev,noexec"])
-        .arg(&dev)
-        .arg(mnt)
-        .status();
-    match mounted {
-        Ok(s) if s.success() => {}
-        other => {
-            tracing::warn!(device = %dev.display(), result = ?other, "provisioning: cannot mount the {USB_LABEL} device read-only");
-            return Vec::new();
-        }
-    }
-    let bundles: Vec<Vec<u8>> = bundle_files(mnt)
-        .iter()
-        .filter_map(|f| read_bounded(f))
-        .collect();
-    let _ = Command::new("umount").arg(mnt).status();
-    tracing::info!(device = %dev.display(), bundles = bundles.len(), "provisioning: read the {USB_LABEL} device");
+    let bundles: Vec<Vec<u8>> = files.iter().filter_map(|f| read_bounded(f)).collect();
+    tracing::info!(dir = %dir.display(), files = files.len(), bundles = bundles.len(), "provisioning: read the bundles of the {USB_LABEL} device");
     bundles
 }
 
@@ -131,5 +122,17 @@ mod tests {
         assert_eq!(take_incoming(d.path()), vec![b"A".to_vec()]);
         assert!(take_incoming(d.path()).is_empty());
         assert!(d.path().join("notes.txt").exists());
+    }
+
+    #[test]
+    fn staged_stick_bundles_are_read_and_left_in_place() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert!(read_staged(&d.path().join("absent")).is_empty());
+        std::fs::write(d.path().join("b.bundle"), b"B").expect("b");
+        std::fs::write(d.path().join("a.bundle"), b"A").expect("a");
+        std::fs::write(d.path().join("readme.txt"), b"r").expect("r");
+        assert_eq!(read_staged(d.path()), vec![b"A".to_vec(), b"B".to_vec()]);
+        // Read-only for the supervisor: a restart reads them again (refused as a replay).
+        assert_eq!(read_staged(d.path()).len(), 2);
     }
 }
