@@ -90,6 +90,8 @@ enum Event {
         generation: u64,
         messages: Vec<ChildMessage>,
     },
+    /// An ACME order (run as a task on this loop) ended.
+    AcmeDone(Result<crate::web::acme::Issued, String>),
 }
 
 struct Running {
@@ -386,6 +388,15 @@ impl Supervisor {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
+            Event::AcmeDone(result) => {
+                if self.setup.acme.finished(result, &self.opts.data) && !self.shutting_down {
+                    // The web service swaps the certificate in place; these load it at start.
+                    self.restart_services(
+                        &[Service::Signaling, Service::Turn],
+                        "new certificate from ACME",
+                    );
+                }
+            }
             Event::Exited {
                 service,
                 generation,
@@ -622,6 +633,18 @@ impl Supervisor {
             if !earlier_starting {
                 self.spawn(i);
             }
+        }
+        // Orders wait for the web service: it answers the CA's challenges.
+        let web_up = self
+            .slots
+            .iter()
+            .any(|s| s.service == Service::Web && s.state == ServiceState::Running);
+        if web_up && let Some(job) = self.setup.acme.due(now, &self.config, &self.opts.data) {
+            let tx = self.events_tx.clone();
+            tokio::spawn(async move {
+                let r = crate::web::acme::run_order(job).await;
+                let _ = tx.send(Event::AcmeDone(r));
+            });
         }
         self.report_to_systemd(now);
         let slots = &self.slots;

@@ -54,6 +54,7 @@ pub const ADMIN_POST: &[&str] = &[
     "/api/backends/remove",
     "/api/backends/test",
     "/api/certificate",
+    "/api/acme/renew",
     "/api/speedtest/up",
     "/api/backup",
     "/api/restore",
@@ -85,6 +86,7 @@ pub fn router(app: AppState) -> Router {
             "/api/certificate",
             get(certificate).post(upload_certificate),
         )
+        .route("/api/acme/renew", post(acme_renew))
         .route("/api/network", get(network))
         .route("/api/checks", get(checks))
         .route("/api/checks/turn-credentials", get(turn_credentials))
@@ -105,6 +107,41 @@ pub fn router(app: AppState) -> Router {
         // Another box (or `talkbox sizing`) measures its uplink against this one: a sink that
         // only counts bytes, one measurement at a time, at most 35 s each.
         .merge(crate::sizing::probe::sink_router())
+}
+
+/// The plain HTTP listener for the ACME CA (`web.acme_http_listen`): the HTTP-01 challenge
+/// answers and nothing else.
+pub fn challenge_router(app: AppState) -> Router {
+    Router::new()
+        .route("/.well-known/acme-challenge/{token}", get(acme_challenge))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(1024))
+        .with_state(app)
+}
+
+async fn acme_challenge(
+    State(app): State<AppState>,
+    axum::extract::Path(token): axum::extract::Path<String>,
+) -> Response {
+    if token.len() > super::acme::MAX_TOKEN_LEN {
+        return fail(StatusCode::NOT_FOUND, "no such challenge");
+    }
+    let a = ask(&app, &SetupRequest::AcmeChallenge { token }).await;
+    match a.data["key_authorization"].as_str() {
+        Some(k) if a.ok => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            k.to_string(),
+        )
+            .into_response(),
+        _ => fail(StatusCode::NOT_FOUND, "no such challenge"),
+    }
+}
+
+async fn acme_renew(State(app): State<AppState>, headers: HeaderMap, _body: Bytes) -> Response {
+    if let Err(r) = admin(&app, &headers, true, false) {
+        return r;
+    }
+    answer(ask(&app, &SetupRequest::AcmeRenew).await)
 }
 
 /// Unknown paths. The body is read first: over HTTP/2 an answer sent before the request body
@@ -208,7 +245,7 @@ fn pre_token_ok(headers: &HeaderMap) -> bool {
     cookie(headers, PRE_COOKIE).is_some_and(|c| !c.is_empty() && auth::same_token(sent, &c))
 }
 
-async fn ask(app: &App, req: &SetupRequest) -> SetupAnswer {
+pub(crate) async fn ask(app: &App, req: &SetupRequest) -> SetupAnswer {
     let json = match serde_json::to_string(req) {
         Ok(j) => j,
         Err(e) => return SetupAnswer::err(e.to_string()),
@@ -788,6 +825,12 @@ async fn certificate(State(app): State<AppState>, headers: HeaderMap) -> Respons
         return r;
     }
     let pem = app.cert_pem.read().map(|p| p.clone()).unwrap_or_default();
+    let acme = ask(&app, &SetupRequest::AcmeStatus).await;
+    let acme = if acme.ok {
+        acme.data
+    } else {
+        json!({"error": acme.error})
+    };
     match cert::describe(&pem) {
         Ok(info) => axum::Json(json!({
             "certificate": info,
@@ -795,7 +838,7 @@ async fn certificate(State(app): State<AppState>, headers: HeaderMap) -> Respons
             "not_after": rfc3339(info.not_after),
             "days_left": (info.not_after - now_unix()) / 86_400,
             "public_name": store::public_name(&app.config),
-            "acme": "not available yet: upload a certificate from your CA",
+            "acme": acme,
         }))
         .into_response(),
         Err(e) => fail(StatusCode::INTERNAL_SERVER_ERROR, e),

@@ -57,6 +57,8 @@ pub struct SetupStore {
     /// A provisioning login link was used on an unclaimed box: its session may set the first
     /// password (which claims the box) without the setup code.
     link_used_unclaimed: bool,
+    /// ACME orders and their pending challenges (run by the supervisor's loop).
+    pub acme: super::acme::Acme,
 }
 
 /// Alphabet of setup codes: no 0/O, 1/I/L lookalikes.
@@ -130,6 +132,7 @@ impl SetupStore {
             config_path: config_path.unwrap_or_else(|| data.config_file()),
             setup_code: None,
             link_used_unclaimed: false,
+            acme: super::acme::Acme::default(),
         };
         if s.admin().is_none() {
             s.setup_code = Some(new_code()?);
@@ -275,6 +278,20 @@ impl SetupStore {
                     SetupAnswer::ok(serde_json::to_value(info).map_err(|e| e.to_string())?),
                     Effect::RestartTlsUsers,
                 ))
+            }
+            SetupRequest::AcmeStatus => {
+                done(serde_json::to_value(self.acme.status(config)).map_err(|e| e.to_string())?)
+            }
+            SetupRequest::AcmeRenew => {
+                self.acme.renew_now(config)?;
+                done(json!({}))
+            }
+            // An unknown token is an ordinary answer: anyone may probe port 80.
+            SetupRequest::AcmeChallenge { token } => {
+                done(json!({"key_authorization": self.acme.challenge(&token)}))
+            }
+            SetupRequest::CurrentCertificate { have_sha256 } => {
+                done(self.current_certificate(&have_sha256)?)
             }
             SetupRequest::ConsumeLoginLink { token_sha256 } => {
                 self.consume_login_link(&token_sha256)?;
@@ -557,19 +574,32 @@ impl SetupStore {
     }
 
     fn install_certificate(&self, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+        install_pair(&self.data, cert_pem, key_pem)?;
+        tracing::info!("installed an uploaded certificate");
+        Ok(())
+    }
+
+    fn current_certificate(&self, have_sha256: &str) -> Result<Value, String> {
         let (cert, key) = (
             crate::tls::cert_path(&self.data),
             crate::tls::key_path(&self.data),
         );
-        storage::write_atomic(&key, key_pem.as_bytes(), 0o600)
-            .map_err(|e| format!("writing {}: {e}", key.display()))?;
-        if let Err(e) = storage::write_atomic(&cert, cert_pem.as_bytes(), 0o600) {
-            // Put the old key back so the pair on disk still matches.
-            let _ = std::fs::rename(storage::previous_version(&key), &key);
-            return Err(format!("writing {}: {e}", cert.display()));
+        let cert_pem =
+            std::fs::read(&cert).map_err(|e| format!("reading {}: {e}", cert.display()))?;
+        let sha = hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &cert_pem,
+        ));
+        if sha.eq_ignore_ascii_case(have_sha256) {
+            return Ok(json!({"changed": false}));
         }
-        tracing::info!(file = %cert.display(), "installed an uploaded certificate");
-        Ok(())
+        let key_pem = std::fs::read(&key).map_err(|e| format!("reading {}: {e}", key.display()))?;
+        Ok(json!({
+            "changed": true,
+            "sha256": sha,
+            "cert_pem": String::from_utf8_lossy(&cert_pem),
+            "key_pem": String::from_utf8_lossy(&key_pem),
+        }))
     }
 
     fn consume_login_link(&self, token_sha256: &str) -> Result<(), String> {
@@ -638,6 +668,20 @@ impl SetupStore {
         entries.reverse();
         json!({"entries": entries, "present": true})
     }
+}
+
+/// Replaces the box's certificate and key (key first; if the certificate cannot be written
+/// the old key is put back, so the pair on disk always matches).
+pub fn install_pair(data: &DataDir, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+    let (cert, key) = (crate::tls::cert_path(data), crate::tls::key_path(data));
+    storage::write_atomic(&key, key_pem.as_bytes(), 0o600)
+        .map_err(|e| format!("writing {}: {e}", key.display()))?;
+    if let Err(e) = storage::write_atomic(&cert, cert_pem.as_bytes(), 0o600) {
+        let _ = std::fs::rename(storage::previous_version(&key), &key);
+        return Err(format!("writing {}: {e}", cert.display()));
+    }
+    tracing::info!(file = %cert.display(), "installed a new certificate");
+    Ok(())
 }
 
 /// Lines of log a request returns at most.

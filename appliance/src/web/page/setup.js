@@ -300,8 +300,28 @@ async function certificatePage() {
   page("Certificate",
     el("div", { id: "cert-info" }, kv([["Names", c.names.join(", ")], ["Subject", c.subject], ["Issuer", c.issuer + (c.self_signed ? " (self-signed)" : "")],
       ["Valid", `${d.not_before} to ${d.not_after} (${d.days_left} days left)`], ["Chain", c.chain_len + " certificate(s)"],
-      ["Public name", d.public_name], ["ACME", d.acme]])),
+      ["Public name", d.public_name]])),
+    acmeSection(d.acme || {}),
     f);
+}
+
+function acmeSection(a) {
+  const box = el("section", { id: "acme" }, el("h3", { text: "Automatic certificate (ACME)" }));
+  if (a.error) { box.append(el("p", { class: "error", text: a.error })); return box; }
+  if (!a.enabled) {
+    box.append(el("p", { class: "muted", text: "Off. To get a certificate from Let's Encrypt (or another ACME CA) and renew it automatically, set web.acme_enabled = true and put the box's public DNS name in supervisor.names; the CA must reach the box on port 80." }));
+    return box;
+  }
+  const state = a.ordering ? "ordering a certificate now…" : (a.last_error ? "the last order failed" : (a.last_success ? "certificate obtained" : "waiting for the next check"));
+  box.append(kv([["State", state], ["CA", a.directory], ["Names", (a.names || []).join(", ") || "(none: set supervisor.names)"],
+    ["Renews", `when fewer than ${a.renew_before_days} days are left`], ["Last order", a.last_attempt || "-"],
+    ["Last success", a.last_success || "-"], ["Next check", a.next_check || "-"]]));
+  if (a.last_error) box.append(el("p", { id: "acme-error", class: "error", text: a.last_error }));
+  box.append(el("button", { id: "acme-renew", type: "button", disabled: a.ordering, text: "Renew now", onclick: async () => {
+    try { await api("POST", "/api/acme/renew", {}); message("Ordering a certificate; this page updates when it is done.", "info"); setTimeout(certificatePage, 2000); }
+    catch (e) { message("Not started: " + e.message, "error"); }
+  } }));
+  return box;
 }
 
 // ---- network, bandwidth ----
