@@ -2,7 +2,9 @@
 //! code from the console log (wrong codes refused, then throttled), log out and in (wrong
 //! password refused), add a Nextcloud backend and read the Talk values, upload an invalid
 //! certificate (clear error, the old one still served), upload a valid one (served after the
-//! change, by the setup page and by signaling), and every page at desktop and phone size.
+//! change, by the setup page and by signaling), change the TURN realm on the page (bad input
+//! refused with the reason; a good value is what the TURN server then answers with), and every
+//! page at desktop and phone size.
 //! Screenshots go to target/setup-screenshots/.
 
 mod common;
@@ -296,6 +298,50 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     shot(&b, "09-network").await;
     goto_page(&b, "#bandwidth", "Speed test").await;
     shot(&b, "10-bandwidth").await;
+    // Edit a TURN setting: bad input is refused with the reason, a good one is in force.
+    wait_element(&b, "set-turn-realm").await;
+    set(&b, "set-turn-realm", "bad realm").await;
+    click(&b, "turn-save").await;
+    let refused = message_containing(&b, "Not saved").await;
+    assert!(refused.contains("turn.realm"), "{refused}");
+    shot(&b, "10b-turn-refused").await;
+    let before = std::fs::read_to_string(sup.data_dir().join("talkbox.toml")).expect("config");
+    assert!(!before.contains("bad realm"), "a refused value was written");
+    set(&b, "set-turn-realm", "talk.example.test").await;
+    click(&b, "turn-save").await;
+    message_containing(&b, "Saved: turn.realm").await;
+    let turn_port: u16 = config
+        .split("[turn]")
+        .nth(1)
+        .and_then(|s| s.split("port = ").nth(1))
+        .and_then(|s| s.lines().next())
+        .and_then(|p| p.trim().parse().ok())
+        .expect("turn.port in the config");
+    let start = Instant::now();
+    let mut realm = None;
+    while start.elapsed() < Duration::from_secs(40) {
+        let mut c = common::turn::TurnClient::udp(([127, 0, 0, 1], turn_port).into());
+        realm = c
+            .request(&common::stun_msgs::allocate_unsigned())
+            .and_then(|r| r.realm);
+        if realm.as_deref() == Some("talk.example.test") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        realm.as_deref(),
+        Some("talk.example.test"),
+        "the TURN server does not use the realm set on the page"
+    );
+    goto_page(&b, "#bandwidth", "Speed test").await;
+    b.wait_for(
+        "return document.getElementById('set-turn-realm').value;",
+        &json!("talk.example.test"),
+        T,
+    )
+    .await;
+    shot(&b, "10c-turn-saved").await;
     goto_page(&b, "#checks", "Clock synchronised").await;
     // The page's own TURN check: a relay-only connection through the box's TURN server.
     b.wait_for(

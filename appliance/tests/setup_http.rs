@@ -245,6 +245,38 @@ fn admin_routes_refuse_without_session_and_without_csrf_token() {
         "{v}"
     );
     assert!(v["turn_secret"].as_str().unwrap_or("").len() >= 32, "{v}");
+    // Settings: an invalid value is refused with the key named and nothing is written; a
+    // valid one is in force in the supervisor at once.
+    let before = std::fs::read_to_string(sup.data_dir().join("talkbox.toml")).expect("config");
+    for (bad, says) in [
+        (json!({"values": {"turn.port": 70000}}), "turn.port"),
+        (json!({"values": {"sfu.public_ips": ["nat"]}}), "public_ips"),
+        (
+            json!({"values": {"web.listen": "0.0.0.0:1"}}),
+            "cannot be changed",
+        ),
+        (json!({"values": {}}), "nothing to change"),
+    ] {
+        let a = c.post("/api/settings", bad.clone());
+        assert_eq!(a.code, 400, "{bad}: {a:?}");
+        assert!(
+            a.json()["error"].as_str().unwrap_or("").contains(says),
+            "{bad}: {a:?}"
+        );
+    }
+    assert_eq!(
+        before,
+        std::fs::read_to_string(sup.data_dir().join("talkbox.toml")).expect("config")
+    );
+    let a = c.post(
+        "/api/settings",
+        json!({"values": {"sfu.public_ips": ["203.0.113.9"], "supervisor.names": ["talk.example.org"]}}),
+    );
+    assert_eq!(a.code, 200, "{a:?}");
+    let v = c.get("/api/settings").json();
+    assert_eq!(v["sfu.public_ips"], json!(["203.0.113.9"]), "{v}");
+    let v = c.get("/api/network").json();
+    assert_eq!(v["public_name"], "talk.example.org", "{v}");
     // A password change ends the other sessions.
     let mut a1 = Client::new(&base, sup.data_dir(), "a1");
     let mut a2 = Client::new(&base, sup.data_dir(), "a2");

@@ -40,6 +40,7 @@ pub const ADMIN_GET: &[&str] = &[
     "/api/backends",
     "/api/certificate",
     "/api/network",
+    "/api/settings",
     "/api/checks",
     "/api/checks/turn-credentials",
     "/api/provisioning",
@@ -55,6 +56,7 @@ pub const ADMIN_POST: &[&str] = &[
     "/api/backends/test",
     "/api/certificate",
     "/api/acme/renew",
+    "/api/settings",
     "/api/speedtest/up",
     "/api/backup",
     "/api/restore",
@@ -88,6 +90,7 @@ pub fn router(app: AppState) -> Router {
         )
         .route("/api/acme/renew", post(acme_renew))
         .route("/api/network", get(network))
+        .route("/api/settings", get(settings).post(put_settings))
         .route("/api/checks", get(checks))
         .route("/api/checks/turn-credentials", get(turn_credentials))
         .route("/api/provisioning", get(provisioning))
@@ -135,6 +138,29 @@ async fn acme_challenge(
             .into_response(),
         _ => fail(StatusCode::NOT_FOUND, "no such challenge"),
     }
+}
+
+async fn settings(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&app, &headers, false, false) {
+        return r;
+    }
+    answer(ask(&app, &SetupRequest::Settings).await)
+}
+
+#[derive(Deserialize)]
+struct SettingsForm {
+    values: serde_json::Map<String, Value>,
+}
+
+async fn put_settings(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = admin(&app, &headers, true, false) {
+        return r;
+    }
+    let f: SettingsForm = match parse_json(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    answer(ask(&app, &SetupRequest::PutSettings { values: f.values }).await)
 }
 
 async fn acme_renew(State(app): State<AppState>, headers: HeaderMap, _body: Bytes) -> Response {
@@ -942,7 +968,7 @@ async fn network(State(app): State<AppState>, headers: HeaderMap) -> Response {
         .ok()
         .and_then(|h| h.to_str().map(str::to_string))
         .unwrap_or_default();
-    axum::Json(json!({
+    let mut out = json!({
         "hostname": hostname,
         "public_name": store::public_name(c),
         "names": c.supervisor.names,
@@ -972,8 +998,51 @@ async fn network(State(app): State<AppState>, headers: HeaderMap) -> Response {
         "video_cap_mbps": video,
         "screen_cap_mbps": screen,
         "capacity": budget.map(|b| capacity(b, video, screen)),
-    }))
-    .into_response()
+    });
+    // This process's config dates from its start; names, ports and TURN settings changed on
+    // the page since are in force in the supervisor (which restarted the services concerned).
+    let now = ask(&app, &SetupRequest::Settings).await;
+    if now.ok {
+        let v = &now.data;
+        out["names"] = v["supervisor.names"].clone();
+        out["public_ips"] = v["sfu.public_ips"].clone();
+        let t = &mut out["turn"];
+        for k in ["enabled", "realm", "port", "tls_port"] {
+            t[k] = v[format!("turn.{k}")].clone();
+        }
+        t["relay_ports"] = json!(format!(
+            "{}-{}",
+            v["turn.relay_port_min"], v["turn.relay_port_max"]
+        ));
+        if let Some(names) = v["supervisor.names"].as_array()
+            && let Some(first) = names.first().and_then(|n| n.as_str())
+        {
+            out["public_name"] = json!(first);
+        }
+        for p in out["ports"].as_array_mut().into_iter().flatten() {
+            let port = match p["service"].as_str().unwrap_or("") {
+                "signaling (HTTPS, WebSocket)" => v["signaling.listen"]
+                    .as_str()
+                    .and_then(|a| a.rsplit(':').next())
+                    .map(str::to_string),
+                "TURN/STUN" => Some(v["turn.port"].to_string()),
+                "TURN over TLS" => Some(v["turn.tls_port"].to_string()),
+                "TURN relay range" => Some(format!(
+                    "{}-{}",
+                    v["turn.relay_port_min"], v["turn.relay_port_max"]
+                )),
+                "SFU media" => Some(format!(
+                    "{}-{}",
+                    v["sfu.media_port_min"], v["sfu.media_port_max"]
+                )),
+                _ => None,
+            };
+            if let Some(port) = port {
+                p["port"] = json!(port);
+            }
+        }
+    }
+    axum::Json(out).into_response()
 }
 
 /// True when the kernel says the clock is synchronised (adjtimex does not report TIME_ERROR).

@@ -46,6 +46,13 @@ pub enum SetupRequest {
         cert_pem: String,
         key_pem: String,
     },
+    /// The network, identity and TURN settings the page may edit, as in force.
+    Settings,
+    /// Change some of those settings (`section.key` → value); validated as a whole config
+    /// before anything is written.
+    PutSettings {
+        values: serde_json::Map<String, serde_json::Value>,
+    },
     /// ACME state for the Certificates page.
     AcmeStatus,
     /// Order a certificate over ACME at once, whatever the current one's dates.

@@ -279,6 +279,11 @@ impl SetupStore {
                     Effect::RestartTlsUsers,
                 ))
             }
+            SetupRequest::Settings => done(settings(config)),
+            SetupRequest::PutSettings { values } => {
+                self.put_settings(&values)?;
+                Ok((SetupAnswer::ok(json!({})), Effect::ReloadConfig))
+            }
             SetupRequest::AcmeStatus => {
                 done(serde_json::to_value(self.acme.status(config)).map_err(|e| e.to_string())?)
             }
@@ -443,6 +448,75 @@ impl SetupStore {
             .map_err(|e| format!("the change was not applied: {e}"))?;
         storage::write_atomic(&self.config_path, text.as_bytes(), 0o600)
             .map_err(|e| format!("writing {}: {e}", self.config_path.display()))
+    }
+
+    /// Sets the given editable keys in the config file, checked as a whole before it is written.
+    fn put_settings(&self, values: &serde_json::Map<String, Value>) -> Result<(), String> {
+        if values.is_empty() {
+            return Err("nothing to change".into());
+        }
+        let mut table = self.config_table()?;
+        for (name, v) in values {
+            let Some((section, key, kind)) = EDITABLE
+                .iter()
+                .find(|(s, k, _)| format!("{s}.{k}") == *name)
+                .copied()
+            else {
+                return Err(format!(
+                    "{name} cannot be changed on the page; it may change: {}",
+                    EDITABLE
+                        .iter()
+                        .map(|(s, k, _)| format!("{s}.{k}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            };
+            let value = match (kind, v) {
+                (Kind::Bool, Value::Bool(b)) => toml::Value::Boolean(*b),
+                (Kind::Int, Value::Number(n)) if n.as_i64().is_some() => {
+                    toml::Value::Integer(n.as_i64().unwrap_or(0))
+                }
+                (Kind::Int, Value::String(s)) if s.trim().parse::<i64>().is_ok() => {
+                    toml::Value::Integer(s.trim().parse().unwrap_or(0))
+                }
+                (Kind::Str, Value::String(s)) if s.len() <= 512 => {
+                    toml::Value::String(s.trim().to_string())
+                }
+                (Kind::List, Value::Array(a)) if a.len() <= 64 => {
+                    let mut items = Vec::new();
+                    for x in a {
+                        match x {
+                            Value::String(s) if s.len() <= 256 => {
+                                if !s.trim().is_empty() {
+                                    items.push(toml::Value::String(s.trim().to_string()));
+                                }
+                            }
+                            _ => return Err(format!("{name}: each entry must be text")),
+                        }
+                    }
+                    toml::Value::Array(items)
+                }
+                _ => {
+                    return Err(format!(
+                        "{name}: expected {}",
+                        match kind {
+                            Kind::Bool => "yes or no",
+                            Kind::Int => "a whole number",
+                            Kind::Str => "text (at most 512 characters)",
+                            Kind::List => "a list of at most 64 entries",
+                        }
+                    ));
+                }
+            };
+            let t = table
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(t) = t.as_table_mut() else {
+                return Err(format!("[{section}] in the config is not a table"));
+            };
+            t.insert(key.to_string(), value);
+        }
+        self.write_config(&table)
     }
 
     fn backend_secret_path(&self, id: &str) -> Result<PathBuf, String> {
@@ -668,6 +742,51 @@ impl SetupStore {
         entries.reverse();
         json!({"entries": entries, "present": true})
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Bool,
+    Int,
+    Str,
+    List,
+}
+
+/// The keys the Network and TURN pages may change: (section, key, kind).
+const EDITABLE: &[(&str, &str, Kind)] = &[
+    ("supervisor", "names", Kind::List),
+    ("sfu", "public_ips", Kind::List),
+    ("sfu", "media_port_min", Kind::Int),
+    ("sfu", "media_port_max", Kind::Int),
+    ("signaling", "listen", Kind::Str),
+    ("turn", "enabled", Kind::Bool),
+    ("turn", "realm", Kind::Str),
+    ("turn", "port", Kind::Int),
+    ("turn", "tls_port", Kind::Int),
+    ("turn", "relay_port_min", Kind::Int),
+    ("turn", "relay_port_max", Kind::Int),
+    ("turn", "relay_address", Kind::Str),
+    ("turn", "allowed_peers", Kind::List),
+];
+
+/// The editable settings as in force (the supervisor's config, which the web process's copy
+/// may lag behind until it restarts).
+fn settings(c: &Config) -> Value {
+    json!({
+        "supervisor.names": c.supervisor.names,
+        "sfu.public_ips": c.sfu.public_ips,
+        "sfu.media_port_min": c.sfu.media_port_min,
+        "sfu.media_port_max": c.sfu.media_port_max,
+        "signaling.listen": c.signaling.listen.to_string(),
+        "turn.enabled": c.turn.enabled,
+        "turn.realm": c.turn.realm,
+        "turn.port": c.turn.port,
+        "turn.tls_port": c.turn.tls_port,
+        "turn.relay_port_min": c.turn.relay_port_min,
+        "turn.relay_port_max": c.turn.relay_port_max,
+        "turn.relay_address": c.turn.relay_address,
+        "turn.allowed_peers": c.turn.allowed_peers,
+    })
 }
 
 /// Replaces the box's certificate and key (key first; if the certificate cannot be written
@@ -901,6 +1020,38 @@ mod tests {
         assert!(a.ok, "{a:?}");
         let c = Config::from_file(&s.config_path).expect("valid");
         assert!(c.signaling.backends.is_empty());
+    }
+
+    #[test]
+    fn settings_are_validated_as_a_whole_before_they_are_written() {
+        let (_d, mut s) = store();
+        let (a, e) = req(
+            &mut s,
+            json!({"op":"put-settings","values":{"turn.realm":"talk.example.org","sfu.public_ips":["203.0.113.7"]}}),
+        );
+        assert!(a.ok, "{a:?}");
+        assert_eq!(e, Effect::ReloadConfig);
+        let c = Config::from_file(&s.config_path).expect("valid config written");
+        assert_eq!(c.turn.realm, "talk.example.org");
+        assert_eq!(settings(&c)["sfu.public_ips"][0], "203.0.113.7");
+        let before = std::fs::read_to_string(&s.config_path).expect("config");
+        for (bad, says) in [
+            (json!({"turn.port": 70000}), "turn.port"),
+            (json!({"turn.port": "many"}), "a whole number"),
+            (json!({"sfu.public_ips": ["not an ip"]}), "public_ips"),
+            (json!({"web.listen": "0.0.0.0:1"}), "cannot be changed"),
+        ] {
+            let (a, e) = req(&mut s, json!({"op":"put-settings","values":bad}));
+            assert!(!a.ok && e == Effect::None, "{bad} accepted");
+            assert!(
+                a.error.as_deref().unwrap_or("").contains(says),
+                "{bad}: {a:?}"
+            );
+        }
+        assert_eq!(
+            before,
+            std::fs::read_to_string(&s.config_path).expect("config")
+        );
     }
 
     #[test]

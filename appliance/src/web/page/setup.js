@@ -330,15 +330,56 @@ async function networkPage() {
   let d;
   try { d = await api("GET", "/api/network"); } catch (e) { message(e.message, "error"); return; }
   if (location.hash !== "#network") return;
+  const netForm = await settingsForm("net", "Change names and addresses", [
+    ["supervisor.names", "Public DNS names and addresses of the box (comma-separated)", "list"],
+    ["sfu.public_ips", "Public IPs for ICE, behind NAT (comma-separated)", "list"],
+    ["signaling.listen", "Signaling HTTPS address (IP:port)", "text"],
+    ["sfu.media_port_min", "SFU media ports from", "number"], ["sfu.media_port_max", "to", "number"]]);
+  if (location.hash !== "#network") return;
   page("Network and identity",
     kv([["Host name", d.hostname], ["Public name", d.public_name], ["Configured names", d.names.join(", ") || "(none: set supervisor.names)"],
       ["Public IPs for ICE", d.public_ips.join(", ") || "(none: set sfu.public_ips behind NAT)"]]),
     el("h3", { text: "Service ports" }),
     el("div", { class: "scroll" }, el("table", {}, el("thead", {}, el("tr", {}, ["Service", "Protocol", "Port", "Enabled"].map(t => el("th", { text: t })))),
       el("tbody", {}, d.ports.map(p => el("tr", {}, el("td", { text: p.service }), el("td", { text: p.proto }), el("td", { text: p.port }), el("td", { text: p.enabled ? "yes" : "no" })))))),
+    netForm,
     el("h3", { text: "Network interfaces" }),
     el("table", {}, el("tbody", {}, d.nics.map(n => el("tr", {}, el("td", { text: n.name }), el("td", { text: n.up ? "up" : "down" }),
       el("td", { text: n.speed_mbps ? n.speed_mbps + " Mbit/s" : "speed unknown" }))))));
+}
+
+// A form over some of the editable settings (GET/POST /api/settings). Values shown are those
+// in force in the supervisor; a change is checked as a whole config before it is written.
+async function settingsForm(id, title, fields) {
+  let cur;
+  try { cur = await api("GET", "/api/settings"); } catch (e) { return el("p", { class: "error", text: "Settings unavailable: " + e.message }); }
+  const inputId = k => "set-" + k.replace(/[._]/g, "-");
+  const f = el("form", { id: id + "-settings" }, el("h3", { text: title }),
+    fields.map(([k, label, kind]) => {
+      const v = cur[k];
+      const input = kind === "bool" ? el("input", { id: inputId(k), type: "checkbox", checked: !!v })
+        : el("input", { id: inputId(k), type: kind === "number" ? "number" : "text", value: kind === "list" ? (v || []).join(", ") : String(v ?? "") });
+      return field(label, input);
+    }),
+    el("button", { id: id + "-save", type: "submit", text: "Save" }));
+  f.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const values = {};
+    for (const [k, , kind] of fields) {
+      const input = document.getElementById(inputId(k));
+      const before = cur[k];
+      let v = kind === "bool" ? input.checked : kind === "list" ? input.value.split(",").map(x => x.trim()).filter(x => x) : kind === "number" ? input.value.trim() : input.value;
+      const same = kind === "list" ? JSON.stringify(v) === JSON.stringify(before || []) : String(v) === String(before ?? "");
+      if (!same) values[k] = kind === "number" && /^-?[0-9]+$/.test(v) ? Number(v) : v;
+    }
+    if (!Object.keys(values).length) { message("Nothing changed.", "info"); return; }
+    try {
+      await api("POST", "/api/settings", { values });
+      message("Saved: " + Object.keys(values).join(", ") + ". The services concerned restart with it.", "info");
+      route();
+    } catch (e) { message("Not saved: " + e.message, "error"); }
+  });
+  return f;
 }
 
 async function speedTest(out) {
@@ -362,6 +403,13 @@ async function bandwidthPage() {
   let d;
   try { d = await api("GET", "/api/network"); } catch (e) { message(e.message, "error"); return; }
   if (location.hash !== "#bandwidth") return;
+  const turnForm = await settingsForm("turn", "Change TURN settings", [
+    ["turn.enabled", "TURN server on", "bool"], ["turn.realm", "Realm", "text"],
+    ["turn.port", "Port (UDP and TCP)", "number"], ["turn.tls_port", "TLS port", "number"],
+    ["turn.relay_port_min", "Relay ports from", "number"], ["turn.relay_port_max", "to", "number"],
+    ["turn.relay_address", "Relay address given to clients (empty: the listen address)", "text"],
+    ["turn.allowed_peers", "Extra peer networks the relay may reach (CIDR, comma-separated)", "list"]]);
+  if (location.hash !== "#bandwidth") return;
   const t = d.turn;
   const out = el("p", { id: "speed-result", class: "muted", text: "" });
   const cap = d.capacity;
@@ -370,6 +418,7 @@ async function bandwidthPage() {
     kv([["Enabled", t.enabled ? "yes" : "no"], ["Realm", t.realm], ["Ports", `${t.port} (UDP/TCP), ${t.tls_port} (TLS)`], ["Relay ports", t.relay_ports],
       ["Allocations", `${t.max_allocations} in all, ${t.max_allocations_per_user} per user`],
       ["Bandwidth per allocation", t.bandwidth_per_allocation_kbps ? t.bandwidth_per_allocation_kbps + " kbit/s" : "no cap"]]),
+    turnForm,
     el("h3", { text: "Capacity" }),
     kv([["NIC link speed", d.nic_mbps ? d.nic_mbps + " Mbit/s" : "unknown"], ["Declared uplink", d.declared_uplink_mbps ? d.declared_uplink_mbps + " Mbit/s" : "not declared (sizing.uplink_mbps)"],
       ["Measured", d.measured ? `${d.measured.mbps.toFixed(1)} Mbit/s against ${d.measured.peer}` : (d.measure_error ? "failed: " + d.measure_error : "no peer configured (sizing.peer)")],
