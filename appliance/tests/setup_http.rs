@@ -642,3 +642,115 @@ fn hex_sha256(s: &str) -> String {
         .unwrap_or("")
         .to_string()
 }
+
+/// Reading the journal must not stop the supervisor's loop. A slow journal is stood in for by
+/// a `journalctl` on PATH that takes 1.6 s (the thing under test is the supervisor, which runs
+/// `timeout 2 journalctl …`); while the page reads logs three times in a row, `talkbox status`
+/// (answered by the same loop) must keep answering quickly.
+#[test]
+fn the_supervisor_keeps_answering_while_logs_are_read() {
+    let stub = tempfile::tempdir().expect("tempdir");
+    let journalctl = stub.path().join("journalctl");
+    std::fs::write(
+        &journalctl,
+        "#!/bin/sh\nsleep 1.6\necho '2026-11-22T12:00:00+0000 box talkbox-web[1]: a slow journal line'\n",
+    )
+    .expect("write stub");
+    std::fs::set_permissions(
+        &journalctl,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let config = isolated_config(&[("sfu", "enabled = false")]);
+    let web = config
+        .split("[web]")
+        .nth(1)
+        .and_then(|s| s.split('"').nth(1))
+        .expect("web.listen")
+        .to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("talkbox.toml"), &config).expect("config");
+    let stderr_log = dir.path().join("supervisor.log");
+    let child = Command::new(common::talkbox())
+        .args(["run", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        // Claims a journal (it does not match stderr, so the services still log to stderr).
+        .env("JOURNAL_STREAM", "0:0")
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                stub.path().display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_log).expect("log"))
+        .spawn()
+        .expect("start talkbox run");
+    let sup = Supervisor {
+        dir,
+        child,
+        stderr_log,
+    };
+    sup.wait_for("web running", Duration::from_secs(30), |s| {
+        s.services
+            .iter()
+            .any(|x| x.name == "web" && x.state == ServiceState::Running)
+    });
+    let base = format!("https://{web}");
+    let mut c = Client::new(&base, sup.data_dir(), "logs");
+    c.session();
+    let code = sup.status().and_then(|s| s.setup_code).expect("code");
+    assert_eq!(
+        c.post(
+            "/api/claim",
+            json!({"code": code, "password": "a long password"})
+        )
+        .code,
+        200
+    );
+    c.session();
+    let reader = std::thread::spawn(move || {
+        let start = Instant::now();
+        for _ in 0..3 {
+            let a = c.get("/api/logs?level=info");
+            assert_eq!(a.code, 200, "{a:?}");
+            let v = a.json();
+            assert_eq!(v["available"], true, "{v}");
+            assert!(
+                v["lines"][0]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("a slow journal line"),
+                "{v}"
+            );
+        }
+        start.elapsed()
+    });
+    let mut worst = Duration::ZERO;
+    let mut answered = 0;
+    while !reader.is_finished() {
+        let t = Instant::now();
+        assert!(sup.status().is_some(), "talkbox status got no answer");
+        worst = worst.max(t.elapsed());
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reading = reader.join().expect("log reader");
+    eprintln!(
+        "3 log reads took {reading:?}; {answered} status answers meanwhile, the slowest {worst:?}"
+    );
+    assert!(
+        reading >= Duration::from_millis(4500),
+        "the journal was not slow: {reading:?}"
+    );
+    assert!(answered >= 5, "only {answered} status answers");
+    assert!(
+        worst < Duration::from_millis(1000),
+        "talkbox status waited {worst:?} while logs were read: the journal blocks the loop"
+    );
+}

@@ -25,6 +25,9 @@ use crate::config::{Config, DataDir};
 use crate::secrets::{self, Secret};
 use crate::storage;
 
+/// Work of a request that may block, run off the supervisor's loop; gives the answer.
+pub type Deferred = Box<dyn FnOnce() -> SetupAnswer + Send>;
+
 /// What the supervisor must do after a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effect {
@@ -168,6 +171,34 @@ impl SetupStore {
             .map_err(|e| format!("writing {}: {e}", self.admin_path().display()))
     }
 
+    /// A request whose work may block (it runs `journalctl`): the part that needs this
+    /// store is done now, the rest is returned to run off the supervisor's loop. `None` for
+    /// every other request, which [`SetupStore::handle`] answers at once.
+    pub fn deferred(&self, json: &str) -> Option<Deferred> {
+        if json.len() > super::requests::MAX_REQUEST_BYTES {
+            return None;
+        }
+        match serde_json::from_str::<SetupRequest>(json).ok()? {
+            SetupRequest::Logs { service, level } => Some(Box::new(move || {
+                match logs(service.as_deref(), &level, LOG_LINES) {
+                    Ok(v) => SetupAnswer::ok(v),
+                    Err(e) => SetupAnswer::err(e),
+                }
+            })),
+            SetupRequest::SupportBundle => {
+                let bundle = self.support_bundle_without_logs();
+                Some(Box::new(move || match bundle {
+                    Ok(mut b) => {
+                        b["logs"] = logs(None, "info", 200).unwrap_or_else(|e| json!({"error": e}));
+                        SetupAnswer::ok(b)
+                    }
+                    Err(e) => SetupAnswer::err(e),
+                }))
+            }
+            _ => None,
+        }
+    }
+
     /// Carries out one request (a JSON [`SetupRequest`]).
     pub fn handle(&mut self, json: &str, config: &Config) -> (SetupAnswer, Effect) {
         if json.len() > super::requests::MAX_REQUEST_BYTES {
@@ -305,10 +336,15 @@ impl SetupStore {
                 done(json!({"password_set": password_set}))
             }
             SetupRequest::ProvisioningAudit => done(self.audit()),
+            // Normally taken off the loop through `deferred`; answered here when called directly.
             SetupRequest::Logs { service, level } => {
                 done(logs(service.as_deref(), &level, LOG_LINES)?)
             }
-            SetupRequest::SupportBundle => done(self.support_bundle()?),
+            SetupRequest::SupportBundle => {
+                let mut b = self.support_bundle_without_logs()?;
+                b["logs"] = logs(None, "info", 200).unwrap_or_else(|e| json!({"error": e}));
+                done(b)
+            }
             SetupRequest::Backup { passphrase } => {
                 let c = backup::collect(&self.data.root, &self.config_path)?;
                 done(json!({"backup": backup::seal(&c, &passphrase)?}))
@@ -892,11 +928,10 @@ fn redact(v: &mut toml::Value) {
 }
 
 impl SetupStore {
-    fn support_bundle(&self) -> Result<Value, String> {
+    fn support_bundle_without_logs(&self) -> Result<Value, String> {
         let mut table = toml::Value::Table(self.config_table()?);
         redact(&mut table);
         let config = toml::to_string(&table).map_err(|e| e.to_string())?;
-        let logs = logs(None, "info", 200).unwrap_or_else(|e| json!({"error": e}));
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -908,7 +943,7 @@ impl SetupStore {
             "config_file": self.config_path.display().to_string(),
             "config": config,
             "claimed": self.admin().is_some(),
-            "logs": logs,
+            "logs": Value::Null,
         }))
     }
 }
