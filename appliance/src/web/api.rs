@@ -1,6 +1,7 @@
 //! The setup page's HTTP API. Public: the page's files, `GET /api/session`, the claim and login
 //! forms (double-submit token) and `GET /login/once`. Everything else needs an admin session
-//! (401 without one) and, for changes, the session's CSRF token (403 without it).
+//! (401 without one) and, for changes, the session's CSRF token (403 without it): one middleware
+//! layer ([`require_admin`]) guards every admin route.
 
 // Helpers return the finished refusal as their error; a few admin requests a minute make the
 // size of `Response` irrelevant, and boxing it would only add noise to every handler.
@@ -10,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
@@ -64,22 +66,12 @@ pub const ADMIN_POST: &[&str] = &[
 ];
 
 pub fn router(app: AppState) -> Router {
-    Router::new()
-        .route("/", get(|| async { html(page::INDEX_HTML) }))
-        .route(
-            "/setup.js",
-            get(|| async { asset(page::APP_JS, "text/javascript; charset=utf-8") }),
-        )
-        .route(
-            "/setup.css",
-            get(|| async { asset(page::APP_CSS, "text/css; charset=utf-8") }),
-        )
-        .route("/api/session", get(session_info))
-        .route("/api/claim", post(claim))
-        .route("/api/login", post(login))
-        .route("/login/once", get(login_once))
-        .route("/api/logout", post(logout))
-        .route("/api/password", post(change_password))
+    let guard = |allow_unset: bool| {
+        axum::middleware::from_fn_with_state((app.clone(), allow_unset), require_admin)
+    };
+    // Every route here needs an admin session, and a change its CSRF token (one layer, so no
+    // handler can forget it; ADMIN_GET and ADMIN_POST list them for the tests).
+    let admin_routes = Router::new()
         .route("/api/status", get(status))
         .route("/api/backends", get(backends).post(put_backend))
         .route("/api/backends/remove", post(remove_backend))
@@ -104,12 +96,65 @@ pub fn router(app: AppState) -> Router {
             "/api/speedtest/up",
             post(speed_up).layer(DefaultBodyLimit::max(MAX_SPEEDTEST_BYTES)),
         )
+        .route_layer(guard(false));
+    // These two also serve a session opened by a login link on a box without a password yet.
+    let unset_routes = Router::new()
+        .route("/api/logout", post(logout))
+        .route("/api/password", post(change_password))
+        .route_layer(guard(true));
+    Router::new()
+        .route("/", get(|| async { html(page::INDEX_HTML) }))
+        .route(
+            "/setup.js",
+            get(|| async { asset(page::APP_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/setup.css",
+            get(|| async { asset(page::APP_CSS, "text/css; charset=utf-8") }),
+        )
+        .route("/api/session", get(session_info))
+        .route("/api/claim", post(claim))
+        .route("/api/login", post(login))
+        .route("/login/once", get(login_once))
+        .merge(admin_routes)
+        .merge(unset_routes)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
         .with_state(app)
         // Another box (or `talkbox sizing`) measures its uplink against this one: a sink that
         // only counts bytes, one measurement at a time, at most 35 s each.
         .merge(crate::sizing::probe::sink_router())
+}
+
+/// The admin session a request passed [`require_admin`] with.
+#[derive(Clone)]
+pub struct AdminSession {
+    pub id: String,
+    pub session: auth::Session,
+}
+
+/// The guard of every admin route: a live session, and for anything but GET/HEAD its CSRF
+/// token. A refused request's body is read first (bounded), since over HTTP/2 an answer sent
+/// before the body was taken resets the stream and the client sees no answer at all.
+async fn require_admin(
+    State((app, allow_unset)): State<(AppState, bool)>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let change = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    match admin(&app, req.headers(), change, allow_unset) {
+        Ok((id, session)) => {
+            req.extensions_mut().insert(AdminSession { id, session });
+            next.run(req).await
+        }
+        Err(refusal) => {
+            let _ = axum::body::to_bytes(req.into_body(), MAX_JSON_BYTES).await;
+            refusal
+        }
+    }
 }
 
 /// The plain HTTP listener for the ACME CA (`web.acme_http_listen`): the HTTP-01 challenge
@@ -140,10 +185,7 @@ async fn acme_challenge(
     }
 }
 
-async fn settings(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn settings(State(app): State<AppState>) -> Response {
     answer(ask(&app, &SetupRequest::Settings).await)
 }
 
@@ -152,10 +194,7 @@ struct SettingsForm {
     values: serde_json::Map<String, Value>,
 }
 
-async fn put_settings(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn put_settings(State(app): State<AppState>, body: Bytes) -> Response {
     let f: SettingsForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -163,10 +202,7 @@ async fn put_settings(State(app): State<AppState>, headers: HeaderMap, body: Byt
     answer(ask(&app, &SetupRequest::PutSettings { values: f.values }).await)
 }
 
-async fn acme_renew(State(app): State<AppState>, headers: HeaderMap, _body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn acme_renew(State(app): State<AppState>, _body: Bytes) -> Response {
     answer(ask(&app, &SetupRequest::AcmeRenew).await)
 }
 
@@ -548,11 +584,12 @@ async fn login_once(
 
 /// `_body` is read (and dropped) so that an early refusal never leaves an unread request
 /// body behind, which HTTP/2 clients report as a broken stream.
-async fn logout(State(app): State<AppState>, headers: HeaderMap, _body: Bytes) -> Response {
-    let (id, _) = match admin(&app, &headers, true, true) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+async fn logout(
+    State(app): State<AppState>,
+    Extension(a): Extension<AdminSession>,
+    _body: Bytes,
+) -> Response {
+    let id = a.id;
     app.auth
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -573,13 +610,10 @@ struct PasswordForm {
 async fn change_password(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Extension(a): Extension<AdminSession>,
     body: Bytes,
 ) -> Response {
-    let (id, s) = match admin(&app, &headers, true, true) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (id, s) = (a.id, a.session);
     let form: PasswordForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -694,10 +728,7 @@ async fn fetch_json(uri: axum::http::Uri) -> Option<Value> {
         .flatten()
 }
 
-async fn status(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn status(State(app): State<AppState>) -> Response {
     let sup = app.link.query_status().await;
     let history: Vec<metrics::Sample> = app
         .history
@@ -717,10 +748,7 @@ async fn status(State(app): State<AppState>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn backends(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn backends(State(app): State<AppState>) -> Response {
     answer(ask(&app, &SetupRequest::TalkValues).await)
 }
 
@@ -732,10 +760,7 @@ struct BackendForm {
     new_secret: bool,
 }
 
-async fn put_backend(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn put_backend(State(app): State<AppState>, body: Bytes) -> Response {
     let f: BackendForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -758,10 +783,7 @@ struct IdForm {
     id: String,
 }
 
-async fn remove_backend(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn remove_backend(State(app): State<AppState>, body: Bytes) -> Response {
     let f: IdForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -772,10 +794,7 @@ async fn remove_backend(State(app): State<AppState>, headers: HeaderMap, body: B
 /// The box → Nextcloud checks of one backend: capabilities (Talk installed, its features)
 /// and a signed backend request (the shared secret is accepted when Talk answers with a
 /// room error instead of an authentication error).
-async fn test_backend(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn test_backend(State(app): State<AppState>, body: Bytes) -> Response {
     let f: IdForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -846,10 +865,7 @@ fn names_for_checks(app: &App) -> Vec<String> {
     app.config.supervisor.names.clone()
 }
 
-async fn certificate(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn certificate(State(app): State<AppState>) -> Response {
     let pem = app.cert_pem.read().map(|p| p.clone()).unwrap_or_default();
     let acme = ask(&app, &SetupRequest::AcmeStatus).await;
     let acme = if acme.ok {
@@ -877,14 +893,7 @@ struct CertForm {
     key: String,
 }
 
-async fn upload_certificate(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn upload_certificate(State(app): State<AppState>, body: Bytes) -> Response {
     let f: CertForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -953,10 +962,7 @@ fn capacity(budget_mbps: f64, video_mbps: f64, screen_mbps: f64) -> Value {
     })
 }
 
-async fn network(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn network(State(app): State<AppState>) -> Response {
     let c = &app.config;
     // What the SFU has in force (with its measurement), else the same figures computed now.
     let sizing = crate::sizing::read_state(&app.data)
@@ -1053,10 +1059,7 @@ fn clock_synchronised() -> bool {
     state >= 0 && state != libc::TIME_ERROR
 }
 
-async fn checks(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn checks(State(app): State<AppState>) -> Response {
     let mut out = Vec::new();
     let mut add = |name: &str, ok: Option<bool>, detail: String, remedy: &str| {
         out.push(json!({"name": name, "ok": ok, "detail": detail, "remedy": if ok == Some(true) { "" } else { remedy }}));
@@ -1198,9 +1201,6 @@ async fn checks(State(app): State<AppState>, headers: HeaderMap) -> Response {
 }
 
 async fn turn_credentials(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
     let v = ask(&app, &SetupRequest::TalkValues).await;
     let Some(secret) = v.data["turn_secret"].as_str() else {
         return fail(StatusCode::SERVICE_UNAVAILABLE, "no TURN secret available");
@@ -1230,10 +1230,7 @@ async fn turn_credentials(State(app): State<AppState>, headers: HeaderMap) -> Re
     .into_response()
 }
 
-async fn provisioning(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn provisioning(State(app): State<AppState>) -> Response {
     answer(ask(&app, &SetupRequest::ProvisioningAudit).await)
 }
 
@@ -1242,10 +1239,7 @@ struct BackupForm {
     passphrase: String,
 }
 
-async fn make_backup(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn make_backup(State(app): State<AppState>, body: Bytes) -> Response {
     let f: BackupForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -1283,10 +1277,7 @@ struct RestoreForm {
     passphrase: String,
 }
 
-async fn restore(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn restore(State(app): State<AppState>, body: Bytes) -> Response {
     let f: RestoreForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -1310,10 +1301,7 @@ struct ResetForm {
     confirm: String,
 }
 
-async fn factory_reset(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn factory_reset(State(app): State<AppState>, body: Bytes) -> Response {
     let f: ResetForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -1333,14 +1321,7 @@ struct LogsQuery {
     level: Option<String>,
 }
 
-async fn logs(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    Query(q): Query<LogsQuery>,
-) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn logs(State(app): State<AppState>, Query(q): Query<LogsQuery>) -> Response {
     answer(
         ask(
             &app,
@@ -1353,10 +1334,7 @@ async fn logs(
     )
 }
 
-async fn support_bundle(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn support_bundle(State(app): State<AppState>) -> Response {
     let a = ask(&app, &SetupRequest::SupportBundle).await;
     if !a.ok {
         return answer(a);
@@ -1384,14 +1362,7 @@ struct DownQuery {
     mb: Option<u32>,
 }
 
-async fn speed_down(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    Query(q): Query<DownQuery>,
-) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn speed_down(Query(q): Query<DownQuery>) -> Response {
     let mb = q.mb.unwrap_or(8).clamp(1, 64) as usize;
     // Random bytes, so no compression on the way can flatter the figure.
     let chunk = crate::secrets::random(64 * 1024).unwrap_or_else(|_| vec![0x5a; 64 * 1024]);
@@ -1402,10 +1373,7 @@ async fn speed_down(
     ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
 }
 
-async fn speed_up(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn speed_up(body: Bytes) -> Response {
     axum::Json(json!({"received": body.len()})).into_response()
 }
 
