@@ -398,10 +398,20 @@ async fn order(job: &Job) -> Result<Issued, String> {
         .iter()
         .map(|n| Identifier::Dns(n.clone()))
         .collect();
-    let mut order = account
-        .new_order(&NewOrder::new(&identifiers))
-        .await
-        .map_err(|e| format!("the CA refused the order for {}: {e}", job.names.join(", ")))?;
+    let mut order = match account.new_order(&NewOrder::new(&identifiers)).await {
+        Ok(o) => o,
+        Err(e) => {
+            let e = e.to_string();
+            if e.contains("accountDoesNotExist") || e.contains("unauthorized") {
+                // The CA forgot the account (or it was deactivated): make a new one next time.
+                let _ = std::fs::remove_file(&job.account_file);
+            }
+            return Err(format!(
+                "the CA refused the order for {}: {e}",
+                job.names.join(", ")
+            ));
+        }
+    };
     let mut authorizations = order.authorizations();
     while let Some(a) = authorizations.next().await {
         let mut authz = a.map_err(|e| format!("reading the CA's authorization: {e}"))?;

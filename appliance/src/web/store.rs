@@ -421,6 +421,7 @@ impl SetupStore {
         for f in [
             "tls/cert.pem",
             "tls/key.pem",
+            "tls/acme-account.json",
             "web/admin.json",
             "web/login-link.json",
             "provisioning/trusted-keys",
