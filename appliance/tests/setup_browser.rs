@@ -136,10 +136,18 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     // A declared uplink, so the capacity table has figures even where sysfs has no NIC speed.
     // signaling.http_listen lets the status page show session and room counts.
     let http = format!("http_listen = \"127.0.0.1:{}\"", common::free_port());
+    // The page's TURN test call needs two relay ports, and relaying between two allocations
+    // on loopback must be allowed (a box relays between its own public addresses).
+    let relay = common::free_port();
+    let relay_min = format!("relay_port_min = {relay}");
+    let relay_max = format!("relay_port_max = {}", relay + 3);
     let config = isolated_config(&[
         ("sfu", "enabled = false"),
         ("sizing", "uplink_mbps = 100"),
         ("signaling", &http),
+        ("turn", &relay_min),
+        ("turn", &relay_max),
+        ("turn", "allowed_peers = [\"127.0.0.0/8\"]"),
     ]);
     let web = listen_of(&config, "web");
     let signaling = listen_of(&config, "signaling");
@@ -343,13 +351,21 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     .await;
     shot(&b, "10c-turn-saved").await;
     goto_page(&b, "#checks", "Clock synchronised").await;
-    // The page's own TURN check: a relay-only connection through the box's TURN server.
-    b.wait_for(
-        "return [...document.querySelectorAll('#checks td')].some(td => td.textContent.includes('got a relay address'));",
-        &json!(true),
-        T,
-    )
-    .await;
+    // The page's own TURN check: a relay-only test call through the box's TURN server that
+    // must carry a data-channel message both ways.
+    let turn_ok = b
+        .wait_until_set(
+            "(() => { const c = document.getElementById('turn-check'); return c && c.textContent !== 'Testing…' ? c.textContent : null; })()",
+            Duration::from_secs(60),
+        )
+        .await;
+    let checks_text = b.eval("return document.getElementById('checks').innerText;").await;
+    let turn_ok = turn_ok.unwrap_or_else(|e| panic!("TURN test call: {e}\n{checks_text}"));
+    assert!(
+        turn_ok.as_str().unwrap_or("").contains("carried data"),
+        "{turn_ok}\n{checks_text}"
+    );
+    println!("TURN test call from Chromium: {turn_ok}");
     shot(&b, "11-checks").await;
     goto_page(&b, "#provisioning", "Provisioning").await;
     shot(&b, "12-provisioning").await;
@@ -364,8 +380,27 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     goto_page(&b, "#account", "Current password").await;
     shot(&b, "13-account-password").await;
 
-    // Phone-sized viewport: the menu collapses, nothing needs sideways scrolling.
+    // Phone-sized viewport: the menu collapses, nothing needs sideways scrolling; every page.
     b.client.set_window_size(390, 844).await.expect("resize");
+    let inner = b.eval("return [window.innerWidth, window.innerHeight];").await;
+    println!("phone viewport (inner size): {inner}");
+    for (hash, title) in [
+        ("#certificate", "Certificate"),
+        ("#network", "Network and identity"),
+        ("#bandwidth", "TURN and bandwidth"),
+        ("#checks", "Self-checks"),
+        ("#provisioning", "Provisioning"),
+        ("#logs", "Logs"),
+        ("#backup", "Backup and reset"),
+        ("#account", "Account"),
+    ] {
+        goto_page(&b, hash, title).await;
+        let wide = b
+            .eval("return document.documentElement.scrollWidth <= window.innerWidth + 1;")
+            .await;
+        assert_eq!(wide, json!(true), "{hash} is wider than the phone viewport");
+        shot(&b, &format!("16-phone-{}", &hash[1..])).await;
+    }
     goto_page(&b, "#status", "Services").await;
     let inner = b.eval("return window.innerWidth;").await;
     let wide = b

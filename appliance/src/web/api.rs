@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::requests::{SetupAnswer, SetupRequest, now_unix, rfc3339};
-use super::{App, auth, cert, metrics, page, store};
+use super::{App, auth, cert, metrics, nctest, page, store};
 
 /// Session cookie (the `__Host-` prefix pins it to this origin, Secure, Path=/).
 const SESSION_COOKIE: &str = "__Host-talkbox-session";
@@ -791,15 +791,45 @@ async fn remove_backend(State(app): State<AppState>, body: Bytes) -> Response {
     answer(ask(&app, &SetupRequest::RemoveBackend { id: f.id }).await)
 }
 
-/// The box → Nextcloud checks of one backend: capabilities (Talk installed, its features)
-/// and a signed backend request (the shared secret is accepted when Talk answers with a
-/// room error instead of an authentication error).
+#[derive(Deserialize)]
+struct TestForm {
+    id: String,
+    /// A Nextcloud admin login for the Nextcloud → box direction; used once, never stored.
+    #[serde(default)]
+    nc_user: String,
+    #[serde(default)]
+    nc_password: String,
+}
+
+/// The Test button of one backend, for each of its Nextcloud URLs: box → Nextcloud
+/// (capabilities: Talk installed; a signed backend request: the shared secret is accepted when
+/// Talk answers with a room error instead of an authentication error), the two clocks, and,
+/// given an admin login, Nextcloud → box ([`super::nctest`]: Talk announces a throw-away
+/// conversation to its signaling server and the box checks the announcement arrived, signed
+/// with this backend's secret).
 async fn test_backend(State(app): State<AppState>, body: Bytes) -> Response {
-    let f: IdForm = match parse_json(&body) {
+    let f: TestForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
     };
+    if f.nc_user.len() > nctest::MAX_LOGIN_LEN || f.nc_password.len() > nctest::MAX_LOGIN_LEN {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the Nextcloud user name and app password may have at most {} bytes each",
+                nctest::MAX_LOGIN_LEN
+            ),
+        );
+    }
+    let login = (!f.nc_user.is_empty()).then(|| nctest::Login {
+        user: f.nc_user.clone(),
+        password: f.nc_password.clone(),
+    });
     let values = ask(&app, &SetupRequest::TalkValues).await;
+    let box_url = values.data["signaling_url"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     let Some(b) = values.data["backends"]
         .as_array()
         .and_then(|l| l.iter().find(|b| b["id"] == f.id.as_str()))
@@ -811,15 +841,28 @@ async fn test_backend(State(app): State<AppState>, body: Bytes) -> Response {
         );
     };
     let secret = b["secret"].as_str().unwrap_or("").as_bytes().to_vec();
+    let signaling = nctest::signaling_url(&app.config);
     let mut results = Vec::new();
     for url in b["urls"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|u| u.as_str())
+        .take(8)
     {
+        let mut checks = Vec::new();
+        let mut add = |name: &str, ok: Option<bool>, detail: String, remedy: &str| {
+            checks.push(json!({"name": name, "ok": ok, "detail": detail,
+                "remedy": if ok == Some(true) { "" } else { remedy }}));
+        };
         let caps = app.nextcloud.capabilities(url, true).await;
         let talk = !caps.features.is_empty();
+        add(
+            "Box → Nextcloud: Talk's capabilities",
+            Some(talk),
+            format!("{} Talk features advertised", caps.features.len()),
+            "The box cannot fetch /ocs/v2.php/cloud/capabilities from this URL: check the URL, DNS and the firewall between the box and Nextcloud, Nextcloud's certificate, and that the Talk app is enabled.",
+        );
         let backend = crate::signaling::backends::Backend {
             id: f.id.clone(),
             urls: vec![url.to_string()],
@@ -845,17 +888,72 @@ async fn test_backend(State(app): State<AppState>, body: Bytes) -> Response {
             }
             Err(e) => (false, format!("{}: {}", e.code, e.message)),
         };
+        add(
+            "Box → Nextcloud: signed backend request",
+            Some(secret_ok),
+            detail.clone(),
+            "Nextcloud refused the signed request: paste the shared secret shown here into Talk's High-performance backend settings (and the box's URL there).",
+        );
+        match nctest::clock_skew(&app.nctest, url).await {
+            Ok(skew) => add(
+                "Clocks of the box and Nextcloud agree",
+                Some(skew.abs() <= nctest::MAX_SKEW_S),
+                format!(
+                    "Nextcloud's clock is {} s {} the box's",
+                    skew.abs(),
+                    if skew >= 0 { "ahead of" } else { "behind" }
+                ),
+                "The clocks differ by more than 30 s: Talk's sign-in tokens for the signaling server live 60 s, so calls fail to start. Let both servers synchronise with NTP.",
+            ),
+            Err(e) => add(
+                "Clocks of the box and Nextcloud agree",
+                None,
+                e,
+                "Could not read Nextcloud's clock (no answer or no Date header).",
+            ),
+        }
+        match &login {
+            Some(login) => {
+                let r = nctest::nextcloud_to_box(
+                    &app.nctest,
+                    url,
+                    login,
+                    &signaling,
+                    &secret,
+                    &box_url,
+                )
+                .await;
+                if let Ok(mut m) = app.last_inbound.lock() {
+                    // Bounded: one entry per configured Nextcloud URL at most.
+                    if m.len() < 64 || m.contains_key(url) {
+                        m.insert(
+                            url.to_string(),
+                            json!({"ok": r.ok, "detail": r.detail, "remedy": r.remedy, "at": now_unix()}),
+                        );
+                    }
+                }
+                add(
+                    "Nextcloud → box: signed round trip",
+                    Some(r.ok),
+                    r.detail,
+                    &r.remedy,
+                );
+            }
+            None => add(
+                "Nextcloud → box: signed round trip",
+                None,
+                "not tested: no Nextcloud admin login given".into(),
+                "Enter a Nextcloud administrator's user name and an app password next to the Test button: the box then has Talk announce a throw-away conversation to its signaling server and checks that it arrives with the right secret. The login is used for this test only and not stored.",
+            ),
+        }
+        let ok = checks.iter().all(|c| c["ok"] != false);
         results.push(json!({
             "url": url,
+            "ok": ok,
             "capabilities": talk,
-            "talk_features": caps.features.len(),
             "signed_round_trip": secret_ok,
             "detail": detail,
-            "remedy": if !talk {
-                "The box cannot fetch /ocs/v2.php/cloud/capabilities from this URL: check the URL, DNS and the firewall between the box and Nextcloud, and that the Talk app is enabled."
-            } else if !secret_ok {
-                "Nextcloud refused the signed request: paste the shared secret shown here into Talk's High-performance backend settings (and the box's URL there)."
-            } else { "" },
+            "checks": checks,
         }));
     }
     axum::Json(json!({"id": f.id, "results": results})).into_response()
@@ -1177,18 +1275,53 @@ async fn checks(State(app): State<AppState>) -> Response {
                 format!("{} Talk features advertised", caps.features.len()),
                 "The box cannot read Talk's capabilities from this URL: check DNS, the firewall and the certificate of the Nextcloud server, and that Talk is enabled.",
             );
+            match nctest::clock_skew(&app.nctest, url).await {
+                Ok(skew) => add(
+                    &format!("Clock agrees with Nextcloud: {url}"),
+                    Some(skew.abs() <= nctest::MAX_SKEW_S),
+                    format!(
+                        "Nextcloud's clock is {} s {} the box's",
+                        skew.abs(),
+                        if skew >= 0 { "ahead of" } else { "behind" }
+                    ),
+                    "The clocks differ by more than 30 s: Talk's sign-in tokens for the signaling server live 60 s, so calls fail to start. Let both servers synchronise with NTP.",
+                ),
+                Err(e) => add(
+                    &format!("Clock agrees with Nextcloud: {url}"),
+                    None,
+                    e,
+                    "Could not read Nextcloud's clock (no answer or no Date header).",
+                ),
+            }
+            let last = app
+                .last_inbound
+                .lock()
+                .ok()
+                .and_then(|m| m.get(url).cloned());
+            match last {
+                Some(r) => add(
+                    &format!("The box reachable from Nextcloud: {url}"),
+                    r["ok"].as_bool(),
+                    format!(
+                        "{} (tested {})",
+                        r["detail"].as_str().unwrap_or(""),
+                        rfc3339(r["at"].as_i64().unwrap_or(0))
+                    ),
+                    r["remedy"].as_str().unwrap_or(""),
+                ),
+                None => add(
+                    &format!("The box reachable from Nextcloud: {url}"),
+                    None,
+                    "not tested yet".into(),
+                    "Run the Test of this Nextcloud on the Nextcloud page with an admin login: Talk then announces a throw-away conversation to the box, signed with the shared secret.",
+                ),
+            }
         }
     }
     add(
-        "The box reachable from Nextcloud",
-        None,
-        "checked from Nextcloud's side".into(),
-        "In Nextcloud, Administration settings → Talk → High-performance backend: the status next to the URL turns green when Nextcloud reaches the box.",
-    );
-    add(
         "TURN reachable from this browser",
         None,
-        "run by the page: a relay-only connection through the box's TURN server".into(),
+        "run by this page: a relay-only test call through the box's TURN server (two connections in this browser that may only use TURN relay addresses, one data-channel message echoed)".into(),
         "If this fails, forward UDP and TCP port 3478 (or turn.port) and the relay port range to the box.",
     );
     add(

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod backup;
 pub mod cert;
 pub mod metrics;
+pub mod nctest;
 pub mod page;
 pub mod requests;
 pub mod store;
@@ -98,6 +99,11 @@ pub struct App {
     pub cert_pem: RwLock<Vec<u8>>,
     pub history: metrics::History,
     pub nextcloud: crate::signaling::nextcloud::NextcloudClient,
+    /// The Nextcloud → box test's clients ([`nctest`]).
+    pub nctest: nctest::Clients,
+    /// The last Nextcloud → box result per Nextcloud URL (shown on the Self-checks page; the
+    /// test needs an admin login, so it runs only from the Test button).
+    pub last_inbound: Mutex<std::collections::HashMap<String, serde_json::Value>>,
     /// For the sizing state the SFU keeps (`sizing::read_state`).
     pub data: crate::config::DataDir,
 }
@@ -143,6 +149,8 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         cert_pem: RwLock::new(p.cert_pem),
         history: metrics::spawn_sampler(),
         nextcloud: crate::signaling::nextcloud::NextcloudClient::new(Duration::from_secs(5), 2)?,
+        nctest: nctest::Clients::new()?,
+        last_inbound: Mutex::new(Default::default()),
     });
     if let Some(l) = p.acme_listener {
         let l = tokio::net::TcpListener::from_std(l)?;

@@ -235,13 +235,21 @@ async function backendsPage() {
         el("span", { class: "name", text: k }),
         el("code", { "data-field": k, text: k === "TURN server" ? d.turn_server : v }),
         copyButton(k === "TURN server" ? d.turn_server : v)])),
-      el("button", { type: "button", class: "secondary test", text: "Test", onclick: async () => {
-        results.replaceChildren(el("p", { text: "Testing…" }));
+      el("details", { class: "test-login" },
+        el("summary", { text: "Nextcloud admin login for the Nextcloud → box test (optional, not stored)" }),
+        field("Nextcloud admin user", el("input", { class: "nc-user", autocomplete: "off" })),
+        field("App password", el("input", { class: "nc-password", type: "password", autocomplete: "off" }))),
+      el("button", { type: "button", class: "secondary test", text: "Test", onclick: async (ev) => {
+        const card = ev.target.closest(".backend");
+        results.replaceChildren(el("p", { text: "Testing… (up to half a minute)" }));
         try {
-          const t = await api("POST", "/api/backends/test", { id: b.id });
-          results.replaceChildren(...t.results.map(r => el("p", {},
-            el("span", { class: r.capabilities && r.signed_round_trip ? "ok" : "bad", text: r.capabilities && r.signed_round_trip ? "OK " : "Problem " }),
-            `${r.url}: capabilities ${r.capabilities ? "fetched" : "not reachable"}; signed request: ${r.detail}. ${r.remedy}`)));
+          const t = await api("POST", "/api/backends/test", { id: b.id,
+            nc_user: card.querySelector(".nc-user").value.trim(), nc_password: card.querySelector(".nc-password").value });
+          results.replaceChildren(...t.results.map(r => el("div", { class: "test-result", "data-url": r.url },
+            el("p", {}, el("span", { class: r.ok ? "ok" : "bad", text: r.ok ? "OK " : "Problem " }), r.url),
+            el("ul", {}, r.checks.map(c => el("li", { "data-check": c.name, "data-ok": String(c.ok) },
+              el("span", { class: c.ok === true ? "ok" : c.ok === false ? "bad" : "warn", text: c.ok === true ? "OK" : c.ok === false ? "Problem" : "Not tested" }),
+              ` ${c.name}: ${c.detail}`, c.remedy ? el("div", { class: "muted", text: c.remedy }) : null))))));
         } catch (e) { results.replaceChildren(el("p", { class: "bad", text: e.message })); }
       } }),
       el("button", { type: "button", class: "secondary", text: "New secret", onclick: async () => {
@@ -438,21 +446,42 @@ async function bandwidthPage() {
 
 // ---- self-checks ----
 
+// A relay-only test call inside this browser: two peer connections that may only use relay
+// candidates from the box's TURN server, a data channel between them and one echoed message.
+// Gathering a relay address proves the allocation; the echo proves the relay carries data.
 async function turnCheck(cell) {
+  let a = null, b = null;
+  const show = (ok, text) => { cell.className = ok ? "ok" : "bad"; cell.textContent = text; };
   try {
     const c = await api("GET", "/api/checks/turn-credentials");
-    const pc = new RTCPeerConnection({ iceServers: [{ urls: c.urls, username: c.username, credential: c.credential }], iceTransportPolicy: "relay" });
-    pc.createDataChannel("probe");
-    const got = new Promise(res => {
-      pc.onicecandidate = (e) => { if (e.candidate && / relay /.test(e.candidate.candidate)) res(true); if (!e.candidate) res(false); };
-      setTimeout(() => res(false), 8000);
+    const port = c.urls[0].split(":")[2].split("?")[0];
+    const cfg = { iceServers: [{ urls: c.urls, username: c.username, credential: c.credential }], iceTransportPolicy: "relay" };
+    a = new RTCPeerConnection(cfg); b = new RTCPeerConnection(cfg);
+    let relays = 0;
+    a.onicecandidate = (e) => { if (e.candidate) { if (/ relay /.test(e.candidate.candidate)) relays++; b.addIceCandidate(e.candidate).catch(() => {}); } };
+    b.onicecandidate = (e) => { if (e.candidate) a.addIceCandidate(e.candidate).catch(() => {}); };
+    b.ondatachannel = (ev) => { ev.channel.onmessage = (m) => ev.channel.send("echo:" + m.data); };
+    const ch = a.createDataChannel("talkbox-turn-test");
+    let t0 = 0;
+    const rtt = new Promise((res) => {
+      ch.onopen = () => { t0 = performance.now(); ch.send("ping"); };
+      ch.onmessage = (m) => res(m.data === "echo:ping" ? performance.now() - t0 : null);
+      setTimeout(() => res(null), 15000);
     });
-    await pc.setLocalDescription(await pc.createOffer());
-    const ok = await got;
-    pc.close();
-    cell.className = ok ? "ok" : "bad";
-    cell.textContent = ok ? "OK: this browser got a relay address from the box's TURN server" : "No relay address: forward UDP/TCP " + c.urls[0].split(":")[2].split("?")[0] + " and the relay range to the box";
-  } catch (e) { cell.className = "bad"; cell.textContent = e.message; }
+    await a.setLocalDescription(await a.createOffer());
+    await b.setRemoteDescription(a.localDescription);
+    await b.setLocalDescription(await b.createAnswer());
+    await a.setRemoteDescription(b.localDescription);
+    const ms = await rtt;
+    if (ms !== null) {
+      show(true, `OK: a relay-only test call through the box's TURN server carried data (round trip ${ms.toFixed(0)} ms)`);
+    } else if (relays === 0) {
+      show(false, `No relay address: this browser cannot reach the box's TURN server. Forward UDP and TCP ${port} to the box (and check that no firewall between this computer and the box blocks them).`);
+    } else {
+      show(false, `The TURN server gave relay addresses but the test call carried no data: forward the TURN relay port range to the box, and set turn.relay_address to the box's public address if it is behind NAT.`);
+    }
+  } catch (e) { show(false, e.message); }
+  finally { if (a) a.close(); if (b) b.close(); }
 }
 
 async function checksPage() {
@@ -468,7 +497,7 @@ async function checksPage() {
   });
   page("Self-checks", el("div", { class: "scroll" }, el("table", { id: "checks" },
     el("thead", {}, el("tr", {}, ["Check", "Result", "Details and remedy"].map(t => el("th", { text: t })))), el("tbody", {}, rows))));
-  if (turnCell) { turnCell.textContent = "Testing…"; turnCheck(turnCell); }
+  if (turnCell) { turnCell.id = "turn-check"; turnCell.textContent = "Testing…"; turnCheck(turnCell); }
 }
 
 // ---- provisioning ----
