@@ -121,6 +121,15 @@ fn new_pki() -> Pki {
     }
 }
 
+fn signaling_pid(sup: &Supervisor) -> Option<u32> {
+    sup.status().and_then(|s| {
+        s.services
+            .iter()
+            .find(|x| x.name == "signaling")
+            .and_then(|x| x.pid)
+    })
+}
+
 fn listen_of(config: &str, section: &str) -> String {
     config
         .split(&format!("[{section}]"))
@@ -131,16 +140,35 @@ fn listen_of(config: &str, section: &str) -> String {
         .to_string()
 }
 
+/// The first of `n` consecutive free UDP ports below the ephemeral range, where the other
+/// listeners of the test (and of other tests) do not get their ports from.
+fn free_udp_range(n: u16) -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id();
+    for i in 0..500u32 {
+        let base = 20_000 + ((seed.wrapping_add(i * 7919)) % 10_000) as u16;
+        let free = (base..base + n).all(|p| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok());
+        if free {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free UDP ports between 20000 and 30000");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     // A declared uplink, so the capacity table has figures even where sysfs has no NIC speed.
     // signaling.http_listen lets the status page show session and room counts.
     let http = format!("http_listen = \"127.0.0.1:{}\"", common::free_port());
-    // The page's TURN test call needs two relay ports, and relaying between two allocations
-    // on loopback must be allowed (a box relays between its own public addresses).
-    let relay = common::free_port();
+    // The page's TURN test call needs up to four relay ports per visit (two connections, UDP
+    // and TCP), and relaying between two allocations on loopback must be allowed (a box relays
+    // between its own public addresses).
+    let relay = free_udp_range(16);
     let relay_min = format!("relay_port_min = {relay}");
-    let relay_max = format!("relay_port_max = {}", relay + 3);
+    let relay_max = format!("relay_port_max = {}", relay + 15);
     let config = isolated_config(&[
         ("sfu", "enabled = false"),
         ("sizing", "uplink_mbps = 100"),
@@ -148,7 +176,12 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
         ("turn", &relay_min),
         ("turn", &relay_max),
         ("turn", "allowed_peers = [\"127.0.0.0/8\"]"),
+        // The name the uploaded certificate carries, so that the self-checks can pass.
+        ("supervisor", "names = [\"localhost\"]"),
     ]);
+    // A Nextcloud stand-in for the Test button (both directions).
+    let (talk, talk_addr) = common::fake_nextcloud::start().await;
+    let nc = format!("http://{talk_addr}");
     let web = listen_of(&config, "web");
     let signaling = listen_of(&config, "signaling");
     let sup = Supervisor::start(Some(&config));
@@ -228,7 +261,8 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     // Add a backend and read the values to paste into Talk.
     goto_page(&b, "#backends", "Nextcloud servers").await;
     set(&b, "backend-id", "cloud").await;
-    set(&b, "backend-urls", "https://cloud.example.com").await;
+    set(&b, "backend-urls", &nc).await;
+    let signaling_pid = signaling_pid(&sup);
     click(&b, "backend-save").await;
     message_containing(&b, "Saved cloud").await;
     let secret = b
@@ -253,6 +287,54 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
         .await;
     assert!(turn.as_str().unwrap_or("").len() >= 32, "{turn}");
     shot(&b, "05-nextcloud").await;
+
+    // The admin pastes the values into Talk, then runs the Test with a Nextcloud admin login:
+    // every check passes, Nextcloud → box included (the stand-in's signed announcement reached
+    // the restarted signaling service).
+    sup.wait_for(
+        "signaling restarted with the backend",
+        Duration::from_secs(60),
+        |s| {
+            s.services.iter().any(|x| {
+                x.name == "signaling" && x.state == ServiceState::Running && x.pid != signaling_pid
+            })
+        },
+    );
+    let shown_url = url.as_str().unwrap_or("").to_string();
+    {
+        let mut t = talk.lock().expect("lock");
+        t.signaling_url = shown_url.clone();
+        t.secret = secret.clone();
+    }
+    b.client
+        .execute(
+            "const c = document.querySelector('.backend[data-id=cloud]'); c.querySelector('details').open = true; c.querySelector('.nc-user').value = arguments[0]; c.querySelector('.nc-password').value = arguments[1]; c.querySelector('button.test').click(); return 0;",
+            vec![json!(common::fake_nextcloud::ADMIN), json!(common::fake_nextcloud::APP_PASSWORD)],
+        )
+        .await
+        .expect("click Test");
+    let inbound = b
+        .wait_until_set(
+            "document.querySelector('.backend[data-id=cloud] li[data-check=\"Nextcloud → box: signed round trip\"]')?.dataset.ok",
+            Duration::from_secs(60),
+        )
+        .await;
+    let results = b
+        .eval("return document.querySelector('.backend[data-id=cloud] .test-results').innerText;")
+        .await;
+    assert_eq!(
+        inbound,
+        Ok(json!("true")),
+        "{results}\nsent by Nextcloud: {:?}",
+        talk.lock().expect("lock").sent
+    );
+    let all_ok = b
+        .eval("return [...document.querySelectorAll('.backend[data-id=cloud] li[data-check]')].every(li => li.dataset.ok === 'true');")
+        .await;
+    assert_eq!(all_ok, json!(true), "{results}");
+    b.eval("document.querySelector('.backend[data-id=cloud] .test-results').scrollIntoView(); return 0;")
+        .await;
+    shot(&b, "05b-nextcloud-test").await;
 
     // An invalid certificate (key of another certificate): clear error, old one still served.
     let good = new_pki();
@@ -359,7 +441,9 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
             Duration::from_secs(60),
         )
         .await;
-    let checks_text = b.eval("return document.getElementById('checks').innerText;").await;
+    let checks_text = b
+        .eval("return document.getElementById('checks').innerText;")
+        .await;
     let turn_ok = turn_ok.unwrap_or_else(|e| panic!("TURN test call: {e}\n{checks_text}"));
     assert!(
         turn_ok.as_str().unwrap_or("").contains("carried data"),
@@ -381,9 +465,24 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     shot(&b, "13-account-password").await;
 
     // Phone-sized viewport: the menu collapses, nothing needs sideways scrolling; every page.
+    // The window size includes the browser's own frame; grow it by the difference so that the
+    // page itself (the viewport) is 390×844.
     b.client.set_window_size(390, 844).await.expect("resize");
-    let inner = b.eval("return [window.innerWidth, window.innerHeight];").await;
-    println!("phone viewport (inner size): {inner}");
+    let inner = b
+        .eval("return [window.innerWidth, window.innerHeight];")
+        .await;
+    let (iw, ih) = (
+        inner[0].as_i64().unwrap_or(390),
+        inner[1].as_i64().unwrap_or(844),
+    );
+    b.client
+        .set_window_size((390 + 390 - iw) as u32, (844 + 844 - ih) as u32)
+        .await
+        .expect("resize");
+    let inner = b
+        .eval("return [window.innerWidth, window.innerHeight];")
+        .await;
+    assert_eq!(inner, json!([390, 844]), "phone viewport");
     for (hash, title) in [
         ("#certificate", "Certificate"),
         ("#network", "Network and identity"),
@@ -399,6 +498,17 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
             .eval("return document.documentElement.scrollWidth <= window.innerWidth + 1;")
             .await;
         assert_eq!(wide, json!(true), "{hash} is wider than the phone viewport");
+        if hash == "#checks" {
+            wait_element(&b, "checks").await;
+            let fits = b
+                .eval("const t = document.getElementById('checks'); return t !== null && t.scrollWidth <= t.parentElement.clientWidth + 1;")
+                .await;
+            assert_eq!(
+                fits,
+                json!(true),
+                "the self-checks need sideways scrolling on a phone"
+            );
+        }
         shot(&b, &format!("16-phone-{}", &hash[1..])).await;
     }
     goto_page(&b, "#status", "Services").await;

@@ -330,10 +330,31 @@ fn wrong_codes_and_passwords_are_throttled_with_growing_delays() {
         "the delay doubles: {a:?}"
     );
     std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(c.post("/api/claim", wrong.clone()).code, 403);
+    let a = c.post("/api/claim", right.clone());
+    assert_eq!(a.code, 429);
     assert_eq!(
-        c.post("/api/claim", right).code,
-        200,
-        "the right code after the delay"
+        a.header("retry-after").as_deref(),
+        Some("4"),
+        "and doubles again: {a:?}"
+    );
+    // Measured: how long the right code stays refused after the sixth failure.
+    let t0 = Instant::now();
+    let waited = loop {
+        let a = c.post("/api/claim", right.clone());
+        if a.code == 200 {
+            break t0.elapsed();
+        }
+        assert_eq!(a.code, 429, "{a:?}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "still refused");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        waited >= Duration::from_millis(3500),
+        "accepted after {waited:?}, before the 4 s delay"
+    );
+    println!(
+        "throttle measured: Retry-After 1 s, 2 s, 4 s after the 4th, 5th and 6th wrong code; the right code was accepted {waited:?} after the 6th failure's refusal"
     );
 
     // Passwords: same figures, per client; a success clears the count.
@@ -417,6 +438,54 @@ fn sessions_end_when_idle_and_login_links_work_once() {
     let v = a1.get("/api/provisioning").json();
     assert_eq!(v["entries"][0]["message"], "<b>second</b>", "{v}");
     assert_eq!(v["entries"][1]["serial"], "1", "{v}");
+}
+
+#[test]
+fn sessions_end_at_their_absolute_lifetime_however_active() {
+    // 60 s is the shortest lifetime the config allows; the idle limit is longer than the gap
+    // between requests, so only the absolute lifetime can end this session.
+    let (sup, base) = start(&[
+        ("web", "session_max_s = 60"),
+        ("web", "session_idle_s = 30"),
+    ]);
+    let mut c = Client::new(&base, sup.data_dir(), "max");
+    c.session();
+    let a = c.post(
+        "/api/claim",
+        json!({"code": setup_code(&sup), "password": "a long password"}),
+    );
+    assert_eq!(a.code, 200, "{a:?}");
+    let login = Instant::now();
+    c.session();
+    let ended = loop {
+        let a = c.get("/api/status");
+        let t = login.elapsed();
+        if a.code == 401 {
+            break t;
+        }
+        assert_eq!(a.code, 200, "{a:?}");
+        assert!(
+            t < Duration::from_secs(75),
+            "session still open after {t:?}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert!(
+        ended >= Duration::from_secs(58),
+        "session ended after {ended:?}, before its 60 s lifetime"
+    );
+    println!(
+        "absolute session lifetime 60 s: first refusal {ended:?} after login (requests every 2 s)"
+    );
+    // A new login opens a new session.
+    let mut l = Client::new(&base, sup.data_dir(), "max2");
+    l.session();
+    assert_eq!(
+        l.post("/api/login", json!({"password": "a long password"}))
+            .code,
+        200
+    );
+    assert_eq!(l.get("/api/status").code, 200);
 }
 
 #[test]

@@ -1,8 +1,6 @@
-//! The Nextcloud Test button and the Nextcloud self-checks against a real HTTP peer: a small
-//! Nextcloud stand-in on loopback that answers the capabilities and signaling-backend calls
-//! the box makes, and that, like Talk, announces conversation changes to its signaling server
-//! with a signed `POST /api/v1/room/{token}` (random + HMAC-SHA256 checksum of the backend
-//! secret) sent over HTTPS to the box's signaling service. Checked: both directions pass with
+//! The Nextcloud Test button and the Nextcloud self-checks against a real HTTP peer
+//! (`common/fake_nextcloud.rs`: a Nextcloud stand-in on loopback that, like Talk, announces
+//! conversation changes to its signaling server with signed requests over HTTPS). Checked: both directions pass with
 //! the right secret and URL; a wrong secret on the Nextcloud side, a wrong signaling URL, a
 //! wrong admin login and a skewed Nextcloud clock each fail with their own remedy; without a
 //! login the Nextcloud → box direction says "not tested"; the Self-checks page shows the last
@@ -10,227 +8,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use appliance::signaling::checksum;
 use appliance::supervisor::status::ServiceState;
-use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use common::fake_nextcloud::{self, ADMIN, APP_PASSWORD};
 use common::{Supervisor, isolated_config};
 use serde_json::{Value, json};
-
-/// What the stand-in knows: what an admin pasted into Talk's settings, and its clock offset.
-#[derive(Default)]
-struct Talk {
-    /// Its own base URL: Talk sends it as Spreed-Signaling-Backend.
-    base: String,
-    signaling_url: String,
-    secret: String,
-    skew_s: i64,
-    /// Every announcement sent to the signaling server: (type, HTTP status, feature header).
-    sent: Vec<(String, u32, String)>,
-    rooms: u32,
-}
-
-type Shared = Arc<Mutex<Talk>>;
-
-const ADMIN: &str = "admin";
-const APP_PASSWORD: &str = "app-password-1";
-
-fn ocs(status: StatusCode, data: Value, skew_s: i64) -> Response {
-    let date = SystemTime::now()
-        .checked_add(Duration::from_secs(skew_s.max(0) as u64))
-        .and_then(|t| t.checked_sub(Duration::from_secs((-skew_s).max(0) as u64)))
-        .unwrap_or_else(SystemTime::now);
-    (
-        status,
-        [(header::DATE, httpdate::fmt_http_date(date))],
-        axum::Json(
-            json!({"ocs": {"meta": {"status": "ok", "statuscode": status.as_u16()}, "data": data}}),
-        ),
-    )
-        .into_response()
-}
-
-async fn capabilities(State(t): State<Shared>) -> Response {
-    let skew = t.lock().expect("lock").skew_s;
-    ocs(
-        StatusCode::OK,
-        json!({"capabilities": {"spreed": {"features": ["signaling-v3", "audio-video-permissions"],
-            "config": {"signaling": {"session-ping-limit": 200}}}}}),
-        skew,
-    )
-}
-
-/// Talk's signaling backend endpoint: checks the box's checksum; the probe room does not exist.
-async fn backend(State(t): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let (secret, skew) = {
-        let t = t.lock().expect("lock");
-        (t.secret.clone(), t.skew_s)
-    };
-    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !checksum::verify(
-        h(checksum::HEADER_RANDOM),
-        &body,
-        secret.as_bytes(),
-        h(checksum::HEADER_CHECKSUM),
-    ) {
-        return ocs(
-            StatusCode::OK,
-            json!({"type": "error", "error": {"code": "invalid_request", "message": "The request could not be authenticated."}}),
-            skew,
-        );
-    }
-    ocs(
-        StatusCode::OK,
-        json!({"type": "error", "error": {"code": "no_such_room", "message": "The user is not invited to this room."}}),
-        skew,
-    )
-}
-
-fn admin_ok(headers: &HeaderMap) -> bool {
-    use base64::Engine;
-    let want = base64::engine::general_purpose::STANDARD.encode(format!("{ADMIN}:{APP_PASSWORD}"));
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        == Some(format!("Basic {want}").as_str())
-}
-
-/// What Talk's BackendNotifier does: a signed POST to `<signaling url>api/v1/room/<token>`.
-async fn announce(t: &Shared, token: &str, body: Value) {
-    let (url, secret, base) = {
-        let t = t.lock().expect("lock");
-        (t.signaling_url.clone(), t.secret.clone(), t.base.clone())
-    };
-    let body = body.to_string();
-    let random = checksum::new_random();
-    let sum = checksum::calculate(&random, body.as_bytes(), secret.as_bytes());
-    let kind = serde_json::from_str::<Value>(&body).expect("json")["type"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let target = format!("{}api/v1/room/{token}", url);
-    let out = tokio::task::spawn_blocking(move || {
-        // -k: the box still has its self-signed certificate (Talk's "Validate SSL certificate"
-        // switched off).
-        Command::new("curl")
-            .args([
-                "-sk",
-                "--max-time",
-                "10",
-                "-D",
-                "-",
-                "-o",
-                "/dev/null",
-                "-X",
-                "POST",
-            ])
-            .args(["-H", "Content-Type: application/json"])
-            .arg("-H")
-            .arg(format!("Spreed-Signaling-Random: {random}"))
-            .arg("-H")
-            .arg(format!("Spreed-Signaling-Checksum: {sum}"))
-            .arg("-H")
-            .arg(format!("Spreed-Signaling-Backend: {base}"))
-            .arg("--data-binary")
-            .arg(body)
-            .arg(target)
-            .output()
-            .expect("curl")
-    })
-    .await
-    .expect("join");
-    let head = String::from_utf8_lossy(&out.stdout).to_string();
-    let code = head
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let features = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("x-spreed-signaling-features:")
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    t.lock().expect("lock").sent.push((kind, code, features));
-}
-
-async fn create_room(State(t): State<Shared>, headers: HeaderMap) -> Response {
-    let skew = t.lock().expect("lock").skew_s;
-    if !admin_ok(&headers) {
-        return ocs(StatusCode::UNAUTHORIZED, json!([]), skew);
-    }
-    let token = {
-        let mut t = t.lock().expect("lock");
-        t.rooms += 1;
-        format!("tst{:05}", t.rooms)
-    };
-    announce(
-        &t,
-        &token,
-        json!({"type": "invite", "invite": {"userids": [ADMIN], "alluserids": [ADMIN],
-            "properties": {"name": "talkbox connection test", "type": 3}}}),
-    )
-    .await;
-    ocs(
-        StatusCode::CREATED,
-        json!({"token": token, "type": 3}),
-        skew,
-    )
-}
-
-async fn delete_room(
-    State(t): State<Shared>,
-    UrlPath(token): UrlPath<String>,
-    headers: HeaderMap,
-) -> Response {
-    let skew = t.lock().expect("lock").skew_s;
-    if !admin_ok(&headers) {
-        return ocs(StatusCode::UNAUTHORIZED, json!([]), skew);
-    }
-    announce(
-        &t,
-        &token,
-        json!({"type": "delete", "delete": {"userids": [ADMIN]}}),
-    )
-    .await;
-    ocs(StatusCode::OK, json!([]), skew)
-}
-
-fn start_talk(rt: &tokio::runtime::Runtime) -> (Shared, SocketAddr) {
-    let talk: Shared = Arc::default();
-    let app = axum::Router::new()
-        .route("/ocs/v2.php/cloud/capabilities", get(capabilities))
-        .route(
-            "/ocs/v2.php/apps/spreed/api/v3/signaling/backend",
-            post(backend),
-        )
-        .route("/ocs/v2.php/apps/spreed/api/v4/room", post(create_room))
-        .route(
-            "/ocs/v2.php/apps/spreed/api/v4/room/{token}",
-            delete(delete_room),
-        )
-        .with_state(talk.clone());
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    rt.spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (talk, addr)
-}
 
 /// curl with a cookie jar, as in setup_http.
 struct Admin {
@@ -332,9 +117,8 @@ fn log_of(dir: &Path) -> String {
 #[test]
 fn nextcloud_test_checks_both_directions_against_a_real_peer() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let (talk, talk_addr) = start_talk(&rt);
+    let (talk, talk_addr) = rt.block_on(fake_nextcloud::start());
     let nc = format!("http://{talk_addr}");
-    talk.lock().expect("lock").base = format!("{nc}/");
     let config = isolated_config(&[
         ("sfu", "enabled = false"),
         ("supervisor", "names = [\"localhost\"]"),

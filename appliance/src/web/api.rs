@@ -1167,7 +1167,7 @@ async fn checks(State(app): State<AppState>) -> Response {
         "Clock synchronised",
         Some(synced),
         format!("now {}", rfc3339(now_unix())),
-        "The box's clock is not synchronised: certificates and TURN credentials depend on it. Let the box reach an NTP server (UDP 123) or set one in the network settings.",
+        "The box's clock is not synchronised: certificates and TURN credentials depend on it. Let the box reach an NTP server (outgoing UDP 123 through the firewall) or check the time server the image is configured with.",
     );
     let name = store::public_name(&app.config);
     let pem = app.cert_pem.read().map(|p| p.clone()).unwrap_or_default();
@@ -1324,12 +1324,65 @@ async fn checks(State(app): State<AppState>) -> Response {
         "run by this page: a relay-only test call through the box's TURN server (two connections in this browser that may only use TURN relay addresses, one data-channel message echoed)".into(),
         "If this fails, forward UDP and TCP port 3478 (or turn.port) and the relay port range to the box.",
     );
-    add(
-        "UDP media port reachable from outside",
-        None,
-        "needs an outside probe, not available yet".into(),
-        "Forward the SFU media UDP port range (Network page) to the box.",
-    );
+    // The box cannot send itself a datagram from outside; what it can check is whether the
+    // addresses it gives browsers can be reached from the internet at all.
+    let sfu = &app.config.sfu;
+    let ports = format!("UDP {}-{}", sfu.media_port_min, sfu.media_port_max);
+    let global = |ip: &IpAddr| match ip {
+        IpAddr::V4(v) => {
+            !(v.is_private()
+                || v.is_loopback()
+                || v.is_link_local()
+                || v.is_unspecified()
+                || v.octets()[0] == 100 && (v.octets()[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v) => {
+            !(v.is_loopback()
+                || v.is_unspecified()
+                || (v.segments()[0] & 0xfe00) == 0xfc00
+                || (v.segments()[0] & 0xffc0) == 0xfe80)
+        }
+    };
+    let advertised: Vec<IpAddr> = sfu
+        .public_ips
+        .iter()
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+        .collect();
+    if !sfu.enabled {
+        add(
+            "UDP media port reachable",
+            None,
+            "the SFU is off (sfu.enabled)".into(),
+            "",
+        );
+    } else if advertised.is_empty() && !own.iter().any(global) {
+        add(
+            "UDP media port reachable",
+            Some(false),
+            format!(
+                "the box has no public address and sfu.public_ips is empty: browsers outside this network are given only private addresses for {ports}"
+            ),
+            "The box is behind NAT: set the public address on the Network page (public IPs for ICE) and forward the media ports (UDP) from the router to the box.",
+        );
+    } else {
+        let shown: Vec<String> = if advertised.is_empty() {
+            own.iter()
+                .filter(|a| global(a))
+                .map(|a| a.to_string())
+                .collect()
+        } else {
+            advertised.iter().map(|a| a.to_string()).collect()
+        };
+        add(
+            "UDP media port reachable",
+            None,
+            format!(
+                "browsers are given {} for {ports}; whether they are open from outside can only be seen from outside (a call between two outside networks, or the TURN test above from a phone on mobile data)",
+                shown.join(", ")
+            ),
+            "If calls connect only through TURN or not at all, forward the media ports (UDP) to the box and check the address under public IPs on the Network page.",
+        );
+    }
     axum::Json(json!({"checks": out})).into_response()
 }
 

@@ -457,24 +457,33 @@ async function turnCheck(cell) {
     const port = c.urls[0].split(":")[2].split("?")[0];
     const cfg = { iceServers: [{ urls: c.urls, username: c.username, credential: c.credential }], iceTransportPolicy: "relay" };
     a = new RTCPeerConnection(cfg); b = new RTCPeerConnection(cfg);
-    let relays = 0;
-    a.onicecandidate = (e) => { if (e.candidate) { if (/ relay /.test(e.candidate.candidate)) relays++; b.addIceCandidate(e.candidate).catch(() => {}); } };
-    b.onicecandidate = (e) => { if (e.candidate) a.addIceCandidate(e.candidate).catch(() => {}); };
     b.ondatachannel = (ev) => { ev.channel.onmessage = (m) => ev.channel.send("echo:" + m.data); };
     const ch = a.createDataChannel("talkbox-turn-test");
     let t0 = 0;
     const rtt = new Promise((res) => {
       ch.onopen = () => { t0 = performance.now(); ch.send("ping"); };
       ch.onmessage = (m) => res(m.data === "echo:ping" ? performance.now() - t0 : null);
-      setTimeout(() => res(null), 15000);
+      setTimeout(() => res(null), 20000);
+    });
+    // Candidates travel inside the descriptions (gathering finished first), so none is lost
+    // to a race with setRemoteDescription.
+    const gathered = (pc) => new Promise((res) => {
+      if (pc.iceGatheringState === "complete") return res();
+      pc.addEventListener("icegatheringstatechange", () => { if (pc.iceGatheringState === "complete") res(); });
+      setTimeout(res, 8000);
     });
     await a.setLocalDescription(await a.createOffer());
+    await gathered(a);
+    const relays = (a.localDescription.sdp.match(/ typ relay/g) || []).length;
     await b.setRemoteDescription(a.localDescription);
     await b.setLocalDescription(await b.createAnswer());
+    await gathered(b);
     await a.setRemoteDescription(b.localDescription);
     const ms = await rtt;
     if (ms !== null) {
       show(true, `OK: a relay-only test call through the box's TURN server carried data (round trip ${ms.toFixed(0)} ms)`);
+      const remedy = cell.parentElement && cell.parentElement.querySelector(".remedy");
+      if (remedy) remedy.hidden = true;
     } else if (relays === 0) {
       show(false, `No relay address: this browser cannot reach the box's TURN server. Forward UDP and TCP ${port} to the box (and check that no firewall between this computer and the box blocks them).`);
     } else {
@@ -493,7 +502,7 @@ async function checksPage() {
   const rows = d.checks.map(c => {
     const cell = el("td", { class: c.ok === true ? "ok" : c.ok === false ? "bad" : "warn", text: c.ok === true ? "OK" : c.ok === false ? "Problem" : "See note" });
     if (c.name.startsWith("TURN reachable")) turnCell = cell;
-    return el("tr", {}, el("td", { text: c.name }), cell, el("td", {}, el("div", { text: c.detail }), c.remedy ? el("div", { class: "muted", text: c.remedy }) : null));
+    return el("tr", {}, el("td", { text: c.name }), cell, el("td", {}, el("div", { text: c.detail }), c.remedy ? el("div", { class: "muted remedy", text: c.remedy }) : null));
   });
   page("Self-checks", el("div", { class: "scroll" }, el("table", { id: "checks" },
     el("thead", {}, el("tr", {}, ["Check", "Result", "Details and remedy"].map(t => el("th", { text: t })))), el("tbody", {}, rows))));
