@@ -388,6 +388,21 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
     shot(&b, "09-network").await;
     goto_page(&b, "#bandwidth", "Speed test").await;
     shot(&b, "10-bandwidth").await;
+    // The speed test from this browser: 8 MiB down and 8 MiB up, figures shown on the page.
+    click(&b, "speed-start").await;
+    let speed = b
+        .wait_until_set(
+            "(() => { const t = document.getElementById('speed-result').textContent; return t.startsWith('From this browser') || t.startsWith('Speed test failed') ? t : null; })()",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("speed test: {e}"));
+    let speed = speed.as_str().unwrap_or("").to_string();
+    assert!(
+        speed.starts_with("From this browser: download") && !speed.contains("NaN"),
+        "{speed}"
+    );
+    println!("speed test in Chromium over loopback: {speed}");
     // Edit a TURN setting: bad input is refused with the reason, a good one is in force.
     wait_element(&b, "set-turn-realm").await;
     set(&b, "set-turn-realm", "bad realm").await;
