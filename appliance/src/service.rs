@@ -68,7 +68,7 @@ impl Service {
             Service::Signaling => {
                 old.signaling != new.signaling || old.turn != new.turn || old.sfu != new.sfu
             }
-            Service::Web => old.web != new.web,
+            Service::Web => old.web.web_process_part() != new.web.web_process_part(),
             Service::Provision => old.provision != new.provision,
         };
         // Every service logs at the supervisor's level and pings at its watchdog rate.

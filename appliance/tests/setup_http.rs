@@ -245,6 +245,38 @@ fn admin_routes_refuse_without_session_and_without_csrf_token() {
         "{v}"
     );
     assert!(v["turn_secret"].as_str().unwrap_or("").len() >= 32, "{v}");
+    // Settings: an invalid value is refused with the key named and nothing is written; a
+    // valid one is in force in the supervisor at once.
+    let before = std::fs::read_to_string(sup.data_dir().join("talkbox.toml")).expect("config");
+    for (bad, says) in [
+        (json!({"values": {"turn.port": 70000}}), "turn.port"),
+        (json!({"values": {"sfu.public_ips": ["nat"]}}), "public_ips"),
+        (
+            json!({"values": {"web.listen": "0.0.0.0:1"}}),
+            "cannot be changed",
+        ),
+        (json!({"values": {}}), "nothing to change"),
+    ] {
+        let a = c.post("/api/settings", bad.clone());
+        assert_eq!(a.code, 400, "{bad}: {a:?}");
+        assert!(
+            a.json()["error"].as_str().unwrap_or("").contains(says),
+            "{bad}: {a:?}"
+        );
+    }
+    assert_eq!(
+        before,
+        std::fs::read_to_string(sup.data_dir().join("talkbox.toml")).expect("config")
+    );
+    let a = c.post(
+        "/api/settings",
+        json!({"values": {"sfu.public_ips": ["203.0.113.9"], "supervisor.names": ["talk.example.org"]}}),
+    );
+    assert_eq!(a.code, 200, "{a:?}");
+    let v = c.get("/api/settings").json();
+    assert_eq!(v["sfu.public_ips"], json!(["203.0.113.9"]), "{v}");
+    let v = c.get("/api/network").json();
+    assert_eq!(v["public_name"], "talk.example.org", "{v}");
     // A password change ends the other sessions.
     let mut a1 = Client::new(&base, sup.data_dir(), "a1");
     let mut a2 = Client::new(&base, sup.data_dir(), "a2");
@@ -298,10 +330,31 @@ fn wrong_codes_and_passwords_are_throttled_with_growing_delays() {
         "the delay doubles: {a:?}"
     );
     std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(c.post("/api/claim", wrong.clone()).code, 403);
+    let a = c.post("/api/claim", right.clone());
+    assert_eq!(a.code, 429);
     assert_eq!(
-        c.post("/api/claim", right).code,
-        200,
-        "the right code after the delay"
+        a.header("retry-after").as_deref(),
+        Some("4"),
+        "and doubles again: {a:?}"
+    );
+    // Measured: how long the right code stays refused after the sixth failure.
+    let t0 = Instant::now();
+    let waited = loop {
+        let a = c.post("/api/claim", right.clone());
+        if a.code == 200 {
+            break t0.elapsed();
+        }
+        assert_eq!(a.code, 429, "{a:?}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "still refused");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        waited >= Duration::from_millis(3500),
+        "accepted after {waited:?}, before the 4 s delay"
+    );
+    println!(
+        "throttle measured: Retry-After 1 s, 2 s, 4 s after the 4th, 5th and 6th wrong code; the right code was accepted {waited:?} after the 6th failure's refusal"
     );
 
     // Passwords: same figures, per client; a success clears the count.
@@ -385,6 +438,54 @@ fn sessions_end_when_idle_and_login_links_work_once() {
     let v = a1.get("/api/provisioning").json();
     assert_eq!(v["entries"][0]["message"], "<b>second</b>", "{v}");
     assert_eq!(v["entries"][1]["serial"], "1", "{v}");
+}
+
+#[test]
+fn sessions_end_at_their_absolute_lifetime_however_active() {
+    // 60 s is the shortest lifetime the config allows; the idle limit is longer than the gap
+    // between requests, so only the absolute lifetime can end this session.
+    let (sup, base) = start(&[
+        ("web", "session_max_s = 60"),
+        ("web", "session_idle_s = 30"),
+    ]);
+    let mut c = Client::new(&base, sup.data_dir(), "max");
+    c.session();
+    let a = c.post(
+        "/api/claim",
+        json!({"code": setup_code(&sup), "password": "a long password"}),
+    );
+    assert_eq!(a.code, 200, "{a:?}");
+    let login = Instant::now();
+    c.session();
+    let ended = loop {
+        let a = c.get("/api/status");
+        let t = login.elapsed();
+        if a.code == 401 {
+            break t;
+        }
+        assert_eq!(a.code, 200, "{a:?}");
+        assert!(
+            t < Duration::from_secs(75),
+            "session still open after {t:?}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert!(
+        ended >= Duration::from_secs(58),
+        "session ended after {ended:?}, before its 60 s lifetime"
+    );
+    println!(
+        "absolute session lifetime 60 s: first refusal {ended:?} after login (requests every 2 s)"
+    );
+    // A new login opens a new session.
+    let mut l = Client::new(&base, sup.data_dir(), "max2");
+    l.session();
+    assert_eq!(
+        l.post("/api/login", json!({"password": "a long password"}))
+            .code,
+        200
+    );
+    assert_eq!(l.get("/api/status").code, 200);
 }
 
 #[test]
@@ -609,4 +710,116 @@ fn hex_sha256(s: &str) -> String {
         .next()
         .unwrap_or("")
         .to_string()
+}
+
+/// Reading the journal must not stop the supervisor's loop. A slow journal is stood in for by
+/// a `journalctl` on PATH that takes 1.6 s (the thing under test is the supervisor, which runs
+/// `timeout 2 journalctl …`); while the page reads logs three times in a row, `talkbox status`
+/// (answered by the same loop) must keep answering quickly.
+#[test]
+fn the_supervisor_keeps_answering_while_logs_are_read() {
+    let stub = tempfile::tempdir().expect("tempdir");
+    let journalctl = stub.path().join("journalctl");
+    std::fs::write(
+        &journalctl,
+        "#!/bin/sh\nsleep 1.6\necho '2026-11-22T12:00:00+0000 box talkbox-web[1]: a slow journal line'\n",
+    )
+    .expect("write stub");
+    std::fs::set_permissions(
+        &journalctl,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let config = isolated_config(&[("sfu", "enabled = false")]);
+    let web = config
+        .split("[web]")
+        .nth(1)
+        .and_then(|s| s.split('"').nth(1))
+        .expect("web.listen")
+        .to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("talkbox.toml"), &config).expect("config");
+    let stderr_log = dir.path().join("supervisor.log");
+    let child = Command::new(common::talkbox())
+        .args(["run", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        // Claims a journal (it does not match stderr, so the services still log to stderr).
+        .env("JOURNAL_STREAM", "0:0")
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                stub.path().display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_log).expect("log"))
+        .spawn()
+        .expect("start talkbox run");
+    let sup = Supervisor {
+        dir,
+        child,
+        stderr_log,
+    };
+    sup.wait_for("web running", Duration::from_secs(30), |s| {
+        s.services
+            .iter()
+            .any(|x| x.name == "web" && x.state == ServiceState::Running)
+    });
+    let base = format!("https://{web}");
+    let mut c = Client::new(&base, sup.data_dir(), "logs");
+    c.session();
+    let code = sup.status().and_then(|s| s.setup_code).expect("code");
+    assert_eq!(
+        c.post(
+            "/api/claim",
+            json!({"code": code, "password": "a long password"})
+        )
+        .code,
+        200
+    );
+    c.session();
+    let reader = std::thread::spawn(move || {
+        let start = Instant::now();
+        for _ in 0..3 {
+            let a = c.get("/api/logs?level=info");
+            assert_eq!(a.code, 200, "{a:?}");
+            let v = a.json();
+            assert_eq!(v["available"], true, "{v}");
+            assert!(
+                v["lines"][0]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("a slow journal line"),
+                "{v}"
+            );
+        }
+        start.elapsed()
+    });
+    let mut worst = Duration::ZERO;
+    let mut answered = 0;
+    while !reader.is_finished() {
+        let t = Instant::now();
+        assert!(sup.status().is_some(), "talkbox status got no answer");
+        worst = worst.max(t.elapsed());
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reading = reader.join().expect("log reader");
+    eprintln!(
+        "3 log reads took {reading:?}; {answered} status answers meanwhile, the slowest {worst:?}"
+    );
+    assert!(
+        reading >= Duration::from_millis(4500),
+        "the journal was not slow: {reading:?}"
+    );
+    assert!(answered >= 5, "only {answered} status answers");
+    assert!(
+        worst < Duration::from_millis(1000),
+        "talkbox status waited {worst:?} while logs were read: the journal blocks the loop"
+    );
 }

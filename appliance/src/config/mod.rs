@@ -228,6 +228,13 @@ pub struct WebConfig {
     pub listen: SocketAddr,
     pub session_idle_s: u64,
     pub session_max_s: u64,
+    pub acme_enabled: bool,
+    pub acme_directory: String,
+    pub acme_contact: String,
+    pub acme_ca_file: Option<PathBuf>,
+    pub acme_http_listen: SocketAddr,
+    pub acme_renew_before_days: u64,
+    pub acme_check_interval_s: u64,
 }
 
 /// `[provision]`: remote provisioning (signed bundles, the mTLS push API, try-and-revert).
@@ -753,6 +760,19 @@ impl TurnConfig {
 }
 
 impl WebConfig {
+    /// What the web process itself uses; the other `acme_*` keys concern only the supervisor,
+    /// so changing them must not restart the setup page (and log the admin out).
+    pub fn web_process_part(&self) -> (bool, SocketAddr, u64, u64, bool, SocketAddr) {
+        (
+            self.enabled,
+            self.listen,
+            self.session_idle_s,
+            self.session_max_s,
+            self.acme_enabled,
+            self.acme_http_listen,
+        )
+    }
+
     fn read(r: &mut SectionReader<'_, '_>) -> Self {
         Self {
             enabled: r.bool("enabled", true, "Run the setup page service."),
@@ -773,7 +793,78 @@ impl WebConfig {
                 (60, 604_800),
                 "An admin session ends this many seconds after login, however active.",
             ) as u64,
+            acme_enabled: r.bool(
+                "acme_enabled",
+                false,
+                "Get the box's certificate from an ACME CA (HTTP-01 challenge on `web.acme_http_listen`) for the DNS names in `supervisor.names`, and renew it automatically. A certificate already in place (uploaded, say) that covers those names is kept until it enters the renewal window.",
+            ),
+            acme_directory: r.string(
+                "acme_directory",
+                "https://acme-v02.api.letsencrypt.org/directory",
+                "Directory URL of the ACME CA (the default is Let's Encrypt's production CA).",
+                check_https_url,
+            ),
+            acme_contact: r.string(
+                "acme_contact",
+                "",
+                "E-mail address the CA may write to about the certificate (empty: none).",
+                check_email,
+            ),
+            acme_ca_file: {
+                let s = r.string(
+                    "acme_ca_file",
+                    "",
+                    "PEM file of the root CA the ACME server's own HTTPS certificate is checked against, for a private ACME CA (empty: the public web roots).",
+                    |_| Ok(()),
+                );
+                (!s.is_empty()).then(|| PathBuf::from(s))
+            },
+            acme_http_listen: r.socket_addr(
+                "acme_http_listen",
+                "0.0.0.0:80",
+                "Plain HTTP address where the web service answers the CA's HTTP-01 challenges while `web.acme_enabled` is on (the CA connects to port 80 of the public name).",
+            ),
+            acme_renew_before_days: r.int(
+                "acme_renew_before_days",
+                30,
+                (1, 3650),
+                "Renew the ACME certificate when it expires within this many days.",
+            ) as u64,
+            acme_check_interval_s: r.int(
+                "acme_check_interval_s",
+                3600,
+                (1, 86_400),
+                "How often the supervisor checks whether the certificate needs an ACME order; also the wait after a failed order before the next try.",
+            ) as u64,
         }
+    }
+}
+
+fn check_https_url(s: &str) -> Result<(), String> {
+    let uri: axum::http::Uri = s
+        .parse()
+        .map_err(|_| "not a URL; expected https://HOST/PATH".to_string())?;
+    match uri.scheme_str() {
+        Some("https") if uri.host().is_some() => Ok(()),
+        _ => Err("expected an https:// URL with a host".to_string()),
+    }
+}
+
+fn check_email(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let ok = s.len() <= 254
+        && s.split_once('@').is_some_and(|(user, host)| {
+            !user.is_empty()
+                && !host.is_empty()
+                && s.chars().all(|c| c.is_ascii_graphic() && c != ',')
+                && check_name(host).is_ok()
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err("expected empty or one e-mail address such as admin@example.org".into())
     }
 }
 
@@ -1031,6 +1122,14 @@ impl Config {
                 proto: "tcp",
                 range: one(self.web.listen.port()),
             });
+            if self.web.acme_enabled {
+                uses.push(PortUse {
+                    what: "the ACME challenge listener",
+                    key: "web.acme_http_listen",
+                    proto: "tcp",
+                    range: one(self.web.acme_http_listen.port()),
+                });
+            }
         }
         if self.provision.enabled {
             uses.push(PortUse {
@@ -1143,7 +1242,7 @@ impl Config {
     pub fn lowest_port_of(&self, service: &str) -> Option<u16> {
         let keys: &[&str] = match service {
             "signaling" => &["signaling.listen", "signaling.http_listen"],
-            "web" => &["web.listen"],
+            "web" => &["web.listen", "web.acme_http_listen"],
             "provision" => &["provision.listen"],
             "turn" => &["turn.port", "turn.tls_port", "turn.relay_port_min"],
             "sfu" => &["sfu.listen", "sfu.media_port_min"],
@@ -1162,6 +1261,7 @@ const PORT_KEYS: &[(&str, &str)] = &[
     ("signaling", "listen"),
     ("signaling", "http_listen"),
     ("web", "listen"),
+    ("web", "acme_http_listen"),
     ("provision", "listen"),
     ("turn", "port"),
     ("turn", "tls_port"),

@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/spreed", get(spreed))
         .route("/api/v1/welcome", get(welcome))
         .route("/api/v1/room/{token}", post(room_request))
+        .route("/api/v1/talkbox/backend-seen", post(backend_seen))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/serverinfo", get(serverinfo))
         .route("/metrics", get(metrics))
@@ -160,6 +161,7 @@ async fn room_request(
         .find(|b| checksum::verify(random, &body, &b.secret, sum))
     else {
         server.backend_request_failed(ip);
+        server.seen.record(&token, "", false);
         return error(StatusCode::FORBIDDEN, "Authentication check failed");
     };
     let req: Value = match serde_json::from_slice(&body) {
@@ -171,6 +173,9 @@ async fn room_request(
             );
         }
     };
+    server
+        .seen
+        .record(&token, req["type"].as_str().unwrap_or(""), true);
     if token.is_empty() || token.len() > 256 {
         return error(
             StatusCode::BAD_REQUEST,
@@ -181,6 +186,67 @@ async fn room_request(
         Ok(v) => axum::Json(v).into_response(),
         Err((status, v)) => (status, axum::Json(v)).into_response(),
     }
+}
+
+/// The setup page's question "did a backend request for this room token arrive?" (see
+/// [`super::seen`]). Asked with a backend's secret like a backend request (`{"token": …}`,
+/// random + checksum headers); answered with `{"token", "nonce" (the question's random),
+/// "seen": [{"type", "ok", "age_s"}]}`, signed the same way with the same secret, so the asker
+/// can trust the answer without checking this server's certificate. Not a Talk API.
+async fn backend_seen(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let server = &st.server;
+    let ip = client_ip(server, peer, &headers);
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let (random, sum) = (
+        header(checksum::HEADER_RANDOM),
+        header(checksum::HEADER_CHECKSUM),
+    );
+    if !server.backend_request_allowed(ip) {
+        return error(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
+    }
+    let Some(backend) = server
+        .backends
+        .all()
+        .find(|b| checksum::verify(random, &body, &b.secret, sum))
+    else {
+        server.backend_request_failed(ip);
+        return error(StatusCode::FORBIDDEN, "Authentication check failed");
+    };
+    let Some(token) = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["token"].as_str().map(str::to_string))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the body must be {\"token\": \"<room token>\"}",
+        );
+    };
+    let seen: Vec<Value> = server
+        .seen
+        .for_token(&token)
+        .iter()
+        .map(|s| json!({"type": s.kind, "ok": s.ok, "age_s": s.at.elapsed().as_secs()}))
+        .collect();
+    let answer = json!({"token": token, "nonce": random, "seen": seen}).to_string();
+    let reply_random = checksum::new_random();
+    let reply_sum = checksum::calculate(&reply_random, answer.as_bytes(), &backend.secret);
+    (
+        [
+            (
+                header::CONTENT_TYPE.as_str(),
+                "application/json".to_string(),
+            ),
+            (checksum::HEADER_RANDOM, reply_random),
+            (checksum::HEADER_CHECKSUM, reply_sum),
+        ],
+        answer,
+    )
+        .into_response()
 }
 
 fn stats_allowed(server: &Server, peer: SocketAddr) -> bool {

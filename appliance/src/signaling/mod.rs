@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod meeting;
 pub mod nextcloud;
 pub mod proxy_client;
+pub mod seen;
 pub mod server;
 pub mod session_id;
 pub mod throttle;

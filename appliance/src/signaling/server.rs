@@ -105,6 +105,8 @@ pub struct Server {
     dialouts: Mutex<HashMap<String, (Sid, tokio::sync::oneshot::Sender<Value>)>>,
     next_conn: AtomicU64,
     pub counters: Counters,
+    /// Recent backend requests, for the setup page's Nextcloud → box test.
+    pub seen: super::seen::SeenRequests,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +158,7 @@ impl Server {
             dialouts: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             counters: Counters::default(),
+            seen: Default::default(),
         }
     }
 

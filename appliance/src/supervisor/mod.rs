@@ -33,6 +33,12 @@ use control::{ControlAnswer, ControlRequest, Pending};
 use link::{ChildMessage, MAX_DATAGRAM, parse_child_datagram};
 use status::{ServiceState, ServiceStatus, SupervisorStatus};
 
+/// Setup-page requests whose blocking work (the journal) may run at once, off the loop.
+const MAX_DEFERRED: usize = 2;
+/// The longest such work may take before the page is told so (journalctl itself is limited to
+/// 2 s by `timeout`).
+const DEFERRED_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often the loop looks at timers (restarts, readiness and watchdog deadlines).
 const TICK: Duration = Duration::from_millis(100);
 
@@ -90,6 +96,8 @@ enum Event {
         generation: u64,
         messages: Vec<ChildMessage>,
     },
+    /// An ACME order (run as a task on this loop) ended.
+    AcmeDone(Result<crate::web::acme::Issued, String>),
 }
 
 struct Running {
@@ -156,6 +164,8 @@ struct Supervisor {
     /// A restore or factory reset asked to restart everything; done a moment after the answer
     /// went out, so the web service can still deliver it.
     restart_all_at: Option<Instant>,
+    /// Deferred setup-page requests under way (see `run_deferred`).
+    deferred_running: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Runs the supervisor until SIGTERM/SIGINT; returns the process exit code.
@@ -220,6 +230,7 @@ pub fn run(opts: RunOptions, config: Config) -> Result<i32> {
             provision,
             setup,
             restart_all_at: None,
+            deferred_running: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
         tracing::info!(
             data_dir = %opts.data.root.display(),
@@ -386,6 +397,15 @@ impl Supervisor {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
+            Event::AcmeDone(result) => {
+                if self.setup.acme.finished(result, &self.opts.data) && !self.shutting_down {
+                    // The web service swaps the certificate in place; these load it at start.
+                    self.restart_services(
+                        &[Service::Signaling, Service::Turn],
+                        "new certificate from ACME",
+                    );
+                }
+            }
             Event::Exited {
                 service,
                 generation,
@@ -512,6 +532,13 @@ impl Supervisor {
             let ChildMessage::Request(json) = m else {
                 continue;
             };
+            if service == Service::Web
+                && current
+                && let Some(work) = self.setup.deferred(json)
+            {
+                self.run_deferred(work);
+                continue;
+            }
             let (answer, effect) = if service == Service::Web && current {
                 self.setup.handle(json, &self.config)
             } else {
@@ -545,6 +572,52 @@ impl Supervisor {
             answers.push(serde_json::to_vec(&answer).unwrap_or_default());
         }
         answers
+    }
+
+    /// Runs a request's blocking work (the journal) on the blocking pool, bounded in time and
+    /// in number, and sends its answer to the web process itself, so the loop keeps serving
+    /// `talkbox status`, watchdogs and the other services meanwhile.
+    fn run_deferred(&mut self, work: crate::web::store::Deferred) {
+        let Some(link) = self
+            .slots
+            .iter()
+            .find(|s| s.service == Service::Web)
+            .and_then(|s| s.running.as_ref())
+            .map(|r| r.link.clone())
+        else {
+            return;
+        };
+        let busy = self.deferred_running.clone();
+        let send = |link: &UnixDatagram, a: crate::web::requests::SetupAnswer| {
+            let _ = link.try_send(&serde_json::to_vec(&a).unwrap_or_default());
+        };
+        if busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_DEFERRED {
+            busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            send(
+                &link,
+                crate::web::requests::SetupAnswer::err(
+                    "the journal is being read for another request; try again in a few seconds",
+                ),
+            );
+            return;
+        }
+        tokio::spawn(async move {
+            let answer =
+                match tokio::time::timeout(DEFERRED_TIMEOUT, tokio::task::spawn_blocking(work))
+                    .await
+                {
+                    Ok(Ok(a)) => a,
+                    Ok(Err(e)) => crate::web::requests::SetupAnswer::err(format!(
+                        "reading the journal failed: {e}"
+                    )),
+                    Err(_) => crate::web::requests::SetupAnswer::err(format!(
+                        "the journal did not answer within {} s",
+                        DEFERRED_TIMEOUT.as_secs()
+                    )),
+                };
+            busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            send(&link, answer);
+        });
     }
 
     /// Restarts the named services (those running) without counting a failure.
@@ -622,6 +695,18 @@ impl Supervisor {
             if !earlier_starting {
                 self.spawn(i);
             }
+        }
+        // Orders wait for the web service: it answers the CA's challenges.
+        let web_up = self
+            .slots
+            .iter()
+            .any(|s| s.service == Service::Web && s.state == ServiceState::Running);
+        if web_up && let Some(job) = self.setup.acme.due(now, &self.config, &self.opts.data) {
+            let tx = self.events_tx.clone();
+            tokio::spawn(async move {
+                let r = crate::web::acme::run_order(job).await;
+                let _ = tx.send(Event::AcmeDone(r));
+            });
         }
         self.report_to_systemd(now);
         let slots = &self.slots;

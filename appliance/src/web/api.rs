@@ -1,6 +1,7 @@
 //! The setup page's HTTP API. Public: the page's files, `GET /api/session`, the claim and login
 //! forms (double-submit token) and `GET /login/once`. Everything else needs an admin session
-//! (401 without one) and, for changes, the session's CSRF token (403 without it).
+//! (401 without one) and, for changes, the session's CSRF token (403 without it): one middleware
+//! layer ([`require_admin`]) guards every admin route.
 
 // Helpers return the finished refusal as their error; a few admin requests a minute make the
 // size of `Response` irrelevant, and boxing it would only add noise to every handler.
@@ -10,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
@@ -20,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::requests::{SetupAnswer, SetupRequest, now_unix, rfc3339};
-use super::{App, auth, cert, metrics, page, store};
+use super::{App, auth, cert, metrics, nctest, page, store};
 
 /// Session cookie (the `__Host-` prefix pins it to this origin, Secure, Path=/).
 const SESSION_COOKIE: &str = "__Host-talkbox-session";
@@ -40,6 +42,7 @@ pub const ADMIN_GET: &[&str] = &[
     "/api/backends",
     "/api/certificate",
     "/api/network",
+    "/api/settings",
     "/api/checks",
     "/api/checks/turn-credentials",
     "/api/provisioning",
@@ -54,6 +57,8 @@ pub const ADMIN_POST: &[&str] = &[
     "/api/backends/remove",
     "/api/backends/test",
     "/api/certificate",
+    "/api/acme/renew",
+    "/api/settings",
     "/api/speedtest/up",
     "/api/backup",
     "/api/restore",
@@ -61,6 +66,42 @@ pub const ADMIN_POST: &[&str] = &[
 ];
 
 pub fn router(app: AppState) -> Router {
+    let guard = |allow_unset: bool| {
+        axum::middleware::from_fn_with_state((app.clone(), allow_unset), require_admin)
+    };
+    // Every route here needs an admin session, and a change its CSRF token (one layer, so no
+    // handler can forget it; ADMIN_GET and ADMIN_POST list them for the tests).
+    let admin_routes = Router::new()
+        .route("/api/status", get(status))
+        .route("/api/backends", get(backends).post(put_backend))
+        .route("/api/backends/remove", post(remove_backend))
+        .route("/api/backends/test", post(test_backend))
+        .route(
+            "/api/certificate",
+            get(certificate).post(upload_certificate),
+        )
+        .route("/api/acme/renew", post(acme_renew))
+        .route("/api/network", get(network))
+        .route("/api/settings", get(settings).post(put_settings))
+        .route("/api/checks", get(checks))
+        .route("/api/checks/turn-credentials", get(turn_credentials))
+        .route("/api/provisioning", get(provisioning))
+        .route("/api/speedtest/down", get(speed_down))
+        .route("/api/logs", get(logs))
+        .route("/api/backup", post(make_backup))
+        .route("/api/restore", post(restore))
+        .route("/api/factory-reset", post(factory_reset))
+        .route("/api/support-bundle", get(support_bundle))
+        .route(
+            "/api/speedtest/up",
+            post(speed_up).layer(DefaultBodyLimit::max(MAX_SPEEDTEST_BYTES)),
+        )
+        .route_layer(guard(false));
+    // These two also serve a session opened by a login link on a box without a password yet.
+    let unset_routes = Router::new()
+        .route("/api/logout", post(logout))
+        .route("/api/password", post(change_password))
+        .route_layer(guard(true));
     Router::new()
         .route("/", get(|| async { html(page::INDEX_HTML) }))
         .route(
@@ -75,36 +116,94 @@ pub fn router(app: AppState) -> Router {
         .route("/api/claim", post(claim))
         .route("/api/login", post(login))
         .route("/login/once", get(login_once))
-        .route("/api/logout", post(logout))
-        .route("/api/password", post(change_password))
-        .route("/api/status", get(status))
-        .route("/api/backends", get(backends).post(put_backend))
-        .route("/api/backends/remove", post(remove_backend))
-        .route("/api/backends/test", post(test_backend))
-        .route(
-            "/api/certificate",
-            get(certificate).post(upload_certificate),
-        )
-        .route("/api/network", get(network))
-        .route("/api/checks", get(checks))
-        .route("/api/checks/turn-credentials", get(turn_credentials))
-        .route("/api/provisioning", get(provisioning))
-        .route("/api/speedtest/down", get(speed_down))
-        .route("/api/logs", get(logs))
-        .route("/api/backup", post(make_backup))
-        .route("/api/restore", post(restore))
-        .route("/api/factory-reset", post(factory_reset))
-        .route("/api/support-bundle", get(support_bundle))
-        .route(
-            "/api/speedtest/up",
-            post(speed_up).layer(DefaultBodyLimit::max(MAX_SPEEDTEST_BYTES)),
-        )
+        .merge(admin_routes)
+        .merge(unset_routes)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
         .with_state(app)
         // Another box (or `talkbox sizing`) measures its uplink against this one: a sink that
         // only counts bytes, one measurement at a time, at most 35 s each.
         .merge(crate::sizing::probe::sink_router())
+}
+
+/// The admin session a request passed [`require_admin`] with.
+#[derive(Clone)]
+pub struct AdminSession {
+    pub id: String,
+    pub session: auth::Session,
+}
+
+/// The guard of every admin route: a live session, and for anything but GET/HEAD its CSRF
+/// token. A refused request's body is read first (bounded), since over HTTP/2 an answer sent
+/// before the body was taken resets the stream and the client sees no answer at all.
+async fn require_admin(
+    State((app, allow_unset)): State<(AppState, bool)>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let change = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    match admin(&app, req.headers(), change, allow_unset) {
+        Ok((id, session)) => {
+            req.extensions_mut().insert(AdminSession { id, session });
+            next.run(req).await
+        }
+        Err(refusal) => {
+            let _ = axum::body::to_bytes(req.into_body(), MAX_JSON_BYTES).await;
+            refusal
+        }
+    }
+}
+
+/// The plain HTTP listener for the ACME CA (`web.acme_http_listen`): the HTTP-01 challenge
+/// answers and nothing else.
+pub fn challenge_router(app: AppState) -> Router {
+    Router::new()
+        .route("/.well-known/acme-challenge/{token}", get(acme_challenge))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(1024))
+        .with_state(app)
+}
+
+async fn acme_challenge(
+    State(app): State<AppState>,
+    axum::extract::Path(token): axum::extract::Path<String>,
+) -> Response {
+    if token.len() > super::acme::MAX_TOKEN_LEN {
+        return fail(StatusCode::NOT_FOUND, "no such challenge");
+    }
+    let a = ask(&app, &SetupRequest::AcmeChallenge { token }).await;
+    match a.data["key_authorization"].as_str() {
+        Some(k) if a.ok => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            k.to_string(),
+        )
+            .into_response(),
+        _ => fail(StatusCode::NOT_FOUND, "no such challenge"),
+    }
+}
+
+async fn settings(State(app): State<AppState>) -> Response {
+    answer(ask(&app, &SetupRequest::Settings).await)
+}
+
+#[derive(Deserialize)]
+struct SettingsForm {
+    values: serde_json::Map<String, Value>,
+}
+
+async fn put_settings(State(app): State<AppState>, body: Bytes) -> Response {
+    let f: SettingsForm = match parse_json(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    answer(ask(&app, &SetupRequest::PutSettings { values: f.values }).await)
+}
+
+async fn acme_renew(State(app): State<AppState>, _body: Bytes) -> Response {
+    answer(ask(&app, &SetupRequest::AcmeRenew).await)
 }
 
 /// Unknown paths. The body is read first: over HTTP/2 an answer sent before the request body
@@ -208,7 +307,7 @@ fn pre_token_ok(headers: &HeaderMap) -> bool {
     cookie(headers, PRE_COOKIE).is_some_and(|c| !c.is_empty() && auth::same_token(sent, &c))
 }
 
-async fn ask(app: &App, req: &SetupRequest) -> SetupAnswer {
+pub(crate) async fn ask(app: &App, req: &SetupRequest) -> SetupAnswer {
     let json = match serde_json::to_string(req) {
         Ok(j) => j,
         Err(e) => return SetupAnswer::err(e.to_string()),
@@ -485,11 +584,12 @@ async fn login_once(
 
 /// `_body` is read (and dropped) so that an early refusal never leaves an unread request
 /// body behind, which HTTP/2 clients report as a broken stream.
-async fn logout(State(app): State<AppState>, headers: HeaderMap, _body: Bytes) -> Response {
-    let (id, _) = match admin(&app, &headers, true, true) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+async fn logout(
+    State(app): State<AppState>,
+    Extension(a): Extension<AdminSession>,
+    _body: Bytes,
+) -> Response {
+    let id = a.id;
     app.auth
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -510,13 +610,10 @@ struct PasswordForm {
 async fn change_password(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Extension(a): Extension<AdminSession>,
     body: Bytes,
 ) -> Response {
-    let (id, s) = match admin(&app, &headers, true, true) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (id, s) = (a.id, a.session);
     let form: PasswordForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -631,10 +728,7 @@ async fn fetch_json(uri: axum::http::Uri) -> Option<Value> {
         .flatten()
 }
 
-async fn status(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn status(State(app): State<AppState>) -> Response {
     let sup = app.link.query_status().await;
     let history: Vec<metrics::Sample> = app
         .history
@@ -654,10 +748,7 @@ async fn status(State(app): State<AppState>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn backends(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn backends(State(app): State<AppState>) -> Response {
     answer(ask(&app, &SetupRequest::TalkValues).await)
 }
 
@@ -669,10 +760,7 @@ struct BackendForm {
     new_secret: bool,
 }
 
-async fn put_backend(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn put_backend(State(app): State<AppState>, body: Bytes) -> Response {
     let f: BackendForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -695,10 +783,7 @@ struct IdForm {
     id: String,
 }
 
-async fn remove_backend(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn remove_backend(State(app): State<AppState>, body: Bytes) -> Response {
     let f: IdForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -706,18 +791,45 @@ async fn remove_backend(State(app): State<AppState>, headers: HeaderMap, body: B
     answer(ask(&app, &SetupRequest::RemoveBackend { id: f.id }).await)
 }
 
-/// The box → Nextcloud checks of one backend: capabilities (Talk installed, its features)
-/// and a signed backend request (the shared secret is accepted when Talk answers with a
-/// room error instead of an authentication error).
-async fn test_backend(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
-    let f: IdForm = match parse_json(&body) {
+#[derive(Deserialize)]
+struct TestForm {
+    id: String,
+    /// A Nextcloud admin login for the Nextcloud → box direction; used once, never stored.
+    #[serde(default)]
+    nc_user: String,
+    #[serde(default)]
+    nc_password: String,
+}
+
+/// The Test button of one backend, for each of its Nextcloud URLs: box → Nextcloud
+/// (capabilities: Talk installed; a signed backend request: the shared secret is accepted when
+/// Talk answers with a room error instead of an authentication error), the two clocks, and,
+/// given an admin login, Nextcloud → box ([`super::nctest`]: Talk announces a throw-away
+/// conversation to its signaling server and the box checks the announcement arrived, signed
+/// with this backend's secret).
+async fn test_backend(State(app): State<AppState>, body: Bytes) -> Response {
+    let f: TestForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
     };
+    if f.nc_user.len() > nctest::MAX_LOGIN_LEN || f.nc_password.len() > nctest::MAX_LOGIN_LEN {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the Nextcloud user name and app password may have at most {} bytes each",
+                nctest::MAX_LOGIN_LEN
+            ),
+        );
+    }
+    let login = (!f.nc_user.is_empty()).then(|| nctest::Login {
+        user: f.nc_user.clone(),
+        password: f.nc_password.clone(),
+    });
     let values = ask(&app, &SetupRequest::TalkValues).await;
+    let box_url = values.data["signaling_url"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     let Some(b) = values.data["backends"]
         .as_array()
         .and_then(|l| l.iter().find(|b| b["id"] == f.id.as_str()))
@@ -729,15 +841,28 @@ async fn test_backend(State(app): State<AppState>, headers: HeaderMap, body: Byt
         );
     };
     let secret = b["secret"].as_str().unwrap_or("").as_bytes().to_vec();
+    let signaling = nctest::signaling_url(&app.config);
     let mut results = Vec::new();
     for url in b["urls"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|u| u.as_str())
+        .take(8)
     {
+        let mut checks = Vec::new();
+        let mut add = |name: &str, ok: Option<bool>, detail: String, remedy: &str| {
+            checks.push(json!({"name": name, "ok": ok, "detail": detail,
+                "remedy": if ok == Some(true) { "" } else { remedy }}));
+        };
         let caps = app.nextcloud.capabilities(url, true).await;
         let talk = !caps.features.is_empty();
+        add(
+            "Box → Nextcloud: Talk's capabilities",
+            Some(talk),
+            format!("{} Talk features advertised", caps.features.len()),
+            "The box cannot fetch /ocs/v2.php/cloud/capabilities from this URL: check the URL, DNS and the firewall between the box and Nextcloud, Nextcloud's certificate, and that the Talk app is enabled.",
+        );
         let backend = crate::signaling::backends::Backend {
             id: f.id.clone(),
             urls: vec![url.to_string()],
@@ -763,17 +888,72 @@ async fn test_backend(State(app): State<AppState>, headers: HeaderMap, body: Byt
             }
             Err(e) => (false, format!("{}: {}", e.code, e.message)),
         };
+        add(
+            "Box → Nextcloud: signed backend request",
+            Some(secret_ok),
+            detail.clone(),
+            "Nextcloud refused the signed request: paste the shared secret shown here into Talk's High-performance backend settings (and the box's URL there).",
+        );
+        match nctest::clock_skew(&app.nctest, url).await {
+            Ok(skew) => add(
+                "Clocks of the box and Nextcloud agree",
+                Some(skew.abs() <= nctest::MAX_SKEW_S),
+                format!(
+                    "Nextcloud's clock is {} s {} the box's",
+                    skew.abs(),
+                    if skew >= 0 { "ahead of" } else { "behind" }
+                ),
+                "The clocks differ by more than 30 s: Talk's sign-in tokens for the signaling server live 60 s, so calls fail to start. Let both servers synchronise with NTP.",
+            ),
+            Err(e) => add(
+                "Clocks of the box and Nextcloud agree",
+                None,
+                e,
+                "Could not read Nextcloud's clock (no answer or no Date header).",
+            ),
+        }
+        match &login {
+            Some(login) => {
+                let r = nctest::nextcloud_to_box(
+                    &app.nctest,
+                    url,
+                    login,
+                    &signaling,
+                    &secret,
+                    &box_url,
+                )
+                .await;
+                if let Ok(mut m) = app.last_inbound.lock() {
+                    // Bounded: one entry per configured Nextcloud URL at most.
+                    if m.len() < 64 || m.contains_key(url) {
+                        m.insert(
+                            url.to_string(),
+                            json!({"ok": r.ok, "detail": r.detail, "remedy": r.remedy, "at": now_unix()}),
+                        );
+                    }
+                }
+                add(
+                    "Nextcloud → box: signed round trip",
+                    Some(r.ok),
+                    r.detail,
+                    &r.remedy,
+                );
+            }
+            None => add(
+                "Nextcloud → box: signed round trip",
+                None,
+                "not tested: no Nextcloud admin login given".into(),
+                "Enter a Nextcloud administrator's user name and an app password next to the Test button: the box then has Talk announce a throw-away conversation to its signaling server and checks that it arrives with the right secret. The login is used for this test only and not stored.",
+            ),
+        }
+        let ok = checks.iter().all(|c| c["ok"] != false);
         results.push(json!({
             "url": url,
+            "ok": ok,
             "capabilities": talk,
-            "talk_features": caps.features.len(),
             "signed_round_trip": secret_ok,
             "detail": detail,
-            "remedy": if !talk {
-                "The box cannot fetch /ocs/v2.php/cloud/capabilities from this URL: check the URL, DNS and the firewall between the box and Nextcloud, and that the Talk app is enabled."
-            } else if !secret_ok {
-                "Nextcloud refused the signed request: paste the shared secret shown here into Talk's High-performance backend settings (and the box's URL there)."
-            } else { "" },
+            "checks": checks,
         }));
     }
     axum::Json(json!({"id": f.id, "results": results})).into_response()
@@ -783,11 +963,14 @@ fn names_for_checks(app: &App) -> Vec<String> {
     app.config.supervisor.names.clone()
 }
 
-async fn certificate(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn certificate(State(app): State<AppState>) -> Response {
     let pem = app.cert_pem.read().map(|p| p.clone()).unwrap_or_default();
+    let acme = ask(&app, &SetupRequest::AcmeStatus).await;
+    let acme = if acme.ok {
+        acme.data
+    } else {
+        json!({"error": acme.error})
+    };
     match cert::describe(&pem) {
         Ok(info) => axum::Json(json!({
             "certificate": info,
@@ -795,7 +978,7 @@ async fn certificate(State(app): State<AppState>, headers: HeaderMap) -> Respons
             "not_after": rfc3339(info.not_after),
             "days_left": (info.not_after - now_unix()) / 86_400,
             "public_name": store::public_name(&app.config),
-            "acme": "not available yet: upload a certificate from your CA",
+            "acme": acme,
         }))
         .into_response(),
         Err(e) => fail(StatusCode::INTERNAL_SERVER_ERROR, e),
@@ -808,14 +991,7 @@ struct CertForm {
     key: String,
 }
 
-async fn upload_certificate(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn upload_certificate(State(app): State<AppState>, body: Bytes) -> Response {
     let f: CertForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -884,10 +1060,7 @@ fn capacity(budget_mbps: f64, video_mbps: f64, screen_mbps: f64) -> Value {
     })
 }
 
-async fn network(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn network(State(app): State<AppState>) -> Response {
     let c = &app.config;
     // What the SFU has in force (with its measurement), else the same figures computed now.
     let sizing = crate::sizing::read_state(&app.data)
@@ -899,7 +1072,7 @@ async fn network(State(app): State<AppState>, headers: HeaderMap) -> Response {
         .ok()
         .and_then(|h| h.to_str().map(str::to_string))
         .unwrap_or_default();
-    axum::Json(json!({
+    let mut out = json!({
         "hostname": hostname,
         "public_name": store::public_name(c),
         "names": c.supervisor.names,
@@ -929,8 +1102,51 @@ async fn network(State(app): State<AppState>, headers: HeaderMap) -> Response {
         "video_cap_mbps": video,
         "screen_cap_mbps": screen,
         "capacity": budget.map(|b| capacity(b, video, screen)),
-    }))
-    .into_response()
+    });
+    // This process's config dates from its start; names, ports and TURN settings changed on
+    // the page since are in force in the supervisor (which restarted the services concerned).
+    let now = ask(&app, &SetupRequest::Settings).await;
+    if now.ok {
+        let v = &now.data;
+        out["names"] = v["supervisor.names"].clone();
+        out["public_ips"] = v["sfu.public_ips"].clone();
+        let t = &mut out["turn"];
+        for k in ["enabled", "realm", "port", "tls_port"] {
+            t[k] = v[format!("turn.{k}")].clone();
+        }
+        t["relay_ports"] = json!(format!(
+            "{}-{}",
+            v["turn.relay_port_min"], v["turn.relay_port_max"]
+        ));
+        if let Some(names) = v["supervisor.names"].as_array()
+            && let Some(first) = names.first().and_then(|n| n.as_str())
+        {
+            out["public_name"] = json!(first);
+        }
+        for p in out["ports"].as_array_mut().into_iter().flatten() {
+            let port = match p["service"].as_str().unwrap_or("") {
+                "signaling (HTTPS, WebSocket)" => v["signaling.listen"]
+                    .as_str()
+                    .and_then(|a| a.rsplit(':').next())
+                    .map(str::to_string),
+                "TURN/STUN" => Some(v["turn.port"].to_string()),
+                "TURN over TLS" => Some(v["turn.tls_port"].to_string()),
+                "TURN relay range" => Some(format!(
+                    "{}-{}",
+                    v["turn.relay_port_min"], v["turn.relay_port_max"]
+                )),
+                "SFU media" => Some(format!(
+                    "{}-{}",
+                    v["sfu.media_port_min"], v["sfu.media_port_max"]
+                )),
+                _ => None,
+            };
+            if let Some(port) = port {
+                p["port"] = json!(port);
+            }
+        }
+    }
+    axum::Json(out).into_response()
 }
 
 /// True when the kernel says the clock is synchronised (adjtimex does not report TIME_ERROR).
@@ -941,10 +1157,7 @@ fn clock_synchronised() -> bool {
     state >= 0 && state != libc::TIME_ERROR
 }
 
-async fn checks(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn checks(State(app): State<AppState>) -> Response {
     let mut out = Vec::new();
     let mut add = |name: &str, ok: Option<bool>, detail: String, remedy: &str| {
         out.push(json!({"name": name, "ok": ok, "detail": detail, "remedy": if ok == Some(true) { "" } else { remedy }}));
@@ -954,7 +1167,7 @@ async fn checks(State(app): State<AppState>, headers: HeaderMap) -> Response {
         "Clock synchronised",
         Some(synced),
         format!("now {}", rfc3339(now_unix())),
-        "The box's clock is not synchronised: certificates and TURN credentials depend on it. Let the box reach an NTP server (UDP 123) or set one in the network settings.",
+        "The box's clock is not synchronised: certificates and TURN credentials depend on it. Let the box reach an NTP server (outgoing UDP 123 through the firewall) or check the time server the image is configured with.",
     );
     let name = store::public_name(&app.config);
     let pem = app.cert_pem.read().map(|p| p.clone()).unwrap_or_default();
@@ -1062,33 +1275,118 @@ async fn checks(State(app): State<AppState>, headers: HeaderMap) -> Response {
                 format!("{} Talk features advertised", caps.features.len()),
                 "The box cannot read Talk's capabilities from this URL: check DNS, the firewall and the certificate of the Nextcloud server, and that Talk is enabled.",
             );
+            match nctest::clock_skew(&app.nctest, url).await {
+                Ok(skew) => add(
+                    &format!("Clock agrees with Nextcloud: {url}"),
+                    Some(skew.abs() <= nctest::MAX_SKEW_S),
+                    format!(
+                        "Nextcloud's clock is {} s {} the box's",
+                        skew.abs(),
+                        if skew >= 0 { "ahead of" } else { "behind" }
+                    ),
+                    "The clocks differ by more than 30 s: Talk's sign-in tokens for the signaling server live 60 s, so calls fail to start. Let both servers synchronise with NTP.",
+                ),
+                Err(e) => add(
+                    &format!("Clock agrees with Nextcloud: {url}"),
+                    None,
+                    e,
+                    "Could not read Nextcloud's clock (no answer or no Date header).",
+                ),
+            }
+            let last = app
+                .last_inbound
+                .lock()
+                .ok()
+                .and_then(|m| m.get(url).cloned());
+            match last {
+                Some(r) => add(
+                    &format!("The box reachable from Nextcloud: {url}"),
+                    r["ok"].as_bool(),
+                    format!(
+                        "{} (tested {})",
+                        r["detail"].as_str().unwrap_or(""),
+                        rfc3339(r["at"].as_i64().unwrap_or(0))
+                    ),
+                    r["remedy"].as_str().unwrap_or(""),
+                ),
+                None => add(
+                    &format!("The box reachable from Nextcloud: {url}"),
+                    None,
+                    "not tested yet".into(),
+                    "Run the Test of this Nextcloud on the Nextcloud page with an admin login: Talk then announces a throw-away conversation to the box, signed with the shared secret.",
+                ),
+            }
         }
     }
     add(
-        "The box reachable from Nextcloud",
-        None,
-        "checked from Nextcloud's side".into(),
-        "In Nextcloud, Administration settings → Talk → High-performance backend: the status next to the URL turns green when Nextcloud reaches the box.",
-    );
-    add(
         "TURN reachable from this browser",
         None,
-        "run by the page: a relay-only connection through the box's TURN server".into(),
+        "run by this page: a relay-only test call through the box's TURN server (two connections in this browser that may only use TURN relay addresses, one data-channel message echoed)".into(),
         "If this fails, forward UDP and TCP port 3478 (or turn.port) and the relay port range to the box.",
     );
-    add(
-        "UDP media port reachable from outside",
-        None,
-        "needs an outside probe, not available yet".into(),
-        "Forward the SFU media UDP port range (Network page) to the box.",
-    );
+    // The box cannot send itself a datagram from outside; what it can check is whether the
+    // addresses it gives browsers can be reached from the internet at all.
+    let sfu = &app.config.sfu;
+    let ports = format!("UDP {}-{}", sfu.media_port_min, sfu.media_port_max);
+    let global = |ip: &IpAddr| match ip {
+        IpAddr::V4(v) => {
+            !(v.is_private()
+                || v.is_loopback()
+                || v.is_link_local()
+                || v.is_unspecified()
+                || v.octets()[0] == 100 && (v.octets()[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v) => {
+            !(v.is_loopback()
+                || v.is_unspecified()
+                || (v.segments()[0] & 0xfe00) == 0xfc00
+                || (v.segments()[0] & 0xffc0) == 0xfe80)
+        }
+    };
+    let advertised: Vec<IpAddr> = sfu
+        .public_ips
+        .iter()
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+        .collect();
+    if !sfu.enabled {
+        add(
+            "UDP media port reachable",
+            None,
+            "the SFU is off (sfu.enabled)".into(),
+            "",
+        );
+    } else if advertised.is_empty() && !own.iter().any(global) {
+        add(
+            "UDP media port reachable",
+            Some(false),
+            format!(
+                "the box has no public address and sfu.public_ips is empty: browsers outside this network are given only private addresses for {ports}"
+            ),
+            "The box is behind NAT: set the public address on the Network page (public IPs for ICE) and forward the media ports (UDP) from the router to the box.",
+        );
+    } else {
+        let shown: Vec<String> = if advertised.is_empty() {
+            own.iter()
+                .filter(|a| global(a))
+                .map(|a| a.to_string())
+                .collect()
+        } else {
+            advertised.iter().map(|a| a.to_string()).collect()
+        };
+        add(
+            "UDP media port reachable",
+            None,
+            format!(
+                "browsers are given {} for {ports}; whether they are open from outside can only be seen from outside (a call between two outside networks, or the TURN test above from a phone on mobile data)",
+                shown.join(", ")
+            ),
+            "If calls connect only through TURN or not at all, forward the media ports (UDP) to the box and check the address under public IPs on the Network page.",
+        );
+    }
     axum::Json(json!({"checks": out})).into_response()
 }
 
 async fn turn_credentials(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
     let v = ask(&app, &SetupRequest::TalkValues).await;
     let Some(secret) = v.data["turn_secret"].as_str() else {
         return fail(StatusCode::SERVICE_UNAVAILABLE, "no TURN secret available");
@@ -1118,10 +1416,7 @@ async fn turn_credentials(State(app): State<AppState>, headers: HeaderMap) -> Re
     .into_response()
 }
 
-async fn provisioning(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn provisioning(State(app): State<AppState>) -> Response {
     answer(ask(&app, &SetupRequest::ProvisioningAudit).await)
 }
 
@@ -1130,10 +1425,7 @@ struct BackupForm {
     passphrase: String,
 }
 
-async fn make_backup(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn make_backup(State(app): State<AppState>, body: Bytes) -> Response {
     let f: BackupForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -1171,10 +1463,7 @@ struct RestoreForm {
     passphrase: String,
 }
 
-async fn restore(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn restore(State(app): State<AppState>, body: Bytes) -> Response {
     let f: RestoreForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -1198,10 +1487,7 @@ struct ResetForm {
     confirm: String,
 }
 
-async fn factory_reset(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn factory_reset(State(app): State<AppState>, body: Bytes) -> Response {
     let f: ResetForm = match parse_json(&body) {
         Ok(f) => f,
         Err(r) => return r,
@@ -1221,14 +1507,7 @@ struct LogsQuery {
     level: Option<String>,
 }
 
-async fn logs(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    Query(q): Query<LogsQuery>,
-) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn logs(State(app): State<AppState>, Query(q): Query<LogsQuery>) -> Response {
     answer(
         ask(
             &app,
@@ -1241,10 +1520,7 @@ async fn logs(
     )
 }
 
-async fn support_bundle(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn support_bundle(State(app): State<AppState>) -> Response {
     let a = ask(&app, &SetupRequest::SupportBundle).await;
     if !a.ok {
         return answer(a);
@@ -1272,14 +1548,7 @@ struct DownQuery {
     mb: Option<u32>,
 }
 
-async fn speed_down(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    Query(q): Query<DownQuery>,
-) -> Response {
-    if let Err(r) = admin(&app, &headers, false, false) {
-        return r;
-    }
+async fn speed_down(Query(q): Query<DownQuery>) -> Response {
     let mb = q.mb.unwrap_or(8).clamp(1, 64) as usize;
     // Random bytes, so no compression on the way can flatter the figure.
     let chunk = crate::secrets::random(64 * 1024).unwrap_or_else(|_| vec![0x5a; 64 * 1024]);
@@ -1290,10 +1559,7 @@ async fn speed_down(
     ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
 }
 
-async fn speed_up(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = admin(&app, &headers, true, false) {
-        return r;
-    }
+async fn speed_up(body: Bytes) -> Response {
     axum::Json(json!({"received": body.len()})).into_response()
 }
 

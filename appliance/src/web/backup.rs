@@ -19,6 +19,7 @@ pub const MAX_BACKUP_BYTES: usize = 150 * 1024;
 const FILES: &[&str] = &[
     "tls/cert.pem",
     "tls/key.pem",
+    "tls/acme-account.json",
     "web/admin.json",
     "provisioning/trusted-keys",
     "rooms/rooms.json",

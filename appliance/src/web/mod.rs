@@ -7,11 +7,13 @@
 //! live in [`auth`]; certificate checks in [`cert`]; the charts' history in [`metrics`]; the
 //! API handlers in [`api`].
 
+pub mod acme;
 pub mod api;
 pub mod auth;
 pub mod backup;
 pub mod cert;
 pub mod metrics;
+pub mod nctest;
 pub mod page;
 pub mod requests;
 pub mod store;
@@ -36,6 +38,8 @@ struct Prepared {
     cert: Arc<cert::SwappableCert>,
     cert_pem: Vec<u8>,
     listener: StdTcpListener,
+    /// Plain HTTP for the ACME CA's HTTP-01 challenges (`web.acme_http_listen`), when on.
+    acme_listener: Option<StdTcpListener>,
 }
 
 /// Runs the web service process.
@@ -64,10 +68,23 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
         )
     })?;
     listener.set_nonblocking(true)?;
+    let acme_listener = if config.web.acme_enabled {
+        let l = StdTcpListener::bind(config.web.acme_http_listen).with_context(|| {
+            format!(
+                "binding the ACME challenge listener to {} (web.acme_http_listen)",
+                config.web.acme_http_listen
+            )
+        })?;
+        l.set_nonblocking(true)?;
+        Some(l)
+    } else {
+        None
+    };
     Ok(Prepared {
         cert: Arc::new(cert::SwappableCert::new(ck)),
         cert_pem,
         listener,
+        acme_listener,
     })
 }
 
@@ -82,6 +99,11 @@ pub struct App {
     pub cert_pem: RwLock<Vec<u8>>,
     pub history: metrics::History,
     pub nextcloud: crate::signaling::nextcloud::NextcloudClient,
+    /// The Nextcloud → box test's clients ([`nctest`]).
+    pub nctest: nctest::Clients,
+    /// The last Nextcloud → box result per Nextcloud URL (shown on the Self-checks page; the
+    /// test needs an admin login, so it runs only from the Test button).
+    pub last_inbound: Mutex<std::collections::HashMap<String, serde_json::Value>>,
     /// For the sizing state the SFU keeps (`sizing::read_state`).
     pub data: crate::config::DataDir,
 }
@@ -127,7 +149,23 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         cert_pem: RwLock::new(p.cert_pem),
         history: metrics::spawn_sampler(),
         nextcloud: crate::signaling::nextcloud::NextcloudClient::new(Duration::from_secs(5), 2)?,
+        nctest: nctest::Clients::new()?,
+        last_inbound: Mutex::new(Default::default()),
     });
+    if let Some(l) = p.acme_listener {
+        let l = tokio::net::TcpListener::from_std(l)?;
+        tracing::info!(addr = %l.local_addr()?, "answering ACME HTTP-01 challenges");
+        tokio::spawn(https::serve_plain(
+            l,
+            api::challenge_router(app.clone()),
+            https::Limits {
+                max_connections: 64,
+                handshake_timeout: Duration::from_secs(10),
+            },
+            ctx.shutdown.clone(),
+        ));
+    }
+    tokio::spawn(follow_certificate(app.clone()));
     let router = api::router(app).layer(axum::middleware::map_response(security_headers));
     ctx.link.ready().await;
     ctx.link
@@ -146,6 +184,57 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
     )
     .await;
     Ok(())
+}
+
+/// How often the web service asks whether the supervisor installed another certificate.
+const CERT_FOLLOW_EVERY: Duration = Duration::from_secs(3);
+
+/// Serves the certificate the supervisor has in force: one it installed without this process
+/// (an ACME order or renewal) is swapped in without a restart, so admin sessions survive.
+async fn follow_certificate(app: Arc<App>) {
+    let mut t = tokio::time::interval(CERT_FOLLOW_EVERY);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        t.tick().await;
+        let have = {
+            let pem = app.cert_pem.read().map(|p| p.clone()).unwrap_or_default();
+            hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &pem))
+        };
+        let a = api::ask(
+            &app,
+            &requests::SetupRequest::CurrentCertificate { have_sha256: have },
+        )
+        .await;
+        if !a.ok || a.data["changed"] != serde_json::Value::Bool(true) {
+            continue;
+        }
+        let (Some(cert_pem), Some(key_pem)) =
+            (a.data["cert_pem"].as_str(), a.data["key_pem"].as_str())
+        else {
+            continue;
+        };
+        let chain = match rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "the supervisor's certificate is not PEM; keeping the old one");
+                continue;
+            }
+        };
+        match cert::certified_key(chain, key_pem.as_bytes()) {
+            Ok(ck) => {
+                app.cert.replace(ck);
+                if let Ok(mut p) = app.cert_pem.write() {
+                    *p = cert_pem.as_bytes().to_vec();
+                }
+                tracing::info!("the setup page now serves the box's new certificate");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the supervisor's certificate cannot be served; keeping the old one")
+            }
+        }
+    }
 }
 
 async fn security_headers(mut r: Response) -> Response {

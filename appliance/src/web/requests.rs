@@ -46,6 +46,26 @@ pub enum SetupRequest {
         cert_pem: String,
         key_pem: String,
     },
+    /// The network, identity and TURN settings the page may edit, as in force.
+    Settings,
+    /// Change some of those settings (`section.key` → value); validated as a whole config
+    /// before anything is written.
+    PutSettings {
+        values: serde_json::Map<String, serde_json::Value>,
+    },
+    /// ACME state for the Certificates page.
+    AcmeStatus,
+    /// Order a certificate over ACME at once, whatever the current one's dates.
+    AcmeRenew,
+    /// The key authorization of a pending HTTP-01 challenge (asked by the port-80 listener).
+    AcmeChallenge {
+        token: String,
+    },
+    /// The certificate and key in force, unless their SHA-256 is `have_sha256` (the web
+    /// service swaps in a certificate the supervisor installed, e.g. from ACME).
+    CurrentCertificate {
+        have_sha256: String,
+    },
     /// Consume the one-time login link written by provisioning if the token's hash matches.
     ConsumeLoginLink {
         token_sha256: String,

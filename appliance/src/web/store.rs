@@ -25,6 +25,9 @@ use crate::config::{Config, DataDir};
 use crate::secrets::{self, Secret};
 use crate::storage;
 
+/// Work of a request that may block, run off the supervisor's loop; gives the answer.
+pub type Deferred = Box<dyn FnOnce() -> SetupAnswer + Send>;
+
 /// What the supervisor must do after a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effect {
@@ -57,6 +60,8 @@ pub struct SetupStore {
     /// A provisioning login link was used on an unclaimed box: its session may set the first
     /// password (which claims the box) without the setup code.
     link_used_unclaimed: bool,
+    /// ACME orders and their pending challenges (run by the supervisor's loop).
+    pub acme: super::acme::Acme,
 }
 
 /// Alphabet of setup codes: no 0/O, 1/I/L lookalikes.
@@ -130,6 +135,7 @@ impl SetupStore {
             config_path: config_path.unwrap_or_else(|| data.config_file()),
             setup_code: None,
             link_used_unclaimed: false,
+            acme: super::acme::Acme::default(),
         };
         if s.admin().is_none() {
             s.setup_code = Some(new_code()?);
@@ -163,6 +169,34 @@ impl SetupStore {
         let body = serde_json::to_vec_pretty(&f).map_err(|e| e.to_string())?;
         storage::write_atomic(&self.admin_path(), &body, 0o600)
             .map_err(|e| format!("writing {}: {e}", self.admin_path().display()))
+    }
+
+    /// A request whose work may block (it runs `journalctl`): the part that needs this
+    /// store is done now, the rest is returned to run off the supervisor's loop. `None` for
+    /// every other request, which [`SetupStore::handle`] answers at once.
+    pub fn deferred(&self, json: &str) -> Option<Deferred> {
+        if json.len() > super::requests::MAX_REQUEST_BYTES {
+            return None;
+        }
+        match serde_json::from_str::<SetupRequest>(json).ok()? {
+            SetupRequest::Logs { service, level } => Some(Box::new(move || {
+                match logs(service.as_deref(), &level, LOG_LINES) {
+                    Ok(v) => SetupAnswer::ok(v),
+                    Err(e) => SetupAnswer::err(e),
+                }
+            })),
+            SetupRequest::SupportBundle => {
+                let bundle = self.support_bundle_without_logs();
+                Some(Box::new(move || match bundle {
+                    Ok(mut b) => {
+                        b["logs"] = logs(None, "info", 200).unwrap_or_else(|e| json!({"error": e}));
+                        SetupAnswer::ok(b)
+                    }
+                    Err(e) => SetupAnswer::err(e),
+                }))
+            }
+            _ => None,
+        }
     }
 
     /// Carries out one request (a JSON [`SetupRequest`]).
@@ -276,6 +310,25 @@ impl SetupStore {
                     Effect::RestartTlsUsers,
                 ))
             }
+            SetupRequest::Settings => done(settings(config)),
+            SetupRequest::PutSettings { values } => {
+                self.put_settings(&values)?;
+                Ok((SetupAnswer::ok(json!({})), Effect::ReloadConfig))
+            }
+            SetupRequest::AcmeStatus => {
+                done(serde_json::to_value(self.acme.status(config)).map_err(|e| e.to_string())?)
+            }
+            SetupRequest::AcmeRenew => {
+                self.acme.renew_now(config)?;
+                done(json!({}))
+            }
+            // An unknown token is an ordinary answer: anyone may probe port 80.
+            SetupRequest::AcmeChallenge { token } => {
+                done(json!({"key_authorization": self.acme.challenge(&token)}))
+            }
+            SetupRequest::CurrentCertificate { have_sha256 } => {
+                done(self.current_certificate(&have_sha256)?)
+            }
             SetupRequest::ConsumeLoginLink { token_sha256 } => {
                 self.consume_login_link(&token_sha256)?;
                 let password_set = self.admin().is_some();
@@ -283,10 +336,15 @@ impl SetupStore {
                 done(json!({"password_set": password_set}))
             }
             SetupRequest::ProvisioningAudit => done(self.audit()),
+            // Normally taken off the loop through `deferred`; answered here when called directly.
             SetupRequest::Logs { service, level } => {
                 done(logs(service.as_deref(), &level, LOG_LINES)?)
             }
-            SetupRequest::SupportBundle => done(self.support_bundle()?),
+            SetupRequest::SupportBundle => {
+                let mut b = self.support_bundle_without_logs()?;
+                b["logs"] = logs(None, "info", 200).unwrap_or_else(|e| json!({"error": e}));
+                done(b)
+            }
             SetupRequest::Backup { passphrase } => {
                 let c = backup::collect(&self.data.root, &self.config_path)?;
                 done(json!({"backup": backup::seal(&c, &passphrase)?}))
@@ -363,6 +421,7 @@ impl SetupStore {
         for f in [
             "tls/cert.pem",
             "tls/key.pem",
+            "tls/acme-account.json",
             "web/admin.json",
             "web/login-link.json",
             "provisioning/trusted-keys",
@@ -426,6 +485,75 @@ impl SetupStore {
             .map_err(|e| format!("the change was not applied: {e}"))?;
         storage::write_atomic(&self.config_path, text.as_bytes(), 0o600)
             .map_err(|e| format!("writing {}: {e}", self.config_path.display()))
+    }
+
+    /// Sets the given editable keys in the config file, checked as a whole before it is written.
+    fn put_settings(&self, values: &serde_json::Map<String, Value>) -> Result<(), String> {
+        if values.is_empty() {
+            return Err("nothing to change".into());
+        }
+        let mut table = self.config_table()?;
+        for (name, v) in values {
+            let Some((section, key, kind)) = EDITABLE
+                .iter()
+                .find(|(s, k, _)| format!("{s}.{k}") == *name)
+                .copied()
+            else {
+                return Err(format!(
+                    "{name} cannot be changed on the page; it may change: {}",
+                    EDITABLE
+                        .iter()
+                        .map(|(s, k, _)| format!("{s}.{k}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            };
+            let value = match (kind, v) {
+                (Kind::Bool, Value::Bool(b)) => toml::Value::Boolean(*b),
+                (Kind::Int, Value::Number(n)) if n.as_i64().is_some() => {
+                    toml::Value::Integer(n.as_i64().unwrap_or(0))
+                }
+                (Kind::Int, Value::String(s)) if s.trim().parse::<i64>().is_ok() => {
+                    toml::Value::Integer(s.trim().parse().unwrap_or(0))
+                }
+                (Kind::Str, Value::String(s)) if s.len() <= 512 => {
+                    toml::Value::String(s.trim().to_string())
+                }
+                (Kind::List, Value::Array(a)) if a.len() <= 64 => {
+                    let mut items = Vec::new();
+                    for x in a {
+                        match x {
+                            Value::String(s) if s.len() <= 256 => {
+                                if !s.trim().is_empty() {
+                                    items.push(toml::Value::String(s.trim().to_string()));
+                                }
+                            }
+                            _ => return Err(format!("{name}: each entry must be text")),
+                        }
+                    }
+                    toml::Value::Array(items)
+                }
+                _ => {
+                    return Err(format!(
+                        "{name}: expected {}",
+                        match kind {
+                            Kind::Bool => "yes or no",
+                            Kind::Int => "a whole number",
+                            Kind::Str => "text (at most 512 characters)",
+                            Kind::List => "a list of at most 64 entries",
+                        }
+                    ));
+                }
+            };
+            let t = table
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(t) = t.as_table_mut() else {
+                return Err(format!("[{section}] in the config is not a table"));
+            };
+            t.insert(key.to_string(), value);
+        }
+        self.write_config(&table)
     }
 
     fn backend_secret_path(&self, id: &str) -> Result<PathBuf, String> {
@@ -557,19 +685,32 @@ impl SetupStore {
     }
 
     fn install_certificate(&self, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+        install_pair(&self.data, cert_pem, key_pem)?;
+        tracing::info!("installed an uploaded certificate");
+        Ok(())
+    }
+
+    fn current_certificate(&self, have_sha256: &str) -> Result<Value, String> {
         let (cert, key) = (
             crate::tls::cert_path(&self.data),
             crate::tls::key_path(&self.data),
         );
-        storage::write_atomic(&key, key_pem.as_bytes(), 0o600)
-            .map_err(|e| format!("writing {}: {e}", key.display()))?;
-        if let Err(e) = storage::write_atomic(&cert, cert_pem.as_bytes(), 0o600) {
-            // Put the old key back so the pair on disk still matches.
-            let _ = std::fs::rename(storage::previous_version(&key), &key);
-            return Err(format!("writing {}: {e}", cert.display()));
+        let cert_pem =
+            std::fs::read(&cert).map_err(|e| format!("reading {}: {e}", cert.display()))?;
+        let sha = hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &cert_pem,
+        ));
+        if sha.eq_ignore_ascii_case(have_sha256) {
+            return Ok(json!({"changed": false}));
         }
-        tracing::info!(file = %cert.display(), "installed an uploaded certificate");
-        Ok(())
+        let key_pem = std::fs::read(&key).map_err(|e| format!("reading {}: {e}", key.display()))?;
+        Ok(json!({
+            "changed": true,
+            "sha256": sha,
+            "cert_pem": String::from_utf8_lossy(&cert_pem),
+            "key_pem": String::from_utf8_lossy(&key_pem),
+        }))
     }
 
     fn consume_login_link(&self, token_sha256: &str) -> Result<(), String> {
@@ -638,6 +779,65 @@ impl SetupStore {
         entries.reverse();
         json!({"entries": entries, "present": true})
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Bool,
+    Int,
+    Str,
+    List,
+}
+
+/// The keys the Network and TURN pages may change: (section, key, kind).
+const EDITABLE: &[(&str, &str, Kind)] = &[
+    ("supervisor", "names", Kind::List),
+    ("sfu", "public_ips", Kind::List),
+    ("sfu", "media_port_min", Kind::Int),
+    ("sfu", "media_port_max", Kind::Int),
+    ("signaling", "listen", Kind::Str),
+    ("turn", "enabled", Kind::Bool),
+    ("turn", "realm", Kind::Str),
+    ("turn", "port", Kind::Int),
+    ("turn", "tls_port", Kind::Int),
+    ("turn", "relay_port_min", Kind::Int),
+    ("turn", "relay_port_max", Kind::Int),
+    ("turn", "relay_address", Kind::Str),
+    ("turn", "allowed_peers", Kind::List),
+];
+
+/// The editable settings as in force (the supervisor's config, which the web process's copy
+/// may lag behind until it restarts).
+fn settings(c: &Config) -> Value {
+    json!({
+        "supervisor.names": c.supervisor.names,
+        "sfu.public_ips": c.sfu.public_ips,
+        "sfu.media_port_min": c.sfu.media_port_min,
+        "sfu.media_port_max": c.sfu.media_port_max,
+        "signaling.listen": c.signaling.listen.to_string(),
+        "turn.enabled": c.turn.enabled,
+        "turn.realm": c.turn.realm,
+        "turn.port": c.turn.port,
+        "turn.tls_port": c.turn.tls_port,
+        "turn.relay_port_min": c.turn.relay_port_min,
+        "turn.relay_port_max": c.turn.relay_port_max,
+        "turn.relay_address": c.turn.relay_address,
+        "turn.allowed_peers": c.turn.allowed_peers,
+    })
+}
+
+/// Replaces the box's certificate and key (key first; if the certificate cannot be written
+/// the old key is put back, so the pair on disk always matches).
+pub fn install_pair(data: &DataDir, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+    let (cert, key) = (crate::tls::cert_path(data), crate::tls::key_path(data));
+    storage::write_atomic(&key, key_pem.as_bytes(), 0o600)
+        .map_err(|e| format!("writing {}: {e}", key.display()))?;
+    if let Err(e) = storage::write_atomic(&cert, cert_pem.as_bytes(), 0o600) {
+        let _ = std::fs::rename(storage::previous_version(&key), &key);
+        return Err(format!("writing {}: {e}", cert.display()));
+    }
+    tracing::info!(file = %cert.display(), "installed a new certificate");
+    Ok(())
 }
 
 /// Lines of log a request returns at most.
@@ -729,11 +929,10 @@ fn redact(v: &mut toml::Value) {
 }
 
 impl SetupStore {
-    fn support_bundle(&self) -> Result<Value, String> {
+    fn support_bundle_without_logs(&self) -> Result<Value, String> {
         let mut table = toml::Value::Table(self.config_table()?);
         redact(&mut table);
         let config = toml::to_string(&table).map_err(|e| e.to_string())?;
-        let logs = logs(None, "info", 200).unwrap_or_else(|e| json!({"error": e}));
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -745,7 +944,7 @@ impl SetupStore {
             "config_file": self.config_path.display().to_string(),
             "config": config,
             "claimed": self.admin().is_some(),
-            "logs": logs,
+            "logs": Value::Null,
         }))
     }
 }
@@ -857,6 +1056,38 @@ mod tests {
         assert!(a.ok, "{a:?}");
         let c = Config::from_file(&s.config_path).expect("valid");
         assert!(c.signaling.backends.is_empty());
+    }
+
+    #[test]
+    fn settings_are_validated_as_a_whole_before_they_are_written() {
+        let (_d, mut s) = store();
+        let (a, e) = req(
+            &mut s,
+            json!({"op":"put-settings","values":{"turn.realm":"talk.example.org","sfu.public_ips":["203.0.113.7"]}}),
+        );
+        assert!(a.ok, "{a:?}");
+        assert_eq!(e, Effect::ReloadConfig);
+        let c = Config::from_file(&s.config_path).expect("valid config written");
+        assert_eq!(c.turn.realm, "talk.example.org");
+        assert_eq!(settings(&c)["sfu.public_ips"][0], "203.0.113.7");
+        let before = std::fs::read_to_string(&s.config_path).expect("config");
+        for (bad, says) in [
+            (json!({"turn.port": 70000}), "turn.port"),
+            (json!({"turn.port": "many"}), "a whole number"),
+            (json!({"sfu.public_ips": ["not an ip"]}), "public_ips"),
+            (json!({"web.listen": "0.0.0.0:1"}), "cannot be changed"),
+        ] {
+            let (a, e) = req(&mut s, json!({"op":"put-settings","values":bad}));
+            assert!(!a.ok && e == Effect::None, "{bad} accepted");
+            assert!(
+                a.error.as_deref().unwrap_or("").contains(says),
+                "{bad}: {a:?}"
+            );
+        }
+        assert_eq!(
+            before,
+            std::fs::read_to_string(&s.config_path).expect("config")
+        );
     }
 
     #[test]

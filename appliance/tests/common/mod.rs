@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod fake_nextcloud;
 pub mod netns;
 pub mod stun_msgs;
 pub mod turn;

@@ -235,13 +235,21 @@ async function backendsPage() {
         el("span", { class: "name", text: k }),
         el("code", { "data-field": k, text: k === "TURN server" ? d.turn_server : v }),
         copyButton(k === "TURN server" ? d.turn_server : v)])),
-      el("button", { type: "button", class: "secondary test", text: "Test", onclick: async () => {
-        results.replaceChildren(el("p", { text: "Testing…" }));
+      el("details", { class: "test-login" },
+        el("summary", { text: "Nextcloud admin login for the Nextcloud → box test (optional, not stored)" }),
+        field("Nextcloud admin user", el("input", { class: "nc-user", autocomplete: "off" })),
+        field("App password", el("input", { class: "nc-password", type: "password", autocomplete: "off" }))),
+      el("button", { type: "button", class: "secondary test", text: "Test", onclick: async (ev) => {
+        const card = ev.target.closest(".backend");
+        results.replaceChildren(el("p", { text: "Testing… (up to half a minute)" }));
         try {
-          const t = await api("POST", "/api/backends/test", { id: b.id });
-          results.replaceChildren(...t.results.map(r => el("p", {},
-            el("span", { class: r.capabilities && r.signed_round_trip ? "ok" : "bad", text: r.capabilities && r.signed_round_trip ? "OK " : "Problem " }),
-            `${r.url}: capabilities ${r.capabilities ? "fetched" : "not reachable"}; signed request: ${r.detail}. ${r.remedy}`)));
+          const t = await api("POST", "/api/backends/test", { id: b.id,
+            nc_user: card.querySelector(".nc-user").value.trim(), nc_password: card.querySelector(".nc-password").value });
+          results.replaceChildren(...t.results.map(r => el("div", { class: "test-result", "data-url": r.url },
+            el("p", {}, el("span", { class: r.ok ? "ok" : "bad", text: r.ok ? "OK " : "Problem " }), r.url),
+            el("ul", {}, r.checks.map(c => el("li", { "data-check": c.name, "data-ok": String(c.ok) },
+              el("span", { class: c.ok === true ? "ok" : c.ok === false ? "bad" : "warn", text: c.ok === true ? "OK" : c.ok === false ? "Problem" : "Not tested" }),
+              ` ${c.name}: ${c.detail}`, c.remedy ? el("div", { class: "muted", text: c.remedy }) : null))))));
         } catch (e) { results.replaceChildren(el("p", { class: "bad", text: e.message })); }
       } }),
       el("button", { type: "button", class: "secondary", text: "New secret", onclick: async () => {
@@ -300,8 +308,28 @@ async function certificatePage() {
   page("Certificate",
     el("div", { id: "cert-info" }, kv([["Names", c.names.join(", ")], ["Subject", c.subject], ["Issuer", c.issuer + (c.self_signed ? " (self-signed)" : "")],
       ["Valid", `${d.not_before} to ${d.not_after} (${d.days_left} days left)`], ["Chain", c.chain_len + " certificate(s)"],
-      ["Public name", d.public_name], ["ACME", d.acme]])),
+      ["Public name", d.public_name]])),
+    acmeSection(d.acme || {}),
     f);
+}
+
+function acmeSection(a) {
+  const box = el("section", { id: "acme" }, el("h3", { text: "Automatic certificate (ACME)" }));
+  if (a.error) { box.append(el("p", { class: "error", text: a.error })); return box; }
+  if (!a.enabled) {
+    box.append(el("p", { class: "muted", text: "Off. To get a certificate from Let's Encrypt (or another ACME CA) and renew it automatically, set web.acme_enabled = true and put the box's public DNS name in supervisor.names; the CA must reach the box on port 80." }));
+    return box;
+  }
+  const state = a.ordering ? "ordering a certificate now…" : (a.last_error ? "the last order failed" : (a.last_success ? "certificate obtained" : "waiting for the next check"));
+  box.append(kv([["State", state], ["CA", a.directory], ["Names", (a.names || []).join(", ") || "(none: set supervisor.names)"],
+    ["Renews", `when fewer than ${a.renew_before_days} days are left`], ["Last order", a.last_attempt || "-"],
+    ["Last success", a.last_success || "-"], ["Next check", a.next_check || "-"]]));
+  if (a.last_error) box.append(el("p", { id: "acme-error", class: "error", text: a.last_error }));
+  box.append(el("button", { id: "acme-renew", type: "button", disabled: a.ordering, text: "Renew now", onclick: async () => {
+    try { await api("POST", "/api/acme/renew", {}); message("Ordering a certificate; this page updates when it is done.", "info"); setTimeout(certificatePage, 2000); }
+    catch (e) { message("Not started: " + e.message, "error"); }
+  } }));
+  return box;
 }
 
 // ---- network, bandwidth ----
@@ -310,15 +338,56 @@ async function networkPage() {
   let d;
   try { d = await api("GET", "/api/network"); } catch (e) { message(e.message, "error"); return; }
   if (location.hash !== "#network") return;
+  const netForm = await settingsForm("net", "Change names and addresses", [
+    ["supervisor.names", "Public DNS names and addresses of the box (comma-separated)", "list"],
+    ["sfu.public_ips", "Public IPs for ICE, behind NAT (comma-separated)", "list"],
+    ["signaling.listen", "Signaling HTTPS address (IP:port)", "text"],
+    ["sfu.media_port_min", "SFU media ports from", "number"], ["sfu.media_port_max", "to", "number"]]);
+  if (location.hash !== "#network") return;
   page("Network and identity",
     kv([["Host name", d.hostname], ["Public name", d.public_name], ["Configured names", d.names.join(", ") || "(none: set supervisor.names)"],
       ["Public IPs for ICE", d.public_ips.join(", ") || "(none: set sfu.public_ips behind NAT)"]]),
     el("h3", { text: "Service ports" }),
     el("div", { class: "scroll" }, el("table", {}, el("thead", {}, el("tr", {}, ["Service", "Protocol", "Port", "Enabled"].map(t => el("th", { text: t })))),
       el("tbody", {}, d.ports.map(p => el("tr", {}, el("td", { text: p.service }), el("td", { text: p.proto }), el("td", { text: p.port }), el("td", { text: p.enabled ? "yes" : "no" })))))),
+    netForm,
     el("h3", { text: "Network interfaces" }),
     el("table", {}, el("tbody", {}, d.nics.map(n => el("tr", {}, el("td", { text: n.name }), el("td", { text: n.up ? "up" : "down" }),
       el("td", { text: n.speed_mbps ? n.speed_mbps + " Mbit/s" : "speed unknown" }))))));
+}
+
+// A form over some of the editable settings (GET/POST /api/settings). Values shown are those
+// in force in the supervisor; a change is checked as a whole config before it is written.
+async function settingsForm(id, title, fields) {
+  let cur;
+  try { cur = await api("GET", "/api/settings"); } catch (e) { return el("p", { class: "error", text: "Settings unavailable: " + e.message }); }
+  const inputId = k => "set-" + k.replace(/[._]/g, "-");
+  const f = el("form", { id: id + "-settings" }, el("h3", { text: title }),
+    fields.map(([k, label, kind]) => {
+      const v = cur[k];
+      const input = kind === "bool" ? el("input", { id: inputId(k), type: "checkbox", checked: !!v })
+        : el("input", { id: inputId(k), type: kind === "number" ? "number" : "text", value: kind === "list" ? (v || []).join(", ") : String(v ?? "") });
+      return field(label, input);
+    }),
+    el("button", { id: id + "-save", type: "submit", text: "Save" }));
+  f.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const values = {};
+    for (const [k, , kind] of fields) {
+      const input = document.getElementById(inputId(k));
+      const before = cur[k];
+      let v = kind === "bool" ? input.checked : kind === "list" ? input.value.split(",").map(x => x.trim()).filter(x => x) : kind === "number" ? input.value.trim() : input.value;
+      const same = kind === "list" ? JSON.stringify(v) === JSON.stringify(before || []) : String(v) === String(before ?? "");
+      if (!same) values[k] = kind === "number" && /^-?[0-9]+$/.test(v) ? Number(v) : v;
+    }
+    if (!Object.keys(values).length) { message("Nothing changed.", "info"); return; }
+    try {
+      await api("POST", "/api/settings", { values });
+      message("Saved: " + Object.keys(values).join(", ") + ". The services concerned restart with it.", "info");
+      route();
+    } catch (e) { message("Not saved: " + e.message, "error"); }
+  });
+  return f;
 }
 
 async function speedTest(out) {
@@ -342,6 +411,13 @@ async function bandwidthPage() {
   let d;
   try { d = await api("GET", "/api/network"); } catch (e) { message(e.message, "error"); return; }
   if (location.hash !== "#bandwidth") return;
+  const turnForm = await settingsForm("turn", "Change TURN settings", [
+    ["turn.enabled", "TURN server on", "bool"], ["turn.realm", "Realm", "text"],
+    ["turn.port", "Port (UDP and TCP)", "number"], ["turn.tls_port", "TLS port", "number"],
+    ["turn.relay_port_min", "Relay ports from", "number"], ["turn.relay_port_max", "to", "number"],
+    ["turn.relay_address", "Relay address given to clients (empty: the listen address)", "text"],
+    ["turn.allowed_peers", "Extra peer networks the relay may reach (CIDR, comma-separated)", "list"]]);
+  if (location.hash !== "#bandwidth") return;
   const t = d.turn;
   const out = el("p", { id: "speed-result", class: "muted", text: "" });
   const cap = d.capacity;
@@ -350,6 +426,7 @@ async function bandwidthPage() {
     kv([["Enabled", t.enabled ? "yes" : "no"], ["Realm", t.realm], ["Ports", `${t.port} (UDP/TCP), ${t.tls_port} (TLS)`], ["Relay ports", t.relay_ports],
       ["Allocations", `${t.max_allocations} in all, ${t.max_allocations_per_user} per user`],
       ["Bandwidth per allocation", t.bandwidth_per_allocation_kbps ? t.bandwidth_per_allocation_kbps + " kbit/s" : "no cap"]]),
+    turnForm,
     el("h3", { text: "Capacity" }),
     kv([["NIC link speed", d.nic_mbps ? d.nic_mbps + " Mbit/s" : "unknown"], ["Declared uplink", d.declared_uplink_mbps ? d.declared_uplink_mbps + " Mbit/s" : "not declared (sizing.uplink_mbps)"],
       ["Measured", d.measured ? `${d.measured.mbps.toFixed(1)} Mbit/s against ${d.measured.peer}` : (d.measure_error ? "failed: " + d.measure_error : "no peer configured (sizing.peer)")],
@@ -369,21 +446,51 @@ async function bandwidthPage() {
 
 // ---- self-checks ----
 
+// A relay-only test call inside this browser: two peer connections that may only use relay
+// candidates from the box's TURN server, a data channel between them and one echoed message.
+// Gathering a relay address proves the allocation; the echo proves the relay carries data.
 async function turnCheck(cell) {
+  let a = null, b = null;
+  const show = (ok, text) => { cell.className = ok ? "ok" : "bad"; cell.textContent = text; };
   try {
     const c = await api("GET", "/api/checks/turn-credentials");
-    const pc = new RTCPeerConnection({ iceServers: [{ urls: c.urls, username: c.username, credential: c.credential }], iceTransportPolicy: "relay" });
-    pc.createDataChannel("probe");
-    const got = new Promise(res => {
-      pc.onicecandidate = (e) => { if (e.candidate && / relay /.test(e.candidate.candidate)) res(true); if (!e.candidate) res(false); };
-      setTimeout(() => res(false), 8000);
+    const port = c.urls[0].split(":")[2].split("?")[0];
+    const cfg = { iceServers: [{ urls: c.urls, username: c.username, credential: c.credential }], iceTransportPolicy: "relay" };
+    a = new RTCPeerConnection(cfg); b = new RTCPeerConnection(cfg);
+    b.ondatachannel = (ev) => { ev.channel.onmessage = (m) => ev.channel.send("echo:" + m.data); };
+    const ch = a.createDataChannel("talkbox-turn-test");
+    let t0 = 0;
+    const rtt = new Promise((res) => {
+      ch.onopen = () => { t0 = performance.now(); ch.send("ping"); };
+      ch.onmessage = (m) => res(m.data === "echo:ping" ? performance.now() - t0 : null);
+      setTimeout(() => res(null), 20000);
     });
-    await pc.setLocalDescription(await pc.createOffer());
-    const ok = await got;
-    pc.close();
-    cell.className = ok ? "ok" : "bad";
-    cell.textContent = ok ? "OK: this browser got a relay address from the box's TURN server" : "No relay address: forward UDP/TCP " + c.urls[0].split(":")[2].split("?")[0] + " and the relay range to the box";
-  } catch (e) { cell.className = "bad"; cell.textContent = e.message; }
+    // Candidates travel inside the descriptions (gathering finished first), so none is lost
+    // to a race with setRemoteDescription.
+    const gathered = (pc) => new Promise((res) => {
+      if (pc.iceGatheringState === "complete") return res();
+      pc.addEventListener("icegatheringstatechange", () => { if (pc.iceGatheringState === "complete") res(); });
+      setTimeout(res, 8000);
+    });
+    await a.setLocalDescription(await a.createOffer());
+    await gathered(a);
+    const relays = (a.localDescription.sdp.match(/ typ relay/g) || []).length;
+    await b.setRemoteDescription(a.localDescription);
+    await b.setLocalDescription(await b.createAnswer());
+    await gathered(b);
+    await a.setRemoteDescription(b.localDescription);
+    const ms = await rtt;
+    if (ms !== null) {
+      show(true, `OK: a relay-only test call through the box's TURN server carried data (round trip ${ms.toFixed(0)} ms)`);
+      const remedy = cell.parentElement && cell.parentElement.querySelector(".remedy");
+      if (remedy) remedy.hidden = true;
+    } else if (relays === 0) {
+      show(false, `No relay address: this browser cannot reach the box's TURN server. Forward UDP and TCP ${port} to the box (and check that no firewall between this computer and the box blocks them).`);
+    } else {
+      show(false, `The TURN server gave relay addresses but the test call carried no data: forward the TURN relay port range to the box, and set turn.relay_address to the box's public address if it is behind NAT.`);
+    }
+  } catch (e) { show(false, e.message); }
+  finally { if (a) a.close(); if (b) b.close(); }
 }
 
 async function checksPage() {
@@ -395,11 +502,11 @@ async function checksPage() {
   const rows = d.checks.map(c => {
     const cell = el("td", { class: c.ok === true ? "ok" : c.ok === false ? "bad" : "warn", text: c.ok === true ? "OK" : c.ok === false ? "Problem" : "See note" });
     if (c.name.startsWith("TURN reachable")) turnCell = cell;
-    return el("tr", {}, el("td", { text: c.name }), cell, el("td", {}, el("div", { text: c.detail }), c.remedy ? el("div", { class: "muted", text: c.remedy }) : null));
+    return el("tr", {}, el("td", { text: c.name }), cell, el("td", {}, el("div", { text: c.detail }), c.remedy ? el("div", { class: "muted remedy", text: c.remedy }) : null));
   });
   page("Self-checks", el("div", { class: "scroll" }, el("table", { id: "checks" },
     el("thead", {}, el("tr", {}, ["Check", "Result", "Details and remedy"].map(t => el("th", { text: t })))), el("tbody", {}, rows))));
-  if (turnCell) { turnCell.textContent = "Testing…"; turnCheck(turnCell); }
+  if (turnCell) { turnCell.id = "turn-check"; turnCell.textContent = "Testing…"; turnCheck(turnCell); }
 }
 
 // ---- provisioning ----
