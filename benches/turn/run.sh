@@ -19,11 +19,10 @@ secret=bench-static-secret-0123456789abcdef0123456789
 tick=$(clk_tck)
 
 # Loads: clients x messages x bytes, ms between messages per client, channels (-c = ChannelData).
-# Rates rise until loss appears; each run is bounded by `timeout`.
+# Rates rise until loss appears; each run is bounded by `timeout`. (m100 and m200 at -z 10 were
+# dropped to keep run-all inside 15 minutes: their ratios lay between m50's and m200z5's.)
 loads=(
   "m50  -n 1000 -m 50  -l 1200 -z 10 -c"
-  "m100 -n 1000 -m 100 -l 1200 -z 10 -c"
-  "m200 -n 1000 -m 200 -l 1200 -z 10 -c"
   "m200z5 -n 1000 -m 200 -l 1200 -z 5 -c"
   "m300z5 -n 800 -m 300 -l 1200 -z 5 -c"
 )
