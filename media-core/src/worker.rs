@@ -352,8 +352,8 @@ impl<I: DatagramIo> Worker<I> {
             }
         };
         let mut housekeeping = Instant::now();
-        let mut now = housekeeping;
         while !self.stop {
+            let now = Instant::now();
             let next = self
                 .timers
                 .peek()
@@ -404,7 +404,7 @@ impl<I: DatagramIo> Worker<I> {
                 self.read_tcp(peer, Instant::now());
             }
             self.drain_dirty(Instant::now());
-            now = Instant::now();
+            let now = Instant::now();
             self.fire_timers(now);
             if self.keyframe_due.is_some_and(|t| t <= now) {
                 self.send_due_keyframe_requests(now);
