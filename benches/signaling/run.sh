@@ -228,6 +228,20 @@ for s in talkbox nss; do
   echo "== $s (pid $pid)" >&2
   throughput "$s" "$port" "$pid" | tee -a "$results" >&2
   for r in $LAT_RATES; do latency "$s" "$port" "$pid" "$r" | tee -a "$lat" >&2; done
+  # Where talkbox's time goes: one more short run of the Debian client with `perf record`
+  # attached (flat profile; the release build has symbols).
+  if [ "$s" = talkbox ] && command -v perf >/dev/null; then
+    set +e
+    "${N[@]}" taskset -c 1 timeout -s INT -k 10 12 "$client" -addr "127.0.0.1:$port" \
+      -config "$work/client-$s.conf" -maxClients 100 > "$work/profile-client.log" 2>&1 &
+    cp=$!
+    sleep 2
+    timeout 30 perf record -q -F 999 -p "$pid" -o "$work/perf.data" -- sleep 8 > "$work/perf-record.log" 2>&1
+    wait "$cp"
+    perf report -i "$work/perf.data" --stdio --no-children --sort dso,symbol --percent-limit 1 2>/dev/null \
+      | grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//' | head -30 > "$work/profile.txt"
+    set -e
+  fi
   # A fresh server for the idle test, so that its RSS starts from the same point.
   if [ "$s" = talkbox ]; then stop_talkbox; pid=$(start_talkbox); else stop_pid "$pid"; pid=$(start_nss); pids+=("$pid"); fi
   sleep 1
@@ -276,6 +290,15 @@ label() { case "$1" in talkbox) echo "talkbox";; nss) echo "spreed-signaling 0.4
     echo "| $(label "$n") | ${sys:-?} | ${cs:-?} |"
   done < "$results"
   echo
+  if [ -s "$work/profile.txt" ]; then
+    echo "Profile of talkbox's signaling process under the same client (one more 12 s run, \`perf record -F 999 -p PID\`"
+    echo "over 8 s of it, then \`perf report --no-children --sort dso,symbol\`, entries of at least 1 %):"
+    echo
+    echo '```'
+    cat "$work/profile.txt"
+    echo '```'
+    echo
+  fi
   echo "### Latency at fixed rates: \`sigbench load\`"
   echo
   echo "100 sessions, messages stamped with their send time to random sessions at a fixed total rate"
