@@ -146,6 +146,7 @@ stop_server() {
 }
 
 results="$work/results.jsonl"; : > "$results"
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
 # SFU_APPEND=FILE: start from the result lines in FILE (e.g. to redo one scenario).
 [ -z "${SFU_APPEND:-}" ] || cp "$SFU_APPEND" "$results"
 room=1000
@@ -189,8 +190,16 @@ if [ -n "$profile_sc" ] && command -v perf >/dev/null; then
   lg=$!
   for _ in $(seq 1 1200); do [ -f "$work/ready" ] || ! kill -0 "$lg" 2>/dev/null && break; sleep 0.1; done
   if [ -f "$work/ready" ]; then
+    # Alongside: syscalls and context switches over the same window. Unlike CPU time they do
+    # not depend on what else loads the machine, so they compare builds on a busy machine.
+    timeout 60 perf stat -x, -o "$work/perf-stat.csv" -p "$(cat "$work/server.pid")" \
+      -e raw_syscalls:sys_enter,syscalls:sys_enter_poll,syscalls:sys_enter_epoll_wait \
+      -e syscalls:sys_enter_recvmmsg,syscalls:sys_enter_sendmmsg \
+      -e context-switches,task-clock -- sleep $((seconds - 1)) > "$work/perf-stat.log" 2>&1 &
+    st=$!
     timeout 60 perf record -q -F 999 -p "$(cat "$work/server.pid")" -o "$work/perf.data" -- sleep $((seconds - 1)) \
       > "$work/perf-record.log" 2>&1
+    wait "$st"
     perf report -i "$work/perf.data" --stdio --no-children --sort dso,symbol --percent-limit 1 2>/dev/null \
       | grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//' | head -40 \
       > "$work/profile.txt"
@@ -201,7 +210,7 @@ if [ -n "$profile_sc" ] && command -v perf >/dev/null; then
 fi
 
 # Render the section.
-python3 - "$results" "$seconds" "$work/profile.txt" "$profile_sc" > "$out/sfu.md" <<'PY'
+python3 - "$results" "$seconds" "$work/profile.txt" "$profile_sc" "$work/perf-stat.csv" "$work/profile-run.json" "$load0" > "$out/sfu.md" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 secs = sys.argv[2]
@@ -217,6 +226,7 @@ print("loopback-only network namespace; talkbox and Janus run one after the othe
 print(f"(fresh process each) on the same machine, which other jobs were loading; {secs} s window after")
 print("a 2 s warm-up. Scenarios: `fanout:N` = 1 publisher → N subscribers, `rooms:M` = M rooms of 3")
 print("(everyone subscribes to the other two), `room:K` = one all-video room of K.")
+print(f"Machine load average (1/5/15 min) at the start of this part: {sys.argv[7]}.")
 print()
 print("forwarded pkt/s = RTP packets the subscribers received per second; CPU = server user+system")
 print("time over the window; µs/pkt = CPU per forwarded packet (= CPU s per million); jitter = RFC 3550")
@@ -248,5 +258,30 @@ if os.path.exists(sys.argv[3]) and os.path.getsize(sys.argv[3]) > 0:
     print("```")
     print(open(sys.argv[3]).read().rstrip())
     print("```")
+# perf stat over the same window: system calls and context switches per forwarded packet.
+try:
+    pps = json.load(open(sys.argv[6]))["recv_pps"]
+    stat = {}
+    for line in open(sys.argv[5]):
+        f = line.strip().split(",")
+        if len(f) > 3 and f[0].replace(".", "").isdigit():
+            stat[f[2]] = float(f[0])
+    win = stat["task-clock"]  # ms of CPU over (seconds - 1) s of wall time
+    wall = float(secs) - 1
+except (OSError, KeyError, ValueError, IndexError):
+    stat = None
+if stat and pps:
+    print()
+    print(f"System calls and context switches of `talkbox sfu` over {wall:.0f} s of the same window "
+          f"(`perf stat -p PID`), {pps:.0f} forwarded packets/s, {win / wall:.0f} ms CPU per second:")
+    print()
+    print("| event | per second | per forwarded packet |")
+    print("|---|---|---|")
+    for k in ["raw_syscalls:sys_enter", "syscalls:sys_enter_poll", "syscalls:sys_enter_epoll_wait",
+              "syscalls:sys_enter_recvmmsg", "syscalls:sys_enter_sendmmsg",
+              "context-switches"]:
+        if k in stat:
+            name = k.split(":")[-1].replace("sys_enter_", "").replace("sys_enter", "all system calls")
+            print(f"| {name} | {stat[k] / wall:.0f} | {stat[k] / wall / pps:.3f} |")
 PY
 cat "$out/sfu.md"

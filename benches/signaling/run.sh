@@ -140,11 +140,23 @@ throughput() {
   local name=$1 port=$2 pid=$3 log="$work/client-$1.log" c0 c1 rc
   c0=$(cpu_ticks "$pid")
   set +e
+  # System calls and context switches of the server over the run: unlike CPU time they do not
+  # depend on what else loads the machine.
+  local st_pid=""
+  if command -v perf >/dev/null; then
+    timeout $((RUN_SECS + 20)) perf stat -x, -o "$work/stat-$name.csv" -p "$pid" \
+      -e raw_syscalls:sys_enter,context-switches -- sleep "$RUN_SECS" > /dev/null 2>&1 &
+    st_pid=$!
+  fi
   "${N[@]}" taskset -c 1 timeout -s INT -k 10 "$RUN_SECS" "$client" -addr "127.0.0.1:$port" \
     -config "$work/client-$name.conf" -maxClients 100 > "$log" 2>&1
   rc=$?
+  [ -z "$st_pid" ] || wait "$st_pid"
   set -e
   c1=$(cpu_ticks "$pid")
+  local sys cs
+  sys=$(awk -F, '$3 == "raw_syscalls:sys_enter" {print $1}' "$work/stat-$name.csv" 2>/dev/null || true)
+  cs=$(awk -F, '$3 == "context-switches" {print $1}' "$work/stat-$name.csv" 2>/dev/null || true)
   # "Stats: sent=S (s/sec), recv=R (r/sec), delta=D"; the last line covers the whole run.
   local st; st=$( { grep -o 'Stats: .*' "$log" || true; } | tail -1)
   local slow errs
@@ -152,13 +164,14 @@ throughput() {
   # Lines are "DATE TIME I | text"; "Unsupported message type: …Error:<nil>…" (the welcome,
   # unknown to 0.4.1's client) is not an error.
   errs=$(grep -cE '\| (Received error|Received bye|Error|Could not send)' "$log" || true)
-  awk -v n="$name" -v st="$st" -v c0="$c0" -v c1="$c1" -v tk="$tick" -v slow="$slow" -v errs="$errs" -v rc="$rc" 'BEGIN {
+  awk -v n="$name" -v st="$st" -v c0="$c0" -v c1="$c1" -v tk="$tick" -v slow="$slow" -v errs="$errs" -v rc="$rc" \
+      -v sys="${sys:-0}" -v cs="${cs:-0}" 'BEGIN {
     split(st, a, /[=( ,)]+/)
     # a: Stats: sent S s/sec recv R r/sec delta D
     sent = a[3]; srate = a[4]; recv = a[6]; rrate = a[7]
     sub(/\/sec/, "", srate); sub(/\/sec/, "", rrate)
     cpu = (c1 - c0) / tk
-    printf "%s|%d|%d|%d|%.2f|%.1f|%d|%d|%d\n", n, srate, rrate, recv, cpu, (recv > 0 ? cpu * 1e6 / recv : 0), slow, errs, rc
+    printf "%s|%d|%d|%d|%.2f|%.1f|%d|%d|%d|%.2f|%.2f\n", n, srate, rrate, recv, cpu, (recv > 0 ? cpu * 1e6 / recv : 0), slow, errs, rc, (recv > 0 ? sys / recv : 0), (recv > 0 ? cs / recv : 0)
   }'
 }
 
@@ -215,6 +228,20 @@ for s in talkbox nss; do
   echo "== $s (pid $pid)" >&2
   throughput "$s" "$port" "$pid" | tee -a "$results" >&2
   for r in $LAT_RATES; do latency "$s" "$port" "$pid" "$r" | tee -a "$lat" >&2; done
+  # Where talkbox's time goes: one more short run of the Debian client with `perf record`
+  # attached (flat profile; the release build has symbols).
+  if [ "$s" = talkbox ] && command -v perf >/dev/null; then
+    set +e
+    "${N[@]}" taskset -c 1 timeout -s INT -k 10 12 "$client" -addr "127.0.0.1:$port" \
+      -config "$work/client-$s.conf" -maxClients 100 > "$work/profile-client.log" 2>&1 &
+    cp=$!
+    sleep 2
+    timeout 30 perf record -q -F 999 -p "$pid" -o "$work/perf.data" -- sleep 8 > "$work/perf-record.log" 2>&1
+    wait "$cp"
+    perf report -i "$work/perf.data" --stdio --no-children --sort dso,symbol --percent-limit 1 2>/dev/null \
+      | grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//' | head -30 > "$work/profile.txt"
+    set -e
+  fi
   # A fresh server for the idle test, so that its RSS starts from the same point.
   if [ "$s" = talkbox ]; then stop_talkbox; pid=$(start_talkbox); else stop_pid "$pid"; pid=$(start_nss); pids+=("$pid"); fi
   sleep 1
@@ -254,6 +281,24 @@ label() { case "$1" in talkbox) echo "talkbox";; nss) echo "spreed-signaling 0.4
       printf "talkbox handles %.2f× the messages per server CPU-second of spreed-signaling (%.2f× the messages/s delivered in this run).\n", us["nss"] / us["talkbox"], (rr["nss"] > 0 ? rr["talkbox"] / rr["nss"] : 0)
   }' "$results"
   echo
+  echo "Server system calls and context switches per message received, over the same run (\`perf stat -p PID\`;"
+  echo "independent of machine load, unlike CPU time):"
+  echo
+  echo "| server | system calls / message | context switches / message |"
+  echo "|---|---|---|"
+  while IFS='|' read -r n _ _ _ _ _ _ _ _ sys cs; do
+    echo "| $(label "$n") | ${sys:-?} | ${cs:-?} |"
+  done < "$results"
+  echo
+  if [ -s "$work/profile.txt" ]; then
+    echo "Profile of talkbox's signaling process under the same client (one more 12 s run, \`perf record -F 999 -p PID\`"
+    echo "over 8 s of it, then \`perf report --no-children --sort dso,symbol\`, entries of at least 1 %):"
+    echo
+    echo '```'
+    cat "$work/profile.txt"
+    echo '```'
+    echo
+  fi
   echo "### Latency at fixed rates: \`sigbench load\`"
   echo
   echo "100 sessions, messages stamped with their send time to random sessions at a fixed total rate"

@@ -19,11 +19,10 @@ secret=bench-static-secret-0123456789abcdef0123456789
 tick=$(clk_tck)
 
 # Loads: clients x messages x bytes, ms between messages per client, channels (-c = ChannelData).
-# Rates rise until loss appears; each run is bounded by `timeout`.
+# Rates rise until loss appears; each run is bounded by `timeout`. (m100 and m200 at -z 10 were
+# dropped to keep run-all inside 15 minutes: their ratios lay between m50's and m200z5's.)
 loads=(
   "m50  -n 1000 -m 50  -l 1200 -z 10 -c"
-  "m100 -n 1000 -m 100 -l 1200 -z 10 -c"
-  "m200 -n 1000 -m 200 -l 1200 -z 10 -c"
   "m200z5 -n 1000 -m 200 -l 1200 -z 5 -c"
   "m300z5 -n 800 -m 300 -l 1200 -z 5 -c"
 )
@@ -120,6 +119,7 @@ cleanup() {
 trap cleanup EXIT
 taskset -cp 1 "$peer" >/dev/null
 
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
 results="$work/results.txt"; : > "$results"; : > "$work/rss.txt"
 # A fresh server for every load: uclient reuses local ports, and allocations a finished run
 # leaves behind (they live 600 s) would answer the next run's clients with 437.
@@ -136,6 +136,39 @@ for l in "${loads[@]}"; do
   done
 done
 
+# Profile: one more run of the first load per server with `perf stat` (system calls and context
+# switches per relayed packet: unlike CPU time they do not depend on what else loads the
+# machine) and, for talkbox, `perf record` (flat profile; the release build has symbols).
+: > "$work/stat.txt"
+if command -v perf >/dev/null; then
+  pl=${loads[0]}
+  for server in talkbox coturn; do
+    rm -rf "$work/talkbox-data"
+    if [ "$server" = talkbox ]; then sec=$(start_talkbox); port=3578; else sec=$(start_coturn); port=3678; fi
+    # shellcheck disable=SC2086
+    run_load "$server" "$port" "$sec" profile ${pl#* } > "$work/profile-$server.txt" &
+    lp=$!
+    sleep 1
+    pid=$(cat "$work/server.pid")
+    timeout 30 perf stat -x, -o "$work/stat-$server.csv" -p "$pid" \
+      -e raw_syscalls:sys_enter,context-switches -- sleep 8 > /dev/null 2>&1 &
+    st=$!
+    if [ "$server" = talkbox ]; then
+      timeout 30 perf record -q -F 999 -p "$pid" -o "$work/perf.data" -- sleep 8 > "$work/perf-record.log" 2>&1 || true
+    fi
+    wait "$st" || true
+    wait "$lp" || true
+    # Packets relayed over the 8 s window: the load's rate (messages/s both ways) times 8.
+    awk -F, -v s="$server" -v r="$(awk -F'|' '{ printf "%.0f", ($4 + $5) / ($7 > 0 ? $7 : 1) }' "$work/profile-$server.txt")" '
+      $3 == "raw_syscalls:sys_enter" { sc = $1 } $3 == "context-switches" { cs = $1 }
+      END { if (r > 0) printf "%s|%.2f|%.3f\n", s, sc / (r * 8), cs / (r * 8) }' "$work/stat-$server.csv" >> "$work/stat.txt"
+    if [ "$server" = talkbox ]; then stop_pid "$(cat "$work/supervisor.pid")"; else stop_pid "$(cat "$work/server.pid")"; fi
+    rm -f "$work/server.pid" "$work/supervisor.pid"
+  done
+  [ ! -f "$work/perf.data" ] || perf report -i "$work/perf.data" --stdio --no-children --sort dso,symbol --percent-limit 1 2>/dev/null \
+    | grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//' | head -30 > "$work/profile.txt"
+fi
+
 # Render the section.
 {
   echo "## TURN relay: talkbox vs coturn"
@@ -143,7 +176,8 @@ done
   echo "Command: \`benches/turn/run.sh target/release/talkbox benches/results\` (part of \`benches/run-all\`)."
   echo "Server pinned to CPU 0; \`turnutils_uclient\` and \`turnutils_peer\` on CPU 1; 1200-byte messages over"
   echo "ChannelData (\`-c\`), echoed by \`turnutils_peer\`; CPU = user+system time of the server process;"
-  echo "relayed packets = sent + received messages."
+  echo "relayed packets = sent + received messages. Machine load average (1/5/15 min) at the start of"
+  echo "this part: $load0 (other jobs shared the two CPUs: compare the two servers' rows, not absolute numbers)."
   echo
   echo "| load | uclient args | server | sent | received | loss % | server CPU s | µs CPU / relayed packet |"
   echo "|---|---|---|---|---|---|---|---|"
@@ -161,5 +195,23 @@ done
     }' "$results"
   echo
   awk -F'|' '{ if ($3 > peak[$1]) peak[$1] = $3 } END { printf "Peak RSS of the server process over the loads: talkbox turn %d KiB, coturn %d KiB.\n", peak["talkbox"], peak["coturn"] }' "$work/rss.txt"
+  if [ -s "$work/stat.txt" ]; then
+    echo
+    echo "System calls and context switches of the server per relayed packet over 8 s of one more \`${loads[0]%% *}\`"
+    echo "run each (\`perf stat -p PID\`; rate from the whole run):"
+    echo
+    echo "| server | system calls / packet | context switches / packet |"
+    echo "|---|---|---|"
+    awk -F'|' '{ printf "| %s | %s | %s |\n", $1, $2, $3 }' "$work/stat.txt"
+  fi
+  if [ -s "$work/profile.txt" ]; then
+    echo
+    echo "Profile of \`talkbox turn\` during that run (\`perf record -F 999 -p PID\`, then"
+    echo "\`perf report --no-children --sort dso,symbol\`, entries of at least 1 %):"
+    echo
+    echo '```'
+    cat "$work/profile.txt"
+    echo '```'
+  fi
 } > "$out/turn.md"
 cat "$out/turn.md"

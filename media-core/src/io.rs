@@ -232,6 +232,73 @@ impl DatagramIo for MmsgSocket {
     }
 }
 
+/// A level-triggered epoll set over a few fixed descriptors, for a worker's wait.
+///
+/// A worker used to `poll(2)` its socket, eventfd and ICE-TCP listener on every loop turn: the
+/// kernel then looked up and polled all three each time (about a tenth of the SFU's CPU in the
+/// profile of a 1 → 40 fan-out). Registered once, epoll only reports what is ready.
+pub struct Epoll {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Epoll {
+    /// Registers each descriptor for readability with its token (a bit index below 64).
+    pub fn new(fds: &[(RawFd, u32)]) -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: epoll_create1 returns a new descriptor or -1.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh descriptor we own from here on.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        for &(target, token) in fds {
+            if token >= 64 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("epoll token {token} for fd {target}: tokens are bit indexes 0..64"),
+                ));
+            }
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: u64::from(token),
+            };
+            // SAFETY: registers a live descriptor; the kernel copies `ev`.
+            let r = unsafe { libc::epoll_ctl(raw, libc::EPOLL_CTL_ADD, target, &mut ev) };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(Self { fd })
+    }
+
+    /// The epoll descriptor itself (readable when any registered descriptor is).
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Waits up to `timeout_ms` (0: do not block) and returns the ready tokens as a bit set.
+    pub fn wait(&self, timeout_ms: i32) -> io::Result<u64> {
+        // SAFETY: an all-zero epoll_event is a valid value.
+        let mut evs: [libc::epoll_event; 8] = unsafe { mem::zeroed() };
+        // SAFETY: the kernel writes at most evs.len() entries into the live array.
+        let r = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                evs.as_mut_ptr(),
+                evs.len() as libc::c_int,
+                timeout_ms,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(evs[..r as usize]
+            .iter()
+            .fold(0u64, |set, e| set | 1u64 << (e.u64 & 63)))
+    }
+}
+
 /// Space for one cmsg carrying a u16 (UDP_SEGMENT).
 const CMSG_SPACE: usize = 32;
 
@@ -378,6 +445,20 @@ mod tests {
         assert_eq!(got.len(), 11);
         assert_eq!(got[10], vec![99; 300]);
         assert!(got[..10].iter().all(|d| d.len() == 1000));
+    }
+
+    #[test]
+    fn epoll_reports_only_the_ready_descriptor() {
+        let (s, peer) = pair();
+        let other = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let ep = Epoll::new(&[(s.readiness_fd(), 0), (other.as_raw_fd(), 5)]).expect("epoll");
+        assert_eq!(ep.wait(0).expect("wait"), 0);
+        peer.send_to(b"x", other.local_addr().expect("addr"))
+            .expect("send");
+        assert_eq!(ep.wait(2000).expect("wait"), 1 << 5);
+        // Level-triggered: still reported until read.
+        assert_eq!(ep.wait(0).expect("wait"), 1 << 5);
+        assert!(Epoll::new(&[(s.readiness_fd(), 64)]).is_err());
     }
 
     #[test]

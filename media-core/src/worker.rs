@@ -357,6 +357,19 @@ impl<I: DatagramIo> Worker<I> {
             };
             BATCH
         ];
+        // The socket, eventfd and ICE-TCP listener are registered once; plain poll(2) is the
+        // fallback when epoll is unavailable and the path while ICE-TCP connections exist.
+        let mut fixed = vec![(self.io.readiness_fd(), 0), (self.wake.0.as_raw_fd(), 1)];
+        if let Some(l) = &self.tcp {
+            fixed.push((l.as_raw_fd(), 2));
+        }
+        let epoll = match crate::io::Epoll::new(&fixed) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "media worker: epoll unavailable, using poll(2)");
+                None
+            }
+        };
         let mut housekeeping = Instant::now();
         while !self.stop {
             let now = Instant::now();
@@ -370,8 +383,11 @@ impl<I: DatagramIo> Worker<I> {
                     self.keyframe_due
                         .unwrap_or(now + Duration::from_millis(250)),
                 );
-            let wait_ms = next.saturating_duration_since(now).as_millis().min(250) as i32;
-            let ready = self.wait(wait_ms);
+            // Rounded up: rounded down, a deadline less than 1 ms away gave a zero timeout and
+            // the loop spun (poll, clock read, nothing due) until it passed.
+            let wait_us = next.saturating_duration_since(now).as_micros();
+            let wait_ms = wait_us.div_ceil(1000).min(250) as i32;
+            let ready = self.wait(epoll.as_ref(), wait_ms);
             let (readable, woken) = (ready.udp, ready.wake);
             if woken {
                 self.wake.drain();
@@ -422,7 +438,26 @@ impl<I: DatagramIo> Worker<I> {
     }
 
     /// Waits for the sockets, the wake-up eventfd or the timeout; returns which were ready.
-    fn wait(&self, timeout_ms: i32) -> Ready {
+    fn wait(&self, epoll: Option<&crate::io::Epoll>, timeout_ms: i32) -> Ready {
+        if let Some(ep) = epoll
+            && self.conns.is_empty()
+        {
+            return match ep.wait(timeout_ms.max(0)) {
+                Ok(set) => Ready {
+                    udp: set & 1 != 0,
+                    wake: set & 2 != 0,
+                    listener: set & 4 != 0,
+                    conns: Vec::new(),
+                },
+                // EINTR and friends: look at everything once.
+                Err(_) => Ready {
+                    udp: true,
+                    wake: true,
+                    listener: self.tcp.is_some(),
+                    conns: Vec::new(),
+                },
+            };
+        }
         let pollfd = |fd, events| libc::pollfd {
             fd,
             events,

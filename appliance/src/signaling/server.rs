@@ -68,6 +68,8 @@ fn client_not_found() -> ApiError {
 #[derive(Debug, Clone)]
 pub enum Outbound {
     Text(Arc<str>),
+    /// A keepalive ping (queued by the connection's reader, which keeps the ping timer).
+    Ping,
     Close,
 }
 
