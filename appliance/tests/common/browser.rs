@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+use super::free_port;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -38,13 +39,6 @@ pub struct Browser {
     driver: Child,
     driver_gone: bool,
     _profile: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 impl Browser {

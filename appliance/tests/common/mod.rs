@@ -21,12 +21,21 @@ pub fn talkbox() -> &'static str {
     env!("CARGO_BIN_EXE_talkbox")
 }
 
-/// A TCP and UDP port that is free right now on 127.0.0.1.
+/// A TCP and UDP port that is free right now on 127.0.0.1 and was not handed out before
+/// in this test process: the kernel may give the same ephemeral port to two binds in a
+/// row once the first socket is closed, and one config asking for two such ports is
+/// (rightly) refused as a collision.
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let t = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
         let port = t.local_addr().expect("addr").port();
+        let mut given = GIVEN.lock().expect("port list");
+        if given.contains(&port) {
+            continue;
+        }
         if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
