@@ -43,6 +43,11 @@ pub struct Metrics {
     dropped_packets: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     tcp_connections: Gauge,
+    /// The relayed_bytes / relayed_packets children of each direction, taken from their
+    /// families once: counting a relayed packet is then two atomic adds, where a lookup per
+    /// packet cost a label vector allocation, a lock and a hash (visible in the TURN profile).
+    relayed_to_peer: (Counter, Counter),
+    relayed_to_client: (Counter, Counter),
 }
 
 impl std::fmt::Debug for Metrics {
@@ -71,6 +76,8 @@ impl Metrics {
             dropped_packets: Family::default(),
             refusals: Family::default(),
             tcp_connections: Gauge::default(),
+            relayed_to_peer: Default::default(),
+            relayed_to_client: Default::default(),
         };
         r.register("allocations", "Allocations held now", m.allocations.clone());
         r.register(
@@ -103,8 +110,18 @@ impl Metrics {
             "Open TURN connections over TCP and TLS",
             m.tcp_connections.clone(),
         );
+        // Counter clones share one atomic with the family's child.
+        let children = |dir: Direction| {
+            let l = vec![("direction", dir.as_str())];
+            (
+                m.relayed_bytes.get_or_create(&l).clone(),
+                m.relayed_packets.get_or_create(&l).clone(),
+            )
+        };
         Metrics {
             registry: Arc::new(r),
+            relayed_to_peer: children(Direction::ToPeer),
+            relayed_to_client: children(Direction::ToClient),
             ..m
         }
     }
@@ -119,9 +136,12 @@ impl Metrics {
     }
 
     pub fn relayed(&self, dir: Direction, bytes: usize) {
-        let l = vec![("direction", dir.as_str())];
-        self.relayed_bytes.get_or_create(&l).inc_by(bytes as u64);
-        self.relayed_packets.get_or_create(&l).inc();
+        let (b, p) = match dir {
+            Direction::ToPeer => &self.relayed_to_peer,
+            Direction::ToClient => &self.relayed_to_client,
+        };
+        b.inc_by(bytes as u64);
+        p.inc();
     }
 
     pub fn dropped(&self, reason: &'static str) {
