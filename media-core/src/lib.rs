@@ -18,6 +18,7 @@ pub mod allocator;
 pub mod demux;
 pub mod forward;
 pub mod io;
+pub mod layers;
 pub mod session;
 pub mod tcp;
 pub mod worker;

@@ -25,15 +25,19 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
+use str0m::bwe::{Bitrate, BweKind};
+use str0m::format::Codec;
+use str0m::media::{KeyframeRequestKind, MediaKind, Mid, Rid, Rids};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{RtpPacket, RtpWrite, SeqNo};
 use str0m::{Event, IceConnectionState, Input, Output};
 
+use crate::allocator::{self, Hysteresis, Limits};
 use crate::demux::{self, SessionKey};
 use crate::forward::KeyframeThrottle;
 use crate::io::{BATCH, DatagramIo, OutDatagram, RecvMeta};
-use crate::session::{PublishedTrack, Role, Session, SessionError, SessionSetup, StreamType};
+use crate::layers::{self, Bps, Decision, LayerRates, VideoCodec};
+use crate::session::{self, PublishedTrack, Role, Session, SessionError, SessionSetup, StreamType};
 use crate::tcp::{FrameReader, frame};
 
 /// A reply to a command, called once from the worker thread.
@@ -93,6 +97,17 @@ pub enum WorkerCommand {
         session: u32,
         reply: Reply<()>,
     },
+    /// Subscriber: the client's `selectStream` choice, the highest simulcast layer (0 =
+    /// lowest) it wants of the video it receives; `None` lifts the bound.
+    SelectStream {
+        session: u32,
+        max_layer: Option<usize>,
+        reply: Reply<()>,
+    },
+    /// The egress budget of this worker changed (sizing): the allocator plans within it.
+    SetEgressBudget {
+        bps: Bps,
+    },
     Stats {
         reply: Reply<WorkerStats>,
     },
@@ -120,6 +135,8 @@ pub struct WorkerStats {
     pub rtp_forwarded: u64,
     pub channel_messages_forwarded: u64,
     pub session_panics: u64,
+    /// Simulcast layer switches done for subscribers (first layer included).
+    pub layer_switches: u64,
 }
 
 /// How a worker runs.
@@ -134,6 +151,10 @@ pub struct WorkerConfig {
     pub ice_timeout: Duration,
     /// Least time between keyframe requests to one publisher stream.
     pub keyframe_interval: Duration,
+    /// Egress budget of this worker for the allocator (all its subscribers together).
+    pub egress_budget: Bps,
+    /// How long a higher layer must fit before a subscriber is moved up to it.
+    pub upgrade_hold: Duration,
 }
 
 struct Wake(OwnedFd);
@@ -254,8 +275,12 @@ struct Worker<I> {
     by_addr: HashMap<SocketAddr, u32>,
     /// publisher → subscribers.
     routes: HashMap<u32, Vec<u32>>,
-    /// (publisher, mid) → throttle.
-    keyframes: HashMap<(u32, Mid), KeyframeThrottle>,
+    /// (publisher, mid, simulcast rid) → throttle.
+    keyframes: HashMap<(u32, Mid, Option<Rid>), KeyframeThrottle>,
+    /// (publisher, mid) → its simulcast layers and their received rates.
+    pub_layers: HashMap<(u32, Mid), PubLayers>,
+    /// Holds layer upgrades back (allocator).
+    hysteresis: Hysteresis,
     /// Earliest time a deferred keyframe request comes due, if any is deferred.
     keyframe_due: Option<Instant>,
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
@@ -277,6 +302,7 @@ enum Produced {
     ChannelOpen(str0m::channel::ChannelId, String),
     ChannelData(bool, Vec<u8>),
     KeyframeRequest(Mid, KeyframeRequestKind),
+    Estimate(BweKind),
     MediaAdded(Mid, MediaKind),
     Connected,
     Closed(&'static str),
@@ -294,6 +320,7 @@ impl<I: DatagramIo> Worker<I> {
         let local_addr = io
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let hysteresis = Hysteresis::new(config.upgrade_hold);
         let seed = Instant::now().elapsed().as_nanos() as u64
             ^ (u64::from(config.index) << 48)
             ^ std::process::id() as u64;
@@ -309,6 +336,8 @@ impl<I: DatagramIo> Worker<I> {
             by_addr: HashMap::new(),
             routes: HashMap::new(),
             keyframes: HashMap::new(),
+            pub_layers: HashMap::new(),
+            hysteresis,
             keyframe_due: None,
             timers: BinaryHeap::new(),
             tcp: None,
@@ -715,6 +744,26 @@ impl<I: DatagramIo> Worker<I> {
                     reply(Err(WorkerError::UnknownSession))
                 }
             }
+            WorkerCommand::SelectStream {
+                session,
+                max_layer,
+                reply,
+            } => match self.sessions.get_mut(&session).map(|s| &mut s.role) {
+                Some(Role::Subscriber { max_layer: m, .. }) => {
+                    *m = max_layer;
+                    self.reallocate(now);
+                    self.request_pending_keyframes(session, now, true);
+                    reply(Ok(()))
+                }
+                Some(Role::Publisher { .. }) => reply(Err(WorkerError::Session(
+                    SessionError::WrongRole("subscriber"),
+                ))),
+                None => reply(Err(WorkerError::UnknownSession)),
+            },
+            WorkerCommand::SetEgressBudget { bps } => {
+                self.config.egress_budget = bps;
+                self.reallocate(now);
+            }
             WorkerCommand::Stats { reply } => {
                 let mut s = self.stats;
                 s.sessions = self.sessions.len();
@@ -865,19 +914,29 @@ impl<I: DatagramIo> Worker<I> {
         self.conns.retain(|_, c| {
             c.session.is_some() || now.saturating_duration_since(c.since) < TCP_UNBOUND_TIMEOUT
         });
+        self.reallocate(now);
+        let subs: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| !s.is_publisher() && s.connected)
+            .map(|(k, _)| *k)
+            .collect();
+        for s in subs {
+            self.request_pending_keyframes(s, now, true);
+        }
     }
 
     /// Sends the deferred keyframe requests that came due and notes when the next one does.
     /// They go straight to the publisher: their throttle already counted them (passing them
     /// through `send_keyframe_request` again would defer them once more, forever).
     fn send_due_keyframe_requests(&mut self, now: Instant) {
-        let due: Vec<(u32, Mid)> = self
+        let due: Vec<(u32, Mid, Option<Rid>)> = self
             .keyframes
             .iter_mut()
             .filter_map(|(k, t)| t.poll(now).then_some(*k))
             .collect();
-        for (p, mid) in due {
-            self.request_keyframe_of(p, mid, KeyframeRequestKind::Pli);
+        for (p, mid, rid) in due {
+            self.request_keyframe_of(p, mid, rid, KeyframeRequestKind::Pli);
         }
         self.keyframe_due = self.keyframes.values().filter_map(|t| t.due_at()).min();
     }
@@ -953,6 +1012,7 @@ impl<I: DatagramIo> Worker<I> {
                         produced.push(Produced::KeyframeRequest(k.mid, k.kind))
                     }
                     Event::Closed => produced.push(Produced::Closed("closed")),
+                    Event::EgressBitrateEstimate(k) => produced.push(Produced::Estimate(k)),
                     _ => {}
                 },
             }
@@ -989,38 +1049,56 @@ impl<I: DatagramIo> Worker<I> {
             Produced::ChannelData(binary, data) => self.forward_channel(session, binary, &data),
             Produced::Rtp(pkt) => self.forward_rtp(session, pkt, now),
             Produced::Connected => {
-                // A subscriber that just connected needs a keyframe to start decoding.
-                let sub = self.sessions.get(&session).and_then(|s| match &s.role {
-                    Role::Subscriber {
-                        publisher, tracks, ..
-                    } => Some((
-                        *publisher,
-                        tracks
-                            .iter()
-                            .filter(|t| t.kind == MediaKind::Video)
-                            .map(|t| t.source_mid)
-                            .collect::<Vec<_>>(),
-                    )),
-                    Role::Publisher { .. } => None,
-                });
-                if let Some((publisher, mids)) = sub {
-                    for mid in mids {
-                        self.send_keyframe_request(publisher, mid, KeyframeRequestKind::Pli, now);
-                    }
+                // A subscriber that just connected needs a layer chosen and a keyframe of it
+                // to start decoding: planning now sets its targets, and every pending switch
+                // asks for one.
+                if self
+                    .sessions
+                    .get(&session)
+                    .is_some_and(|s| !s.is_publisher())
+                {
+                    self.reallocate(now);
+                    self.request_pending_keyframes(session, now, true);
                 }
             }
             Produced::KeyframeRequest(mid, kind) => {
+                // The subscriber's decoder wants a keyframe of what it receives: the layer
+                // forwarded now, or the one a switch waits for.
                 let sub = self.sessions.get(&session).and_then(|s| match &s.role {
                     Role::Subscriber {
                         publisher, tracks, ..
-                    } => tracks
-                        .iter()
-                        .find(|t| t.mid == mid)
-                        .map(|t| (*publisher, t.source_mid)),
+                    } => tracks.iter().find(|t| t.mid == mid).map(|t| {
+                        (
+                            *publisher,
+                            t.source_mid,
+                            t.switch.target().or(t.switch.current()),
+                        )
+                    }),
                     Role::Publisher { .. } => None,
                 });
-                if let Some((publisher, source_mid)) = sub {
-                    self.send_keyframe_request(publisher, source_mid, kind, now);
+                if let Some((publisher, source_mid, layer)) = sub {
+                    let rid = self.rid_of(publisher, source_mid, layer.unwrap_or(0));
+                    self.send_keyframe_request(publisher, source_mid, rid, kind, now, true);
+                }
+            }
+            Produced::Estimate(kind) => {
+                if let Some(Session {
+                    role: Role::Subscriber { estimate, twcc, .. },
+                    ..
+                }) = self.sessions.get_mut(&session)
+                {
+                    match kind {
+                        BweKind::Twcc { estimate: e, .. } => {
+                            tracing::debug!(session, estimate = e.as_u64(), "TWCC estimate");
+                            *twcc = true;
+                            *estimate = Some(e.as_u64());
+                        }
+                        // REMB only where the client gives no transport-wide feedback.
+                        BweKind::Remb { estimate: e, .. } if !*twcc => {
+                            *estimate = Some(e.as_u64());
+                        }
+                        _ => {}
+                    }
                 }
             }
         }
@@ -1030,26 +1108,34 @@ impl<I: DatagramIo> Worker<I> {
         &mut self,
         publisher: u32,
         mid: Mid,
+        rid: Option<Rid>,
         kind: KeyframeRequestKind,
         now: Instant,
+        defer: bool,
     ) {
         // A publisher stream that has not been received yet cannot be asked; its first
         // frame is a keyframe anyway, so the throttle is left untouched.
         let known = self
             .sessions
             .get_mut(&publisher)
-            .is_some_and(|p| p.rtc.direct_api().stream_rx_by_mid(mid, None).is_some());
+            .is_some_and(|p| p.rtc.direct_api().stream_rx_by_mid(mid, rid).is_some());
         if !known {
-            tracing::debug!(publisher, %mid, "keyframe request for a stream not received yet");
+            tracing::debug!(publisher, %mid, ?rid, "keyframe request for a stream not received yet");
             return;
         }
         let interval = self.config.keyframe_interval;
         let throttle = self
             .keyframes
-            .entry((publisher, mid))
+            .entry((publisher, mid, rid))
             .or_insert_with(|| KeyframeThrottle::new(interval));
-        if throttle.request(now) {
-            self.request_keyframe_of(publisher, mid, kind);
+        if !defer {
+            // A repeat for a switch still waiting: only if the interval allows it now (the
+            // next housekeeping asks again), so it never pushes other requests back.
+            if throttle.try_request(now) {
+                self.request_keyframe_of(publisher, mid, rid, kind);
+            }
+        } else if throttle.request(now) {
+            self.request_keyframe_of(publisher, mid, rid, kind);
         } else if let Some(due) = throttle.due_at() {
             // Deferred, not dropped: whoever asked (a joining subscriber, say) still gets a
             // keyframe one interval after the last one at most.
@@ -1058,14 +1144,20 @@ impl<I: DatagramIo> Worker<I> {
     }
 
     /// Asks a publisher's stream for a keyframe now (no throttling).
-    fn request_keyframe_of(&mut self, publisher: u32, mid: Mid, kind: KeyframeRequestKind) {
+    fn request_keyframe_of(
+        &mut self,
+        publisher: u32,
+        mid: Mid,
+        rid: Option<Rid>,
+        kind: KeyframeRequestKind,
+    ) {
         let Some(p) = self.sessions.get_mut(&publisher) else {
             return;
         };
         let mut api = p.rtc.direct_api();
-        if let Some(rx) = api.stream_rx_by_mid(mid, None) {
+        if let Some(rx) = api.stream_rx_by_mid(mid, rid) {
             rx.request_keyframe(kind);
-            tracing::trace!(publisher, %mid, ?kind, "keyframe requested");
+            tracing::trace!(publisher, %mid, ?rid, ?kind, "keyframe requested");
         }
         self.dirty.insert(publisher);
     }
@@ -1076,7 +1168,7 @@ impl<I: DatagramIo> Worker<I> {
         };
         let ssrc = pkt.header.ssrc;
         let mut api = p.rtc.direct_api();
-        let Some(mid) = api.stream_rx(&ssrc).map(|s| s.mid()) else {
+        let Some((mid, rid)) = api.stream_rx(&ssrc).map(|s| (s.mid(), s.rid())) else {
             tracing::trace!(%ssrc, "RTP from an SSRC without a stream");
             return;
         };
@@ -1085,6 +1177,26 @@ impl<I: DatagramIo> Worker<I> {
             return;
         };
         let clock_rate = params.spec().clock_rate.get();
+        let codec = match params.spec().codec {
+            Codec::Vp8 => VideoCodec::Vp8,
+            Codec::H264 => VideoCodec::H264,
+            _ => VideoCodec::Other,
+        };
+        let layers = self
+            .pub_layers
+            .entry((publisher, mid))
+            .or_insert_with(|| PubLayers::of(p.rtc.media(mid).map(|m| m.rids_rx())));
+        let Some(layer) = layers.layer_of(rid) else {
+            tracing::trace!(?rid, "RTP with an rid the SDP did not announce");
+            return;
+        };
+        layers.rates.on_packet(layer, pkt.payload.len(), now);
+        // Where a subscriber may start on this layer: a keyframe of a simulcast layer; any
+        // packet of a single-layer stream (nothing to switch between: the decoder asks for a
+        // keyframe itself if it needs one) or of a codec whose keyframes are not parsed.
+        let keyframe_start = layers.rids.len() == 1
+            || codec == VideoCodec::Other
+            || layers::is_keyframe_start(codec, &pkt.payload);
         // Take the list out while writing (nothing below changes routes), put it back after.
         let subs = self
             .routes
@@ -1104,6 +1216,21 @@ impl<I: DatagramIo> Worker<I> {
             let Some(t) = tracks.iter_mut().find(|t| t.source_mid == mid) else {
                 continue;
             };
+            let video = t.kind == MediaKind::Video;
+            // Audio has one layer and is always forwarded; video only from the layer the
+            // subscriber is on, or from its target once that layer's keyframe starts.
+            let switched = if video {
+                match t.switch.on_packet(layer, keyframe_start) {
+                    Decision::Drop => continue,
+                    Decision::Forward { switched } => switched,
+                }
+            } else {
+                false
+            };
+            if switched {
+                self.stats.layer_switches += 1;
+                tracing::debug!(sub, %mid, layer, "simulcast layer switched");
+            }
             let pt_out = *t
                 .pt_map
                 .entry(pkt.header.payload_type)
@@ -1118,13 +1245,25 @@ impl<I: DatagramIo> Worker<I> {
             else {
                 continue;
             };
-            let (out_mid, video) = (t.mid, t.kind == MediaKind::Video);
+            let payload = if codec == VideoCodec::Vp8 {
+                let mut v = pkt.payload.to_vec();
+                t.vp8.rewrite(&mut v, switched);
+                Arc::<[u8]>::from(v)
+            } else {
+                pkt.payload.clone()
+            };
+            let out_mid = t.mid;
             let mut api = s.rtc.direct_api();
             let Some(tx) = api.stream_tx_by_mid(out_mid, None) else {
                 continue;
             };
+            // Forwarded media goes out as it comes: the allocator keeps each subscriber
+            // within its estimate by choosing layers, and pacing a forwarded keyframe only
+            // delays the picture. (str0m's pacer also held queued bursts back for good in
+            // worker_bursts' NACK test.) The BWE still probes with padding.
+            tx.set_unpaced(true);
             tx.write_rtp(
-                RtpWrite::new(pt_out, SeqNo::from(rw.seq), rw.ts, now, pkt.payload.clone())
+                RtpWrite::new(pt_out, SeqNo::from(rw.seq), rw.ts, now, payload)
                     .marker(pkt.header.marker)
                     .nackable(video),
             );
@@ -1133,6 +1272,224 @@ impl<I: DatagramIo> Worker<I> {
         }
         if let Some(v) = self.routes.get_mut(&publisher) {
             *v = subs;
+        }
+    }
+
+    /// The rid of layer `layer` of a publisher stream (`None` without simulcast).
+    fn rid_of(&self, publisher: u32, mid: Mid, layer: usize) -> Option<Rid> {
+        self.pub_layers
+            .get(&(publisher, mid))
+            .and_then(|l| l.rids.get(layer).copied().flatten())
+    }
+
+    /// Asks for a keyframe of every layer a subscriber's video waits to switch to (throttled
+    /// per publisher layer). `repeat`: a reminder from housekeeping while the switch is still
+    /// pending, sent only if the throttle allows it now (never deferred).
+    fn request_pending_keyframes(&mut self, session: u32, now: Instant, repeat: bool) {
+        let wanted: Vec<(u32, Mid, usize)> = match self.sessions.get(&session).map(|s| &s.role) {
+            Some(Role::Subscriber {
+                publisher, tracks, ..
+            }) => tracks
+                .iter()
+                .filter(|t| t.kind == MediaKind::Video && t.switch.pending())
+                .filter_map(|t| t.switch.target().map(|l| (*publisher, t.source_mid, l)))
+                .collect(),
+            _ => return,
+        };
+        for (publisher, mid, layer) in wanted {
+            let rid = self.rid_of(publisher, mid, layer);
+            self.send_keyframe_request(publisher, mid, rid, KeyframeRequestKind::Pli, now, !repeat);
+        }
+    }
+
+    /// Plans every connected subscriber's layers from its bandwidth estimate (the allocator,
+    /// through the upgrade hold), sets them as switch targets, and tells each subscriber's
+    /// BWE what to probe for.
+    fn reallocate(&mut self, now: Instant) {
+        // Sources: every track of every publisher with subscribers here. A video source's
+        // allocator layers are its live layers only (a layer Chromium stopped sending
+        // cannot be chosen); `map` turns the allocator's index back into the real layer.
+        let mut sources = Vec::new();
+        let mut ids: HashMap<(u32, Mid), u32> = HashMap::new();
+        let mut maps: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (&pid, subs) in &self.routes {
+            if subs.is_empty() {
+                continue;
+            }
+            let Some(Session {
+                role:
+                    Role::Publisher {
+                        tracks,
+                        stream_type,
+                        ..
+                    },
+                ..
+            }) = self.sessions.get(&pid)
+            else {
+                continue;
+            };
+            for t in tracks {
+                let id = sources.len() as u32;
+                ids.insert((pid, t.mid), id);
+                let (kind, layers, map) = if t.kind == MediaKind::Audio {
+                    (allocator::Kind::Audio, vec![AUDIO_RATE], vec![0])
+                } else {
+                    let kind = if *stream_type == StreamType::Screen {
+                        allocator::Kind::Screen
+                    } else {
+                        allocator::Kind::Camera
+                    };
+                    let (rates, map) = match self.pub_layers.get(&(pid, t.mid)) {
+                        Some(l) => l.live_rates(now),
+                        None => (Vec::new(), Vec::new()),
+                    };
+                    if map.is_empty() {
+                        // Nothing received yet: plan the lowest layer at a nominal rate so
+                        // that its first keyframe is waited for.
+                        (kind, vec![MIN_VIDEO_RATE], vec![0])
+                    } else {
+                        (kind, rates, map)
+                    }
+                };
+                sources.push(allocator::Source {
+                    id,
+                    kind,
+                    layers,
+                    speaking: false,
+                });
+                maps.insert(id, map);
+            }
+        }
+        let initial = session::INITIAL_ESTIMATE_KBPS * 1000;
+        let subscribers: Vec<allocator::Subscriber> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.connected)
+            .filter_map(|(&sid, s)| match &s.role {
+                Role::Subscriber {
+                    publisher,
+                    tracks,
+                    estimate,
+                    max_layer,
+                    ..
+                } => Some(allocator::Subscriber {
+                    id: sid,
+                    estimate: estimate.unwrap_or(initial),
+                    subscriptions: tracks
+                        .iter()
+                        .filter_map(|t| {
+                            let source = *ids.get(&(*publisher, t.source_mid))?;
+                            let map = maps.get(&source)?;
+                            Some(allocator::Subscription {
+                                source,
+                                max_layer: max_layer.map(|m| {
+                                    map.iter().take_while(|&&l| l <= m).count().max(1) - 1
+                                }),
+                            })
+                        })
+                        .collect(),
+                }),
+                Role::Publisher { .. } => None,
+            })
+            .collect();
+        let limits = Limits {
+            budget: self.config.egress_budget,
+            ..Limits::default()
+        };
+        let plan = allocator::allocate(&sources, &subscribers, &limits);
+        let plan = self.hysteresis.apply(plan, &sources, now);
+        let mut changed = Vec::new();
+        for sp in &plan.subscribers {
+            let Some(s) = self.sessions.get_mut(&sp.id) else {
+                continue;
+            };
+            let Role::Subscriber {
+                publisher,
+                tracks,
+                bwe_asked,
+                ..
+            } = &mut s.role
+            else {
+                continue;
+            };
+            // What to probe for: every subscription at its best eligible layer; what to
+            // sustain: the plan plus the next step up, so padding tests that step.
+            let mut desired: Bps = 0;
+            let mut next_step: Option<Bps> = None;
+            for (a, sub) in sp
+                .assignments
+                .iter()
+                .zip(
+                    &subscribers
+                        .iter()
+                        .find(|x| x.id == sp.id)
+                        .map(|x| &x.subscriptions),
+                )
+                .flat_map(|(a, subs)| subs.iter().find(|x| x.source == a.source).map(|x| (a, x)))
+            {
+                let Some(src) = sources.get(a.source as usize) else {
+                    continue;
+                };
+                let top = sub
+                    .max_layer
+                    .unwrap_or(usize::MAX)
+                    .min(src.layers.len().saturating_sub(1));
+                let cap = match src.kind {
+                    allocator::Kind::Camera => limits.camera_cap,
+                    allocator::Kind::Screen => limits.screen_cap,
+                    allocator::Kind::Audio => Bps::MAX,
+                };
+                desired += src.layers[..=top]
+                    .iter()
+                    .copied()
+                    .filter(|r| *r <= cap)
+                    .max()
+                    .unwrap_or(src.layers[0]);
+                if let Some(l) = a.layer
+                    && let Some(up) = src.layers.get(l + 1)
+                    && l < top
+                {
+                    let step = up.saturating_sub(a.rate);
+                    next_step = Some(next_step.map_or(step, |n| n.min(step)));
+                }
+            }
+            let minimum = (sp.total + next_step.unwrap_or(0)).min(desired);
+            let asked = (minimum, desired.max(minimum));
+            if differs(*bwe_asked, asked) {
+                *bwe_asked = asked;
+                s.rtc
+                    .bwe()
+                    .set_bitrate(Bitrate::bps(asked.0), Bitrate::bps(asked.1));
+                self.dirty.insert(sp.id);
+            }
+            let publisher = *publisher;
+            for a in &sp.assignments {
+                let Some(map) = maps.get(&a.source) else {
+                    continue;
+                };
+                let Some(t) = tracks.iter_mut().find(|t| {
+                    t.kind == MediaKind::Video
+                        && ids.get(&(publisher, t.source_mid)) == Some(&a.source)
+                }) else {
+                    continue;
+                };
+                // A video the estimate cannot carry even at its lowest layer keeps that layer:
+                // the picture stays, and the measured rates include keyframe bursts that
+                // would otherwise pause a stream for a moment's overshoot. Only the box's
+                // budget pauses video.
+                let layer = match a.layer {
+                    None if !sp.limited_by_budget => Some(0),
+                    l => l,
+                };
+                let target = layer.and_then(|l| map.get(l).copied());
+                if t.switch.target() != target {
+                    t.switch.set_target(target);
+                    changed.push(sp.id);
+                }
+            }
+        }
+        for sid in changed {
+            self.request_pending_keyframes(sid, now, false);
         }
     }
 
@@ -1177,7 +1534,8 @@ impl<I: DatagramIo> Worker<I> {
         self.conns.retain(|_, c| c.session != Some(session));
         match &s.role {
             Role::Publisher { .. } => {
-                self.keyframes.retain(|(p, _), _| *p != session);
+                self.keyframes.retain(|(p, _, _), _| *p != session);
+                self.pub_layers.retain(|(p, _), _| *p != session);
                 for sub in self.routes.remove(&session).unwrap_or_default() {
                     self.close(sub, Some("publisher closed"));
                 }
@@ -1192,6 +1550,58 @@ impl<I: DatagramIo> Worker<I> {
         if let Some(reason) = reason {
             (self.events)(WorkerEvent::SessionClosed { key: s.key, reason });
         }
+    }
+}
+
+/// Planned rate of an audio stream (DESIGN.md §4: about 50 kbit/s).
+const AUDIO_RATE: Bps = 50_000;
+/// Least rate a video layer is planned at, before its rate is measured.
+const MIN_VIDEO_RATE: Bps = 50_000;
+
+/// Whether BWE rates moved enough (a tenth) to be given to str0m again.
+fn differs(a: (Bps, Bps), b: (Bps, Bps)) -> bool {
+    let far = |x: Bps, y: Bps| x.abs_diff(y) > x.max(y) / 10;
+    far(a.0, b.0) || far(a.1, b.1)
+}
+
+/// The simulcast layers of one publisher stream: rid of each layer (lowest first; one `None`
+/// entry without simulcast) and their received rates.
+struct PubLayers {
+    rids: Vec<Option<Rid>>,
+    rates: LayerRates,
+}
+
+impl PubLayers {
+    fn of(rids: Option<&Rids>) -> PubLayers {
+        let rids: Vec<Option<Rid>> = match rids {
+            Some(Rids::Specific(v)) if !v.is_empty() => {
+                let names: Vec<&str> = v.iter().map(|r| &**r).collect();
+                let order = layers::layer_order(&names);
+                let mut out = vec![None; v.len()];
+                for (i, l) in order.into_iter().enumerate() {
+                    out[l] = Some(v[i]);
+                }
+                out
+            }
+            _ => vec![None],
+        };
+        let rates = LayerRates::new(rids.len());
+        PubLayers { rids, rates }
+    }
+
+    /// Layer of a packet's rid; without simulcast everything is layer 0.
+    fn layer_of(&self, rid: Option<Rid>) -> Option<usize> {
+        if self.rids.len() == 1 && self.rids[0].is_none() {
+            return Some(0);
+        }
+        self.rids.iter().position(|r| *r == rid)
+    }
+
+    /// Rates of the live layers (at least [`MIN_VIDEO_RATE`]) and their real indices.
+    fn live_rates(&self, now: Instant) -> (Vec<Bps>, Vec<usize>) {
+        (0..self.rids.len())
+            .filter_map(|l| self.rates.rate(l, now).map(|r| (r.max(MIN_VIDEO_RATE), l)))
+            .unzip()
     }
 }
 
