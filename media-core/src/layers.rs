@@ -270,10 +270,12 @@ impl LayerRates {
         let span = now.saturating_duration_since(start);
         if span >= RATE_WINDOW {
             let r = l.window_bytes * 8 * 1000 / (span.as_millis().max(1) as u64);
-            // Quick to rise (a layer just resumed), slower to fall (a quiet scene).
+            // Smoothed over a few seconds both ways: a keyframe (several times a delta
+            // frame) must not make the layer look too expensive for a moment, which would
+            // move subscribers down and ask for yet another keyframe.
             l.rate = Some(match l.rate {
-                Some(old) if r < old => (old * 3 + r) / 4,
-                _ => r,
+                Some(old) => (old * 4 + r) / 5,
+                None => r,
             });
             l.window_start = Some(now);
             l.window_bytes = 0;

@@ -258,7 +258,9 @@ async function joined() {
   setState('joined', 'In the meeting');
   document.title = `${$('title').textContent} – talkbox`;
   try {
-    call.local = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 640, height: 480 } });
+    // 960x540 is the smallest size for which Chromium sends all three simulcast layers (it
+    // drops the top one below that).
+    call.local = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: { ideal: 960 }, height: { ideal: 540 } } });
   } catch (e) {
     try {
       call.local = await navigator.mediaDevices.getUserMedia({ audio: true });
