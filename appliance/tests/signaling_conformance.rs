@@ -707,3 +707,29 @@ async fn the_leave_request_goes_to_the_url_the_session_said_hello_with() {
         .expect("join");
     assert_eq!(join["_host"], format!("localhost:{port}"));
 }
+
+/// The `room` reply's `bandwidth` follows upstream: the lower of the box-wide cap and the
+/// backend's own (a backend may lower a cap, never raise it), in the join reply only.
+#[tokio::test]
+async fn the_room_reply_carries_the_lower_of_the_global_and_the_backend_bitrate_caps() {
+    let talk = start_fake_talk(es256().1).await;
+    let sig = start_signaling_full(
+        &[talk.base()],
+        "max_stream_bitrate = 2000000",
+        "max_stream_bitrate = 500000\nmax_screen_bitrate = 9000000",
+    )
+    .await;
+    let (mut a, _) = Client::hello_v1(&sig.ws_url(), &talk.auth_url(), "alice").await;
+    let r = a.join("room1", "talk-a").await;
+    assert_eq!(
+        r["room"]["bandwidth"],
+        json!({"maxstreambitrate": 500_000, "maxscreenbitrate": 2_097_152}),
+        "{r}"
+    );
+    // Every join reply says the same; the join events carry no caps.
+    let (mut b, _) = Client::hello_v1(&sig.ws_url(), &talk.auth_url(), "bob").await;
+    let rb = b.join("room1", "talk-b").await;
+    assert_eq!(rb["room"]["bandwidth"]["maxstreambitrate"], 500_000);
+    let j = a.recv_event("room", "join").await;
+    assert!(j.get("bandwidth").is_none(), "{j}");
+}

@@ -37,7 +37,9 @@ use crate::demux::{self, SessionKey};
 use crate::forward::KeyframeThrottle;
 use crate::io::{BATCH, DatagramIo, OutDatagram, RecvMeta};
 use crate::layers::{self, Bps, Decision, LayerRates, VideoCodec};
+use crate::publisher_limit::{RembSchedule, add_bandwidth_lines};
 use crate::session::{self, PublishedTrack, Role, Session, SessionError, SessionSetup, StreamType};
+use crate::speaker::{Speakers, dbov};
 use crate::tcp::{FrameReader, frame};
 
 /// A reply to a command, called once from the worker thread.
@@ -108,6 +110,14 @@ pub enum WorkerCommand {
     SetEgressBudget {
         bps: Bps,
     },
+    /// Publisher: caps what it may send at `bitrate` bit/s (0: no cap). Sent before its offer,
+    /// so the answer carries the cap as `b=AS`; REMB repeats it while it sends
+    /// (`publisher_limit`).
+    LimitPublisher {
+        session: u32,
+        bitrate: u64,
+        reply: Reply<()>,
+    },
     Stats {
         reply: Reply<WorkerStats>,
     },
@@ -122,6 +132,9 @@ pub enum WorkerEvent {
         key: SessionKey,
         reason: &'static str,
     },
+    /// A publisher started (`true`) or stopped speaking, by the audio-level extension of its
+    /// packets (`speaker`).
+    Speaking { key: SessionKey, speaking: bool },
 }
 
 /// Counters of one worker.
@@ -283,6 +296,10 @@ struct Worker<I> {
     hysteresis: Hysteresis,
     /// Earliest time a deferred keyframe request comes due, if any is deferred.
     keyframe_due: Option<Instant>,
+    /// Bitrate caps of publishers and when each gets its next REMB.
+    limits: HashMap<u32, RembSchedule>,
+    /// Who of the publishers speaks.
+    speakers: Speakers,
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
     tcp: Option<TcpListener>,
     /// ICE-TCP connections by peer address.
@@ -339,6 +356,8 @@ impl<I: DatagramIo> Worker<I> {
             pub_layers: HashMap::new(),
             hysteresis,
             keyframe_due: None,
+            limits: HashMap::new(),
+            speakers: Speakers::default(),
             timers: BinaryHeap::new(),
             tcp: None,
             conns: HashMap::new(),
@@ -679,8 +698,34 @@ impl<I: DatagramIo> Worker<I> {
                 reply,
             } => {
                 let r = self.with_session(session, now, |s| s.accept_offer(&sdp));
+                let r = match self.limits.get_mut(&session) {
+                    Some(l) => {
+                        // A new negotiation may bring new streams: REMB them at once.
+                        l.reset();
+                        r.map(|answer| add_bandwidth_lines(&answer, l.bitrate))
+                    }
+                    None => r,
+                };
                 reply(r)
             }
+            WorkerCommand::LimitPublisher {
+                session,
+                bitrate,
+                reply,
+            } => match self.sessions.get(&session) {
+                Some(s) if s.is_publisher() => {
+                    if bitrate == 0 {
+                        self.limits.remove(&session);
+                    } else {
+                        self.limits.insert(session, RembSchedule::new(bitrate));
+                    }
+                    reply(Ok(()))
+                }
+                Some(_) => reply(Err(WorkerError::Session(SessionError::WrongRole(
+                    "publisher",
+                )))),
+                None => reply(Err(WorkerError::UnknownSession)),
+            },
             WorkerCommand::RequestOffer { session, reply } => {
                 let Some(publisher) = self.sessions.get(&session).and_then(|s| match &s.role {
                     Role::Subscriber { publisher, .. } => Some(*publisher),
@@ -914,6 +959,14 @@ impl<I: DatagramIo> Worker<I> {
         self.conns.retain(|_, c| {
             c.session.is_some() || now.saturating_duration_since(c.since) < TCP_UNBOUND_TIMEOUT
         });
+        self.send_due_rembs(now);
+        for publisher in self.speakers.tick(now) {
+            let key = self.key(publisher);
+            (self.events)(WorkerEvent::Speaking {
+                key,
+                speaking: false,
+            });
+        }
         self.reallocate(now);
         if tracing::enabled!(tracing::Level::DEBUG) {
             for (k, s) in &self.sessions {
@@ -936,6 +989,67 @@ impl<I: DatagramIo> Worker<I> {
             .collect();
         for s in subs {
             self.request_pending_keyframes(s, now, true);
+        }
+    }
+
+    /// Repeats each capped publisher's bitrate cap as REMB on its video streams (every stream
+    /// the publisher sends of each video line: one, or one per simulcast layer).
+    fn send_due_rembs(&mut self, now: Instant) {
+        for (publisher, limit) in self.limits.iter_mut() {
+            let Some(p) = self.sessions.get_mut(publisher) else {
+                continue;
+            };
+            let Role::Publisher { tracks, .. } = &p.role else {
+                continue;
+            };
+            let mut lines: Vec<(Mid, Vec<Option<str0m::media::Rid>>)> = Vec::new();
+            for t in tracks.iter().filter(|t| t.kind == MediaKind::Video) {
+                let mut rids = vec![None];
+                if let Some(str0m::media::Rids::Specific(v)) =
+                    p.rtc.media(t.mid).map(|m| m.rids_rx())
+                {
+                    rids.extend(v.iter().copied().map(Some));
+                }
+                lines.push((t.mid, rids));
+            }
+            let mut api = p.rtc.direct_api();
+            let present: Vec<(Mid, Option<str0m::media::Rid>)> = lines
+                .into_iter()
+                .flat_map(|(mid, rids)| rids.into_iter().map(move |r| (mid, r)))
+                .filter(|(mid, rid)| api.stream_rx_by_mid(*mid, *rid).is_some())
+                .collect();
+            // Nothing received yet: wait, and send the first REMB as soon as a stream exists.
+            if present.is_empty() || !limit.due(now) {
+                continue;
+            }
+            let bitrate = str0m::bwe::Bitrate::bps(limit.bitrate);
+            for (mid, rid) in present {
+                if let Some(rx) = api.stream_rx_by_mid(mid, rid) {
+                    rx.request_remb(bitrate);
+                }
+            }
+            self.dirty.insert(*publisher);
+        }
+    }
+
+    /// Takes the audio level of a publisher's packet; tells the control plane when the
+    /// publisher starts or stops speaking. Screen shares do not speak.
+    fn observe_audio_level(&mut self, publisher: u32, level: i8, now: Instant) {
+        let screen = self.sessions.get(&publisher).is_some_and(|s| {
+            matches!(
+                s.role,
+                Role::Publisher {
+                    stream_type: StreamType::Screen,
+                    ..
+                }
+            )
+        });
+        if screen {
+            return;
+        }
+        if let Some(speaking) = self.speakers.observe(publisher, dbov(level), now) {
+            let key = self.key(publisher);
+            (self.events)(WorkerEvent::Speaking { key, speaking });
         }
     }
 
@@ -1060,7 +1174,12 @@ impl<I: DatagramIo> Worker<I> {
                 }
             }
             Produced::ChannelData(binary, data) => self.forward_channel(session, binary, &data),
-            Produced::Rtp(pkt) => self.forward_rtp(session, pkt, now),
+            Produced::Rtp(pkt) => {
+                if let Some(level) = pkt.header.ext_vals.audio_level {
+                    self.observe_audio_level(session, level, now);
+                }
+                self.forward_rtp(session, pkt, now)
+            }
             Produced::Connected => {
                 // A subscriber that just connected needs a layer chosen and a keyframe of it
                 // to start decoding: planning now sets its targets, and every pending switch
@@ -1558,6 +1677,13 @@ impl<I: DatagramIo> Worker<I> {
             Role::Publisher { .. } => {
                 self.keyframes.retain(|(p, _, _), _| *p != session);
                 self.pub_layers.retain(|(p, _), _| *p != session);
+                self.limits.remove(&session);
+                if self.speakers.remove(session) {
+                    (self.events)(WorkerEvent::Speaking {
+                        key: s.key,
+                        speaking: false,
+                    });
+                }
                 for sub in self.routes.remove(&session).unwrap_or_default() {
                     self.close(sub, Some("publisher closed"));
                 }

@@ -154,8 +154,8 @@ impl BackendConfig {
             .filter(|s| !s.is_empty())
             .map(PathBuf::from),
             session_limit: r.int("session_limit", 0, (0, 1_000_000), "Most client sessions of this backend at once; 0 = no limit.") as u32,
-            max_stream_bitrate: r.int("max_stream_bitrate", 0, (0, 100_000_000), "Camera bitrate cap in bit/s for this backend; 0 = `signaling.max_stream_bitrate`.") as u64,
-            max_screen_bitrate: r.int("max_screen_bitrate", 0, (0, 100_000_000), "Screen-share bitrate cap in bit/s for this backend; 0 = `signaling.max_screen_bitrate`.") as u64,
+            max_stream_bitrate: r.int("max_stream_bitrate", 0, (0, 100_000_000), "Camera bitrate cap in bit/s for this backend; it can only lower `signaling.max_stream_bitrate` (the lower of the two applies, as upstream); 0 = the global cap.") as u64,
+            max_screen_bitrate: r.int("max_screen_bitrate", 0, (0, 100_000_000), "Screen-share bitrate cap in bit/s for this backend; it can only lower `signaling.max_screen_bitrate` (the lower of the two applies, as upstream); 0 = the global cap.") as u64,
         };
         if b.id.is_empty() {
             r.problem("id", None, "every [[signaling.backend]] needs an id");
@@ -467,8 +467,8 @@ impl SignalingConfig {
             backend_timeout_s: r.int("backend_timeout_s", 10, (1, 120), "Timeout of requests to Nextcloud (auth, room, ping, capabilities).") as u64,
             connections_per_host: r.int("connections_per_host", 8, (1, 1024), "Most simultaneous requests to one Nextcloud host.") as u32,
             ping_interval_s: r.int("ping_interval_s", 10, (1, 10), "How often Talk sessions in rooms are kept alive with `ping` requests.") as u64,
-            max_stream_bitrate: r.int("max_stream_bitrate", 1_048_576, (10_000, 100_000_000), "Default camera bitrate cap in bit/s announced in `room` replies.") as u64,
-            max_screen_bitrate: r.int("max_screen_bitrate", 2_097_152, (10_000, 100_000_000), "Default screen-share bitrate cap in bit/s announced in `room` replies.") as u64,
+            max_stream_bitrate: r.int("max_stream_bitrate", 1_048_576, (10_000, 100_000_000), "Camera bitrate cap in bit/s (upstream's `[mcu] maxstreambitrate`): announced in `room` replies and enforced on each camera publisher (SDP `b=AS`, REMB); a backend's own cap may lower it.") as u64,
+            max_screen_bitrate: r.int("max_screen_bitrate", 2_097_152, (10_000, 100_000_000), "Screen-share bitrate cap in bit/s (upstream's `[mcu] maxscreenbitrate`): announced in `room` replies and enforced on each screen publisher; a backend's own cap may lower it.") as u64,
             max_sessions: r.int("max_sessions", 10_000, (1, 1_000_000), "Most WebSocket connections at once.") as u32,
             trusted_proxies: r
                 .string_list(

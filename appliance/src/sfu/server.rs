@@ -222,7 +222,35 @@ impl Sfu {
 
     /// Handles a worker's own event (from the worker threads, via a channel).
     pub fn worker_event(&self, ev: WorkerEvent) {
-        let WorkerEvent::SessionClosed { key, reason } = ev;
+        match ev {
+            WorkerEvent::SessionClosed { key, reason } => self.session_closed(key, reason),
+            WorkerEvent::Speaking { key, speaking } => self.speaking(key, speaking),
+        }
+    }
+
+    /// A publisher started or stopped speaking: its owner hears `speaking` or
+    /// `stopped-speaking` with the publisher's client id (a talkbox extension of the proxy
+    /// protocol; upstream's signaling server logs unknown event types and goes on).
+    fn speaking(&self, key: SessionKey, speaking: bool) {
+        let mut st = self.state();
+        let Some(id) = st.by_key.get(&key).cloned() else {
+            return;
+        };
+        let Some(owner) = st.clients.get(&id).map(|c| c.owner) else {
+            return;
+        };
+        let kind = if speaking {
+            "speaking"
+        } else {
+            "stopped-speaking"
+        };
+        tracing::debug!(client = %id, kind, "speaker change");
+        if let Some(s) = st.sessions.get_mut(&owner) {
+            s.send(ServerMessage::event(json!({"type": kind, "clientId": id})));
+        }
+    }
+
+    fn session_closed(&self, key: SessionKey, reason: &'static str) {
         let mut st = self.state();
         let Some(id) = st.by_key.remove(&key) else {
             return;
@@ -292,6 +320,13 @@ impl Sfu {
                 if self.state().clients.len() >= MAX_CLIENTS {
                     return Err(("processing_failed", "the SFU is full".into()));
                 }
+                let bitrate = cmd
+                    .publisher_settings
+                    .as_ref()
+                    .and_then(|s| s.get("bitrate"))
+                    .or(cmd.bitrate.as_ref())
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
                 let worker = self.least_loaded_worker();
                 let session = self.next_session.fetch_add(1, Ordering::Relaxed);
                 self.ask(worker, |reply| WorkerCommand::CreatePublisher {
@@ -300,6 +335,22 @@ impl Sfu {
                     reply,
                 })
                 .await?;
+                if bitrate > 0 {
+                    // Enforced at the publisher: b=AS in our answer and REMB while it sends.
+                    let limited = self
+                        .ask(worker, |reply| WorkerCommand::LimitPublisher {
+                            session,
+                            bitrate,
+                            reply,
+                        })
+                        .await;
+                    if let Err(e) = limited {
+                        let _ = self
+                            .ask(worker, |reply| WorkerCommand::Close { session, reply })
+                            .await;
+                        return Err(e);
+                    }
+                }
                 let client_id = new_client_id();
                 self.register(
                     &client_id,
@@ -311,14 +362,7 @@ impl Sfu {
                         owner,
                     },
                 );
-                tracing::info!(client = %client_id, stream = stream_type.as_str(), worker, "created publisher");
-                let bitrate = cmd
-                    .publisher_settings
-                    .as_ref()
-                    .and_then(|s| s.get("bitrate"))
-                    .or(cmd.bitrate.as_ref())
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0);
+                tracing::info!(client = %client_id, stream = stream_type.as_str(), worker, bitrate, "created publisher");
                 let mut body = json!({"id": client_id});
                 if bitrate > 0 {
                     body["bitrate"] = json!(bitrate);

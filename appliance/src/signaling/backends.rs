@@ -88,7 +88,14 @@ impl Backends {
         secrets: &HashMap<String, String>,
         own_secret: &str,
     ) -> Self {
-        let bitrate = |v: u64, default: u64| if v == 0 { default } else { v };
+        // As upstream: the lower of the box-wide cap and the backend's own, 0 meaning "none".
+        // A backend cannot raise the box-wide cap: that one protects the box's uplink, the
+        // backend's is the tenant's choice.
+        let bitrate = |v: u64, global: u64| match (v, global) {
+            (0, g) => g,
+            (b, 0) => b,
+            (b, g) => b.min(g),
+        };
         let list = config
             .backends
             .iter()
@@ -227,6 +234,25 @@ mod tests {
             "[[signaling.backend]]\nid = \"a\"\nurls = [\"https://a/\"]\nsecret = \"0123456789abcdef0\"\nsecret_file = \"/x\"\n",
         );
         assert!(both.is_err(), "secret and secret_file together are refused");
+    }
+
+    #[test]
+    fn a_backend_cap_lowers_the_global_one_but_never_raises_it() {
+        let c = Config::from_toml(
+            "t",
+            "[signaling]\nmax_stream_bitrate = 800000\n\
+             [[signaling.backend]]\nid = \"low\"\nurls = [\"https://a/\"]\nsecret = \"0123456789abcdef0\"\nmax_stream_bitrate = 300000\nmax_screen_bitrate = 5000000\n\
+             [[signaling.backend]]\nid = \"plain\"\nurls = [\"https://b/\"]\nsecret = \"0123456789abcdef0\"\n",
+        )
+        .expect("valid")
+        .signaling;
+        let b = Backends::new(&c, &HashMap::new(), "own-secret-own-secret-own-secret");
+        let caps = |id: &str| {
+            b.by_id(id)
+                .map(|b| (b.max_stream_bitrate, b.max_screen_bitrate))
+        };
+        assert_eq!(caps("low"), Some((300_000, 2_097_152)));
+        assert_eq!(caps("plain"), Some((800_000, 2_097_152)));
     }
 
     #[test]

@@ -405,6 +405,19 @@ impl Hub {
         out
     }
 
+    /// The other sessions in `sid`'s room (none when it is in no room).
+    pub fn room_mates(&self, sid: Sid) -> Vec<Sid> {
+        let Some(s) = self.sessions.get(&sid) else {
+            return Vec::new();
+        };
+        let Some(room) = &s.room else {
+            return Vec::new();
+        };
+        let mut v = self.room_members(&(s.backend.clone(), room.clone()));
+        v.retain(|o| *o != sid);
+        v
+    }
+
     fn room_members(&self, key: &RoomKey) -> Vec<Sid> {
         self.rooms
             .get(key)

@@ -10,7 +10,8 @@
 //!   `delete-subscriber`) and payloads (`offer`, `answer`, `candidate`, `endOfCandidates`,
 //!   `requestoffer`, `sendoffer`, `selectStream`) are requests answered by id; payloads the SFU
 //!   sends on its own (trickled `candidate`s, updated `offer`s) and events (`publisher-closed`,
-//!   `subscriber-closed`, `update-load`) are routed by `clientId` to the session they belong to.
+//!   `subscriber-closed`, `update-load`, and talkbox's `speaking`/`stopped-speaking`) are routed
+//!   by `clientId` to the session they belong to (speaking: to the others in its room).
 //! - [`SfuClients`] is the sans-I/O table of which SFU client id belongs to which session's
 //!   publisher or subscriber; [`Server`] turns Talk clients' SFU messages into these requests
 //!   (`server.rs`, `sfu_message`).
@@ -611,6 +612,14 @@ impl ProxyClient {
                     Some("publisher-closed") | Some("subscriber-closed") => {
                         if let Some(id) = e["clientId"].as_str() {
                             lock(&self.clients).remove(id);
+                        }
+                    }
+                    Some(kind @ ("speaking" | "stopped-speaking")) => {
+                        let owner = e["clientId"]
+                            .as_str()
+                            .and_then(|id| lock(&self.clients).owner(id).cloned());
+                        if let Some(owner) = owner {
+                            server.sfu_speaking(&owner, kind == "speaking").await;
                         }
                     }
                     other => tracing::debug!(?other, "SFU event"),

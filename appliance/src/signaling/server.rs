@@ -645,7 +645,9 @@ impl Server {
         } else {
             (Value::Null, None)
         };
-        let bandwidth = json!({"maxstreambitrate": backend.max_stream_bitrate, "maxscreenbitrate": backend.max_screen_bitrate});
+        // Only in the join reply, and left out when there is no cap at all, as upstream.
+        let bandwidth = (backend.max_stream_bitrate != 0 || backend.max_screen_bitrate != 0)
+            .then(|| json!({"maxstreambitrate": backend.max_stream_bitrate, "maxscreenbitrate": backend.max_screen_bitrate}));
         let rsid = (!talk_session.is_empty()).then_some(talk_session);
         let out = self.hub().join_room(
             sid,
@@ -653,7 +655,7 @@ impl Server {
             rsid,
             properties,
             permissions,
-            Some(bandwidth),
+            bandwidth,
             id,
         );
         self.apply(out).await;
@@ -915,6 +917,45 @@ impl Server {
             self.send_sfu_frame(to, from, kind, &stream, payload, &h.sid)
                 .await;
         }
+    }
+
+    /// The SFU heard a camera/microphone publisher start or stop speaking (its `speaking` /
+    /// `stopped-speaking` events, a talkbox extension): the others in the publisher's room get
+    /// a message from it with `{"type":"speaking"}` or `{"type":"stoppedSpeaking"}`, the names
+    /// Talk clients send each other over the data channel. Upstream has no server-side speaking
+    /// event; a Talk client keeps learning it from the data channel (which the SFU relays) and
+    /// ignores message types it does not handle; the meeting page uses these.
+    pub async fn sfu_speaking(self: &Arc<Self>, owner: &Owner, speaking: bool) {
+        let Owner::Publisher { session, stream } = owner else {
+            return;
+        };
+        if stream == "screen" {
+            return;
+        }
+        let (from_public, mates) = {
+            let hub = self.hub();
+            let Some(s) = hub.session(*session) else {
+                return;
+            };
+            (s.public_id.clone(), hub.room_mates(*session))
+        };
+        let kind = if speaking {
+            "speaking"
+        } else {
+            "stoppedSpeaking"
+        };
+        let frame: Arc<str> = Arc::from(
+            json!({"type":"message","message":{
+                "sender":{"type":"session","sessionid":from_public},
+                "data":{"type":kind,"from":from_public,"roomType":stream},
+            }})
+            .to_string(),
+        );
+        let mut out = Out::default();
+        for to in mates {
+            out.frames.push((to, frame.clone()));
+        }
+        self.apply(out).await;
     }
 
     /// May `sid` send media of this kind (upstream `IsAllowedToSend`)?

@@ -365,6 +365,26 @@ impl Peer {
     pub async fn new() -> Peer {
         let mut me = MediaEngine::default();
         me.register_default_codecs().expect("codecs");
+        Self::with_engine(me).await
+    }
+
+    /// A peer that also negotiates the audio-level header extension (RFC 6464), as browsers
+    /// do; its id is in the SDP (`audio_level_ext_id`).
+    pub async fn with_audio_level() -> Peer {
+        let mut me = MediaEngine::default();
+        me.register_default_codecs().expect("codecs");
+        me.register_header_extension(
+            rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability {
+                uri: AUDIO_LEVEL_URI.to_string(),
+            },
+            rtc::rtp_transceiver::rtp_sender::RtpCodecKind::Audio,
+            None,
+        )
+        .expect("audio-level extension");
+        Self::with_engine(me).await
+    }
+
+    async fn with_engine(mut me: MediaEngine) -> Peer {
         let registry =
             register_default_interceptors(Registry::new(), &mut me).expect("interceptors");
         let seen = Arc::new(Mutex::new(Seen::default()));
@@ -451,6 +471,20 @@ impl Peer {
             .await
             .expect("set remote answer");
     }
+}
+
+/// The audio-level header extension (RFC 6464).
+pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+
+/// The id an SDP gives the audio-level extension, if it has one.
+pub fn audio_level_ext_id(sdp: &str) -> Option<u8> {
+    sdp.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("a=extmap:")?;
+        let (id, uri) = rest.split_once(' ')?;
+        (uri.trim() == AUDIO_LEVEL_URI)
+            .then(|| id.split('/').next()?.parse().ok())
+            .flatten()
+    })
 }
 
 /// A VP8 track a publisher writes RTP into.

@@ -212,12 +212,22 @@ pub async fn start_signaling(talk_base: &str, extra: &str) -> Signaling {
 
 /// A signaling process whose one backend has these URLs.
 pub async fn start_signaling_urls(talk_bases: &[String], extra: &str) -> Signaling {
+    start_signaling_full(talk_bases, extra, "").await
+}
+
+/// As [`start_signaling_urls`], with `backend_extra` lines added to the backend's table
+/// (`max_stream_bitrate = …`).
+pub async fn start_signaling_full(
+    talk_bases: &[String],
+    extra: &str,
+    backend_extra: &str,
+) -> Signaling {
     let dir = tempfile::tempdir().expect("tempdir");
     let (p1, p2) = (free_port(), free_port());
     let urls: Vec<String> = talk_bases.iter().map(|b| format!("\"{b}/\"")).collect();
     let urls = urls.join(", ");
     let text = format!(
-        "[signaling]\nlisten = \"127.0.0.1:{p1}\"\nhttp_listen = \"127.0.0.1:{p2}\"\n{extra}\n[[signaling.backend]]\nid = \"nc1\"\nurls = [{urls}]\nsecret = \"{TALK_SECRET}\"\n"
+        "[signaling]\nlisten = \"127.0.0.1:{p1}\"\nhttp_listen = \"127.0.0.1:{p2}\"\n{extra}\n[[signaling.backend]]\nid = \"nc1\"\nurls = [{urls}]\nsecret = \"{TALK_SECRET}\"\n{backend_extra}\n"
     );
     let config_path: PathBuf = dir.path().join("talkbox.toml");
     std::fs::write(&config_path, &text).expect("config");

@@ -13,6 +13,7 @@ use media_core::session::SessionSetup;
 use media_core::tcp::{FrameReader, frame};
 use media_core::worker::{self, Reply, WorkerCommand, WorkerConfig, WorkerError, WorkerEvent};
 use std::io::{Read, Write};
+use str0m::bwe::BweKind;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
@@ -174,6 +175,8 @@ pub struct Client {
     pub keyframe_requests: usize,
     /// The rid of every keyframe request received (simulcast publishers).
     pub keyframe_rids: Vec<Option<String>>,
+    /// REMB received: (media line, bit/s).
+    pub remb: Vec<(Mid, u64)>,
     pub channel: Option<ChannelId>,
     pub channel_open: bool,
     pub messages: Vec<Vec<u8>>,
@@ -210,6 +213,7 @@ impl Client {
             rtp: Vec::new(),
             keyframe_requests: 0,
             keyframe_rids: Vec::new(),
+            remb: Vec::new(),
             channel: None,
             channel_open: false,
             messages: Vec::new(),
@@ -260,6 +264,50 @@ impl Client {
         let (offer, pending) = api.apply().expect("changes");
         self.pending = Some(pending);
         offer.to_sdp_string()
+    }
+
+    /// Publisher side: an offer with one audio and one video track and the `status` data
+    /// channel, as Talk's camera publisher sends.
+    pub fn publish_offer_with_audio(&mut self) -> String {
+        let mut api = self.rtc.sdp_api();
+        let audio = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        let video = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+        self.mids.push(audio);
+        self.mids.push(video);
+        self.channel = Some(api.add_channel("status".into()));
+        let (offer, pending) = api.apply().expect("changes");
+        self.pending = Some(pending);
+        offer.to_sdp_string()
+    }
+
+    /// Writes one Opus packet on `mid` with the audio-level extension at `dbov` (0 loudest,
+    /// 127 silence).
+    pub fn write_audio(&mut self, mid: Mid, seq: u64, ts: u32, dbov: u8) {
+        let pt = self
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.spec().codec == Codec::Opus)
+            .map(|p| p.pt())
+            .expect("opus");
+        let ext = str0m::rtp::ExtensionValues {
+            audio_level: Some(-(dbov.min(127) as i8)),
+            voice_activity: Some(dbov < 60),
+            ..Default::default()
+        };
+        let mut api = self.rtc.direct_api();
+        let tx = api.stream_tx_by_mid(mid, None).expect("send stream");
+        tx.write_rtp(
+            RtpWrite::new(
+                pt,
+                SeqNo::from(seq),
+                ts,
+                Instant::now(),
+                vec![0xf8, 0xff, 0xfe],
+            )
+            .ext_vals(ext),
+        );
     }
 
     /// Publisher side: an offer with one video track sent as simulcast with `rids` (in this
@@ -343,6 +391,9 @@ impl Client {
                     Event::KeyframeRequest(k) => {
                         self.keyframe_requests += 1;
                         self.keyframe_rids.push(k.rid.map(|r| r.to_string()));
+                    }
+                    Event::EgressBitrateEstimate(BweKind::Remb { estimate, mid }) => {
+                        self.remb.push((mid, estimate.as_u64()))
                     }
                     Event::ChannelOpen(id, _) => {
                         self.channel = Some(id);

@@ -373,6 +373,14 @@ async function onMessage(msg) {
       }
       break;
     }
+    case 'speaking':
+    case 'stoppedSpeaking': {
+      // From the SFU (it reads the audio level of each publisher's packets), relayed by the
+      // signaling server as a message from the speaker; shown by the meter loop below.
+      const p = call.peers.get(from);
+      if (p) p.speaking = d.type === 'speaking';
+      break;
+    }
     case 'nickChanged': {
       const p = call.peers.get(from);
       if (p && d.payload && d.payload.name) {
@@ -462,14 +470,24 @@ function meter(t, stream) {
   }
 }
 
+// The speaking highlight: a remote camera tile lights up when the SFU says its participant
+// speaks (`data-server-speaking`), or when the audio played here is loud (the only source for
+// our own tile, and for a box whose SFU sends no speaking messages).
 setInterval(() => {
   const buf = new Uint8Array(512);
+  const loud = new Set();
   for (const [t, an] of call.meters) {
     if (!t.isConnected) { call.meters.delete(t); continue; }
     an.getByteTimeDomainData(buf);
     let peak = 0;
     for (const x of buf) peak = Math.max(peak, Math.abs(x - 128));
-    t.classList.toggle('speaking', peak > 12);
+    if (peak > 12) loud.add(t);
+  }
+  for (const t of $('grid').querySelectorAll('.tile')) {
+    const p = !t.classList.contains('self') && call.peers.get(t.dataset.session);
+    const server = Boolean(p && p.speaking && t.dataset.roomType === 'video');
+    t.dataset.serverSpeaking = server ? 'true' : 'false';
+    t.classList.toggle('speaking', server || loud.has(t));
   }
 }, 200);
 
