@@ -6,12 +6,14 @@
 //! switches must not freeze the picture. The subscriber page samples its inbound-rtp stats
 //! (frameWidth, frameHeight, framesDecoded) every 250 ms.
 //!
-//! The issue's numbers and the bounds asserted here (the margins cover a loaded 2-core test
-//! machine running two Chromiums and the box):
-//! - low layer within 15 s of the drop: asserted within 20 s;
-//! - top layer within 30 s of the recovery: asserted within 40 s;
-//! - no freeze over 1 s during switches: asserted as no gap over 1.5 s between two samples
-//!   with rising framesDecoded (1 s plus two sampling periods).
+//! Asserted as the issue states them:
+//! - the low layer within 15 s of the drop;
+//! - the top layer within 30 s of the recovery;
+//! - no freeze over 1 s from the drop to the end: no gap over 1000 ms between two samples
+//!   with rising framesDecoded (a gap between rises bounds the freeze from above).
+//!
+//! The test waits longer than those bounds before it gives up, so that a failure prints how
+//! long it actually took.
 //!
 //! The measured figures are printed. Needs root (for `ip netns` and `tc`), iproute2 and
 //! `apt-get install chromium chromium-driver`; traffic stays on loopback and the veth pair the
@@ -77,6 +79,12 @@ struct Sample {
     width: u64,
     height: u64,
     decoded: u64,
+}
+
+/// A time of day (UTC) as the box's log shows it, for reading the two side by side.
+fn clock(ms: u64) -> String {
+    let s = ms / 1000 % 86_400;
+    format!("{:02}:{:02}:{:02}.{:03}", s / 3600, s / 60 % 60, s % 60, ms % 1000)
 }
 
 fn unix_ms() -> u64 {
@@ -387,6 +395,7 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
     // 300 kbit/s downlink.
     shape(&vh, "add");
     let dropped_at = unix_ms();
+    eprintln!("shaped to 300 kbit/s at {}", clock(dropped_at));
     let low = until(
         &subscriber,
         &publisher,
@@ -401,7 +410,7 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
         panic!(
             "{}",
             report(
-                "no low layer within 20 s of the 300 kbit/s shaping",
+                "no low layer within 20 s of the 300 kbit/s shaping (15 s allowed)",
                 &samples,
                 &layers
             )
@@ -432,6 +441,7 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
     // Lift the shaping.
     shape(&vh, "del");
     let lifted_at = unix_ms();
+    eprintln!("shaping lifted at {}", clock(lifted_at));
     let back = until(
         &subscriber,
         &publisher,
@@ -479,16 +489,28 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
         )
     );
     assert!(
-        to_top.is_some(),
+        to_low <= 15_000,
         "{}",
         report(
-            "the top layer did not come back within 40 s of lifting the shaping",
+            &format!("the low layer came {to_low} ms after the drop (15 s allowed)"),
+            &samples,
+            &layers
+        )
+    );
+    assert!(
+        to_top.is_some_and(|t| t <= 30_000),
+        "{}",
+        report(
+            &format!(
+                "the top layer came back {to_top:?} ms after lifting the shaping (30 s \
+                 allowed; waited 40 s)"
+            ),
             &samples,
             &layers_after
         )
     );
     assert!(
-        freeze <= 1500,
+        freeze <= 1000,
         "{}",
         report(
             &format!(

@@ -37,7 +37,7 @@ use crate::demux::{self, SessionKey};
 use crate::forward::KeyframeThrottle;
 use crate::io::{BATCH, DatagramIo, OutDatagram, RecvMeta};
 use crate::layers::{self, Bps, Decision, LayerRates, VideoCodec};
-use crate::publisher_limit::{RembSchedule, add_bandwidth_lines};
+use crate::publisher_limit::{self, RembSchedule, add_bandwidth_lines};
 use crate::session::{self, PublishedTrack, Role, Session, SessionError, SessionSetup, StreamType};
 use crate::speaker::{Speakers, dbov};
 use crate::tcp::{FrameReader, frame};
@@ -702,6 +702,7 @@ impl<I: DatagramIo> Worker<I> {
                     Some(l) => {
                         // A new negotiation may bring new streams: REMB them at once.
                         l.reset();
+                        l.set_layers(publisher_limit::simulcast_layers(&sdp));
                         r.map(|answer| add_bandwidth_lines(&answer, l.bitrate))
                     }
                     None => r,
@@ -1523,9 +1524,13 @@ impl<I: DatagramIo> Worker<I> {
                 Role::Publisher { .. } => None,
             })
             .collect();
+        // The per-stream caps are enforced at the publishers (b=AS and REMB, per backend:
+        // `limits`), so every layer they send is already within its cap; the allocator's
+        // box-wide defaults would only refuse a backend's higher cap.
         let limits = Limits {
             budget: self.config.egress_budget,
-            ..Limits::default()
+            camera_cap: Bps::MAX,
+            screen_cap: Bps::MAX,
         };
         let plan = allocator::allocate(&sources, &subscribers, &limits);
         let plan = self.hysteresis.apply(plan, &sources, now);
@@ -1547,17 +1552,19 @@ impl<I: DatagramIo> Worker<I> {
             // sustain: the plan plus the next step up, so padding tests that step.
             let mut desired: Bps = 0;
             let mut next_step: Option<Bps> = None;
-            for (a, sub) in sp
-                .assignments
+            // Every assignment with its subscription. (This once zipped the assignments with
+            // an Option of the list, which yields one pair: only the first stream, the audio,
+            // was counted, and the BWE was asked to probe for 50 kbit/s.)
+            let subscriptions = subscribers
                 .iter()
-                .zip(
-                    &subscribers
-                        .iter()
-                        .find(|x| x.id == sp.id)
-                        .map(|x| &x.subscriptions),
-                )
-                .flat_map(|(a, subs)| subs.iter().find(|x| x.source == a.source).map(|x| (a, x)))
-            {
+                .find(|x| x.id == sp.id)
+                .map_or(&[][..], |x| &x.subscriptions[..]);
+            for (a, sub) in sp.assignments.iter().filter_map(|a| {
+                subscriptions
+                    .iter()
+                    .find(|x| x.source == a.source)
+                    .map(|x| (a, x))
+            }) {
                 let Some(src) = sources.get(a.source as usize) else {
                     continue;
                 };
