@@ -84,7 +84,13 @@ struct Sample {
 /// A time of day (UTC) as the box's log shows it, for reading the two side by side.
 fn clock(ms: u64) -> String {
     let s = ms / 1000 % 86_400;
-    format!("{:02}:{:02}:{:02}.{:03}", s / 3600, s / 60 % 60, s % 60, ms % 1000)
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        ms % 1000
+    )
 }
 
 fn unix_ms() -> u64 {
@@ -463,6 +469,15 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
     let (freeze, freeze_end) = longest_freeze(&samples, dropped_at.saturating_sub(1000));
 
     let to_top = back.map(|b| b.saturating_sub(lifted_at));
+    // The samples around both switches, to read beside the box's log.
+    for (what, t) in [("drop", dropped_at), ("lift", lifted_at)] {
+        let around: Vec<String> = samples
+            .iter()
+            .filter(|s| s.at + 1000 >= t && s.at <= t + 4000)
+            .map(|s| format!("{} {}x{}/{}", clock(s.at), s.width, s.height, s.decoded))
+            .collect();
+        eprintln!("samples around the {what}: {around:?}");
+    }
     eprintln!(
         "measured: drop -> low layer {:.1} s; low layer decoded {shaped_frames} frames in the \
          last ~5 s shaped (widest {shaped_max_width}); recovery -> top layer {}; longest \
