@@ -478,6 +478,16 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
             .collect();
         eprintln!("samples around the {what}: {around:?}");
     }
+    let switches: Vec<String> = sup
+        .log()
+        .lines()
+        .filter(|l| l.contains("simulcast target changed") || l.contains("layer switched"))
+        .map(|l| l.to_string())
+        .collect();
+    eprintln!(
+        "the box's layer decisions (last 40):\n{}",
+        switches[switches.len().saturating_sub(40)..].join("\n")
+    );
     eprintln!(
         "measured: drop -> low layer {:.1} s; low layer decoded {shaped_frames} frames in the \
          last ~5 s shaped (widest {shaped_max_width}); recovery -> top layer {}; longest \

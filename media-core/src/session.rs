@@ -119,6 +119,8 @@ pub enum Role {
         bwe_asked: (Bps, Bps),
         /// The client's `selectStream` bound: never a higher video layer than this.
         max_layer: Option<usize>,
+        /// When to ask the BWE for another probe towards the desired rate.
+        probe: crate::layers::ProbeRenewal,
     },
 }
 
@@ -244,6 +246,7 @@ impl Session {
                 twcc: false,
                 bwe_asked: (0, 0),
                 max_layer: None,
+                probe: Default::default(),
             },
             created: now,
             last_rx: now,

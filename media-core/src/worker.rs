@@ -1552,6 +1552,7 @@ impl<I: DatagramIo> Worker<I> {
                 publisher,
                 tracks,
                 bwe_asked,
+                probe,
                 ..
             } = &mut s.role
             else {
@@ -1601,7 +1602,8 @@ impl<I: DatagramIo> Worker<I> {
                 }
             }
             let minimum = (sp.total + next_step.unwrap_or(0)).min(desired);
-            let asked = (minimum, desired.max(minimum));
+            let wanted = probe.desired(sp.total, desired.max(minimum), now);
+            let asked = (minimum.min(wanted), wanted);
             if differs(*bwe_asked, asked) {
                 *bwe_asked = asked;
                 s.rtc
@@ -1629,6 +1631,9 @@ impl<I: DatagramIo> Worker<I> {
                     l => l,
                 };
                 let target = layer.and_then(|l| map.get(l).copied());
+                if target < t.switch.target() {
+                    probe.downgraded(now);
+                }
                 if t.switch.target() != target {
                     tracing::debug!(
                         subscriber = sp.id,
