@@ -13,9 +13,10 @@
 //!    classes first and round-robin inside a class, so equal cameras share equally.
 //! 2. The whole plan never exceeds the egress budget. When it would, camera layers are lowered
 //!    one step at a time at the subscriber that currently receives the most camera video
-//!    ("largest consumers first"); screen share is lowered only when no camera video is left
-//!    anywhere, and audio is dropped only when neither is (what whole dropped audio streams
-//!    leave unused goes back to audio where it fits).
+//!    ("largest consumers first"), other cameras before the active speaker's: the speaker's
+//!    camera is lowered only when no other camera video is left anywhere, screen share only
+//!    when no camera video is left, and audio is dropped only when neither is (what whole
+//!    dropped audio streams leave unused goes back to audio where it fits).
 //! 3. A layer above the per-kind cap or above the subscriber's `selectStream` bound is never
 //!    chosen (the lowest layer stays eligible: the publisher is capped by REMB/SDP instead).
 //!
@@ -310,17 +311,21 @@ fn plan_within_estimate<'a>(
     slots
 }
 
-/// Rule 2: lower layers until the sum fits the budget, largest consumers first.
+/// Rule 2: lower layers until the sum fits the budget, by class from the least important
+/// (other cameras, then the active speaker's camera, then screen share, then audio), and
+/// inside a class at the largest consumer of that class first. Each subscriber session of a
+/// Talk client carries one publisher, so the speaker's priority over other cameras matters
+/// here, across subscribers, more than inside one.
 fn fit_budget(all: &mut [Vec<Slot<'_>>], limited: &mut [bool], budget: Bps) {
     let mut total: Bps = all.iter().flatten().map(Slot::rate).sum();
-    for kind in [Kind::Camera, Kind::Screen, Kind::Audio] {
+    for c in [3, 2, 1, 0] {
         while total > budget {
-            // The subscriber receiving the most of this kind (ties: the first).
+            // The subscriber receiving the most of this class (ties: the first).
             let mut best: Option<(usize, Bps)> = None;
             for (i, slots) in all.iter().enumerate() {
                 let amount: Bps = slots
                     .iter()
-                    .filter(|s| s.src.kind == kind)
+                    .filter(|s| class(s.src) == c)
                     .map(Slot::rate)
                     .sum();
                 if amount > 0 && best.is_none_or(|(_, b)| amount > b) {
@@ -328,12 +333,11 @@ fn fit_budget(all: &mut [Vec<Slot<'_>>], limited: &mut [bool], budget: Bps) {
                 }
             }
             let Some((i, _)) = best else { break };
-            // Inside it, the least important stream of this kind that is still flowing, and
-            // among equals the one with the highest rate.
+            // Inside it, the stream of this class with the highest rate that still flows.
             let Some(slot) = all[i]
                 .iter_mut()
-                .filter(|s| s.src.kind == kind && s.pos.is_some())
-                .max_by_key(|s| (class(s.src), s.rate(), std::cmp::Reverse(s.src.id)))
+                .filter(|s| class(s.src) == c && s.pos.is_some())
+                .max_by_key(|s| (s.rate(), std::cmp::Reverse(s.src.id)))
             else {
                 break;
             };
@@ -606,6 +610,111 @@ mod tests {
         assert_eq!(plan.layers_in_use()[&2], BTreeSet::from([1]));
     }
 
+    #[test]
+    fn budget_lowers_other_cameras_before_the_speakers_even_at_a_smaller_consumer() {
+        // One subscriber session per publisher, as Talk's clients make them: 10 receives the
+        // speaker's camera, 11 another camera; 10 consumes more.
+        let sources = [cam(1, true), cam(2, false)];
+        let subs = [
+            subscribe(10, 10_000_000, &[1]), // 1M
+            subscribe(11, 600_000, &[2]),    // 500k
+        ];
+        let limits = Limits {
+            budget: 1_200_000,
+            ..Limits::default()
+        };
+        let plan = allocate(&sources, &subs, &limits);
+        assert!(plan.total <= 1_200_000);
+        // The other camera goes down to its lowest layer first; the speaker keeps its top.
+        assert_eq!(layer(&plan, 10, 1), Some(2));
+        assert_eq!(layer(&plan, 11, 2), Some(0));
+        // Without a speaker, the largest consumer (10) gives way first.
+        let quiet = [cam(1, false), cam(2, false)];
+        let plan = allocate(&quiet, &subs, &limits);
+        assert_eq!(layer(&plan, 10, 1), Some(1));
+        assert_eq!(layer(&plan, 11, 2), Some(1));
+    }
+
+    /// Generated estimate sequences through the upgrade hold, on a clock the test advances
+    /// (250 ms per step, as the workers re-plan): what is put in force never exceeds the
+    /// budget or an estimate of the moment, audio is never paused for video, and no layer is
+    /// above what the plan of that moment allows.
+    #[test]
+    fn generated_sequences_through_the_hold_keep_the_guarantees() {
+        let mut rng = Lcg(0x5eed_4a11);
+        let t0 = Instant::now();
+        for case in 0..300 {
+            let sources = [
+                audio(1),
+                cam(2, rng.below(2) == 0),
+                cam(3, false),
+                screen(4),
+            ];
+            let n_subs = 1 + rng.below(6) as u32;
+            let picks: Vec<Vec<u32>> = (0..n_subs)
+                .map(|_| {
+                    let mut v = vec![1];
+                    v.extend([2u32, 3, 4].into_iter().filter(|_| rng.below(2) == 0));
+                    v
+                })
+                .collect();
+            let mut estimates: Vec<Bps> = (0..n_subs).map(|_| rng.below(4_000_000)).collect();
+            let mut hold = Hysteresis::new(Duration::from_secs(2));
+            let budget = 500_000 + rng.below(10_000_000);
+            let limits = Limits {
+                budget,
+                ..Limits::default()
+            };
+            for step in 0..60u64 {
+                for e in estimates.iter_mut() {
+                    // Mostly small moves, sometimes a drop or a jump.
+                    *e = match rng.below(10) {
+                        0 => *e / 4,
+                        1 => *e + rng.below(3_000_000),
+                        _ => (*e + rng.below(200_000)).saturating_sub(rng.below(200_000)),
+                    };
+                }
+                let subs: Vec<Subscriber> = picks
+                    .iter()
+                    .zip(&estimates)
+                    .enumerate()
+                    .map(|(i, (p, &e))| subscribe(100 + i as u32, e, p))
+                    .collect();
+                let plan = allocate(&sources, &subs, &limits);
+                let held = hold.apply(
+                    plan.clone(),
+                    &sources,
+                    t0 + Duration::from_millis(250 * step),
+                );
+                assert!(held.total <= budget, "case {case} step {step}: over budget");
+                for ((sub, h), p) in subs.iter().zip(&held.subscribers).zip(&plan.subscribers) {
+                    assert!(
+                        h.total <= sub.estimate,
+                        "case {case} step {step}: over estimate"
+                    );
+                    let video = h
+                        .assignments
+                        .iter()
+                        .any(|a| a.source != 1 && a.layer.is_some());
+                    let audio = h.assignments.iter().find(|a| a.source == 1);
+                    let planned_audio = p.assignments.iter().find(|a| a.source == 1);
+                    if video && planned_audio.is_some_and(|a| a.layer.is_some()) {
+                        assert!(
+                            audio.is_some_and(|a| a.layer.is_some()),
+                            "case {case} step {step}: audio paused for video"
+                        );
+                    }
+                    for (a, b) in h.assignments.iter().zip(&p.assignments) {
+                        assert!(
+                            a.layer <= b.layer,
+                            "case {case} step {step}: above the plan"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Many generated mixes: the guarantees of the module documentation hold for each.
     #[test]
     fn generated_mixes_keep_every_guarantee() {
@@ -754,33 +863,57 @@ mod tests {
                 }
             }
         }
-        // Fairness: a subscriber whose cameras were lowered for the budget was the largest
-        // camera consumer each time: after its last step it had at least what anyone ends with.
-        let max_camera = plan
-            .subscribers
-            .iter()
-            .map(|p| kind_total(p, Kind::Camera))
-            .max()
-            .unwrap_or(0);
+        let class_total = |p: &SubscriberPlan, c: u8| -> Bps {
+            p.assignments
+                .iter()
+                .filter(|a| class(src(a.source)) == c)
+                .map(|a| a.rate)
+                .sum()
+        };
+        // The active speaker's camera is lowered for the budget only when no other camera
+        // video is left anywhere.
+        let other_cameras = plan.subscribers.iter().any(|p| class_total(p, 3) > 0);
         for (p, f) in plan.subscribers.iter().zip(&free.subscribers) {
-            let (now, before) = (kind_total(p, Kind::Camera), kind_total(f, Kind::Camera));
-            if now < before {
-                let largest_step = sources
-                    .iter()
-                    .filter(|s| s.kind == Kind::Camera)
-                    .flat_map(|s| {
-                        s.layers
-                            .iter()
-                            .enumerate()
-                            .map(|(i, &r)| r - if i == 0 { 0 } else { s.layers[i - 1] })
-                    })
-                    .max()
-                    .unwrap_or(0);
-                assert!(
-                    now + largest_step >= max_camera,
-                    "case {case}: subscriber {} lowered to {now} while another keeps {max_camera}",
-                    p.id
-                );
+            for (a, b) in p.assignments.iter().zip(&f.assignments) {
+                if class(src(a.source)) == 2 && a.layer != b.layer {
+                    assert!(
+                        !other_cameras,
+                        "case {case}: speaker's camera lowered while other cameras flow"
+                    );
+                }
+            }
+        }
+        // Fairness, per camera class: a subscriber whose cameras of the class were lowered for
+        // the budget was the largest consumer of the class each time: after its last step it
+        // had at least what anyone ends with.
+        for c in [3, 2] {
+            let max_class = plan
+                .subscribers
+                .iter()
+                .map(|p| class_total(p, c))
+                .max()
+                .unwrap_or(0);
+            for (p, f) in plan.subscribers.iter().zip(&free.subscribers) {
+                let (now, before) = (class_total(p, c), class_total(f, c));
+                if now < before {
+                    let largest_step = sources
+                        .iter()
+                        .filter(|s| class(s) == c)
+                        .flat_map(|s| {
+                            s.layers
+                                .iter()
+                                .enumerate()
+                                .map(|(i, &r)| r - if i == 0 { 0 } else { s.layers[i - 1] })
+                        })
+                        .max()
+                        .unwrap_or(0);
+                    assert!(
+                        now + largest_step >= max_class,
+                        "case {case}: subscriber {} lowered to {now} (class {c}) while another \
+                         keeps {max_class}",
+                        p.id
+                    );
+                }
             }
         }
         // Pausing: exactly the chosen layers are in use.

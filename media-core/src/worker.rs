@@ -1496,7 +1496,9 @@ impl<I: DatagramIo> Worker<I> {
                     id,
                     kind,
                     layers,
-                    speaking: false,
+                    // The speaker detector's state: the allocator lowers other cameras before
+                    // the active speaker's when the box's budget runs short.
+                    speaking: kind == allocator::Kind::Camera && self.speakers.is_speaking(pid),
                 });
                 maps.insert(id, map);
             }
