@@ -364,17 +364,23 @@ impl LayerSwitch {
 /// How often a subscriber that gets less than it would like asks the BWE to probe again.
 pub const PROBE_RENEW_INTERVAL: Duration = Duration::from_secs(3);
 
-/// Renews str0m's allocation probe for one subscriber. str0m probes when the desired rate
-/// *rises* above the estimate (and on its own in application-limited periods, which padding
-/// towards the next layer prevents); a subscriber held down by a past drop keeps the same
-/// desired rate, so without a rise its estimate grows only by additive increase, capped at
-/// 1.5 x what is sent. Measured with Chromium (quality_shaping): 18-22 s from lifting a
-/// 300 kbit/s limit to the top layer that way. So every [`PROBE_RENEW_INTERVAL`] while it is
-/// below its desired rate, the desired rate given to str0m dips to what is planned for one
-/// housekeeping turn and rises again, which asks for a probe (at most twice the estimate,
-/// str0m's cap). Not within an interval of a downgrade: the link just proved too small.
+/// How long after a downgrade probes are renewed.
+pub const PROBE_RENEW_WINDOW: Duration = Duration::from_secs(60);
+
+/// Renews str0m's allocation probe for one subscriber after a downgrade. str0m probes when
+/// the desired rate *rises* above the estimate (and on its own in application-limited periods,
+/// which padding towards the next layer prevents); a subscriber held down by a past drop keeps
+/// the same desired rate, so without a rise its estimate grows only by additive increase,
+/// capped at 1.5 x what is sent. Measured with Chromium (quality_shaping): 18-22 s from
+/// lifting a 300 kbit/s limit to the top layer that way. So, from [`PROBE_RENEW_INTERVAL`]
+/// after a downgrade until [`PROBE_RENEW_WINDOW`] after it, every interval while the
+/// subscriber is below its desired rate, the desired rate given to str0m dips to what is
+/// planned for one housekeeping turn and rises again, which asks for a probe (at most twice
+/// the estimate, str0m's cap). Not otherwise: at start str0m's own initial probing does the
+/// work, and extra probes there made a loopback estimate wobble (worker_simulcast).
 #[derive(Debug, Clone, Default)]
 pub struct ProbeRenewal {
+    down: Option<Instant>,
     last: Option<Instant>,
     dipped: bool,
 }
@@ -382,6 +388,7 @@ pub struct ProbeRenewal {
 impl ProbeRenewal {
     /// The plan just lowered this subscriber's layers.
     pub fn downgraded(&mut self, now: Instant) {
+        self.down = Some(now);
         self.last = Some(now);
         self.dipped = false;
     }
@@ -389,7 +396,10 @@ impl ProbeRenewal {
     /// The desired rate to give str0m now, for a subscriber planned `planned` that would like
     /// `desired`.
     pub fn desired(&mut self, planned: Bps, desired: Bps, now: Instant) -> Bps {
-        if planned >= desired {
+        let recovering = self
+            .down
+            .is_some_and(|d| now.saturating_duration_since(d) < PROBE_RENEW_WINDOW);
+        if planned >= desired || !recovering {
             self.dipped = false;
             return desired;
         }
@@ -413,26 +423,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn probe_renewal_dips_once_per_interval_while_below_and_waits_after_a_downgrade() {
+    fn probe_renewal_dips_once_per_interval_after_a_downgrade_while_below() {
         let t0 = Instant::now();
         let mut r = ProbeRenewal::default();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        // At the desired rate: never a dip.
-        assert_eq!(r.desired(600, 600, at(0)), 600);
-        // Below it: a dip at once, the rise on the next turn, then nothing for an interval.
-        assert_eq!(r.desired(200, 600, at(250)), 200);
-        assert_eq!(r.desired(200, 600, at(500)), 600);
-        assert_eq!(r.desired(200, 600, at(3000)), 600);
-        assert_eq!(r.desired(200, 600, at(3500)), 200);
-        assert_eq!(r.desired(200, 600, at(3750)), 600);
-        // A downgrade pushes the next dip an interval out.
+        // No downgrade yet: str0m's own probing, no dips.
+        assert_eq!(r.desired(200, 600, at(0)), 600);
+        assert_eq!(r.desired(200, 600, at(4000)), 600);
+        // After a downgrade: the first dip an interval later, the rise on the next turn,
+        // then nothing for an interval.
         r.downgraded(at(5000));
         assert_eq!(r.desired(200, 600, at(7750)), 600);
         assert_eq!(r.desired(200, 600, at(8000)), 200);
+        assert_eq!(r.desired(200, 600, at(8250)), 600);
+        assert_eq!(r.desired(200, 600, at(11_000)), 600);
+        assert_eq!(r.desired(200, 600, at(11_250)), 200);
         // Reaching the desired rate between dip and rise cancels the rise.
-        assert_eq!(r.desired(600, 600, at(8250)), 600);
-        assert_eq!(r.desired(200, 600, at(8500)), 200);
-        assert_eq!(r.desired(200, 600, at(8750)), 600);
+        assert_eq!(r.desired(600, 600, at(11_500)), 600);
+        assert_eq!(r.desired(200, 600, at(11_750)), 200);
+        assert_eq!(r.desired(200, 600, at(12_000)), 600);
+        // Past the window: no more dips.
+        assert_eq!(r.desired(200, 600, at(65_000)), 600);
+        assert_eq!(r.desired(200, 600, at(70_000)), 600);
     }
 
     fn vp8(picture_id: u16, tl0: u8, tid: u8, start: bool, key: bool) -> Vec<u8> {
