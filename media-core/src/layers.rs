@@ -378,16 +378,28 @@ pub const PROBE_RENEW_WINDOW: Duration = Duration::from_secs(60);
 /// planned for one housekeeping turn and rises again, which asks for a probe (at most twice
 /// the estimate, str0m's cap). Not otherwise: at start str0m's own initial probing does the
 /// work, and extra probes there made a loopback estimate wobble (worker_simulcast).
+///
+/// Each further downgrade within the window (more than 2 s after the one before: the steps
+/// of one drop count once) doubles the interval, up to 8 times: a probe that read more than
+/// the link sustains (a tbf bucket lets a probe burst through) led to an upgrade that failed.
 #[derive(Debug, Clone, Default)]
 pub struct ProbeRenewal {
     down: Option<Instant>,
     last: Option<Instant>,
     dipped: bool,
+    /// Downgrades in a row within the window, less one.
+    streak: u32,
 }
 
 impl ProbeRenewal {
     /// The plan just lowered this subscriber's layers.
     pub fn downgraded(&mut self, now: Instant) {
+        let since = self.down.map(|d| now.saturating_duration_since(d));
+        match since {
+            Some(d) if d <= Duration::from_secs(2) => {}
+            Some(d) if d < PROBE_RENEW_WINDOW => self.streak = (self.streak + 1).min(3),
+            _ => self.streak = 0,
+        }
         self.down = Some(now);
         self.last = Some(now);
         self.dipped = false;
@@ -409,7 +421,11 @@ impl ProbeRenewal {
             return desired;
         }
         match self.last {
-            Some(t) if now.saturating_duration_since(t) < PROBE_RENEW_INTERVAL => desired,
+            Some(t)
+                if now.saturating_duration_since(t) < PROBE_RENEW_INTERVAL * (1 << self.streak) =>
+            {
+                desired
+            }
             _ => {
                 self.dipped = true;
                 planned
@@ -445,6 +461,14 @@ mod tests {
         // Past the window: no more dips.
         assert_eq!(r.desired(200, 600, at(65_000)), 600);
         assert_eq!(r.desired(200, 600, at(70_000)), 600);
+        // Downgrades in a row double the interval; the steps of one drop count once.
+        r.downgraded(at(100_000));
+        r.downgraded(at(101_000));
+        assert_eq!(r.desired(200, 600, at(104_000)), 200);
+        assert_eq!(r.desired(200, 600, at(104_250)), 600);
+        r.downgraded(at(105_000));
+        assert_eq!(r.desired(200, 600, at(110_000)), 600);
+        assert_eq!(r.desired(200, 600, at(111_000)), 200);
     }
 
     fn vp8(picture_id: u16, tl0: u8, tid: u8, start: bool, key: bool) -> Vec<u8> {
