@@ -121,6 +121,8 @@ pub enum Role {
         max_layer: Option<usize>,
         /// When to ask the BWE for another probe towards the desired rate.
         probe: crate::layers::ProbeRenewal,
+        /// When the estimate last fell by more than a tenth at once.
+        fell_at: Option<Instant>,
     },
 }
 
@@ -247,6 +249,7 @@ impl Session {
                 bwe_asked: (0, 0),
                 max_layer: None,
                 probe: Default::default(),
+                fell_at: None,
             },
             created: now,
             last_rx: now,
