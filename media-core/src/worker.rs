@@ -1577,6 +1577,11 @@ impl<I: DatagramIo> Worker<I> {
             // sustain: the plan plus the next step up, so padding tests that step.
             let mut desired: Bps = 0;
             let mut next_step: Option<Bps> = None;
+            // What is sent in fact: a video the plan pauses keeps its lowest layer unless the
+            // budget paused it (below). Padding must sustain that plus the next step, or a
+            // probe that read too much (through a policer's bucket) is never disproved
+            // before the upgrade it allows.
+            let mut in_force: Bps = 0;
             // Every assignment with its subscription. (This once zipped the assignments with
             // an Option of the list, which yields one pair: only the first stream, the audio,
             // was counted, and the BWE was asked to probe for 50 kbit/s.)
@@ -1608,16 +1613,23 @@ impl<I: DatagramIo> Worker<I> {
                     .filter(|r| *r <= cap)
                     .max()
                     .unwrap_or(src.layers[0]);
-                if let Some(l) = a.layer
+                let (layer, rate) = match a.layer {
+                    None if !sp.limited_by_budget && src.kind != allocator::Kind::Audio => {
+                        (Some(0), src.layers.first().copied().unwrap_or(0))
+                    }
+                    l => (l, a.rate),
+                };
+                in_force += rate;
+                if let Some(l) = layer
                     && let Some(up) = src.layers.get(l + 1)
                     && l < top
                 {
-                    let step = up.saturating_sub(a.rate);
+                    let step = up.saturating_sub(rate);
                     next_step = Some(next_step.map_or(step, |n| n.min(step)));
                 }
             }
-            let minimum = (sp.total + next_step.unwrap_or(0)).min(desired);
-            let wanted = probe.desired(sp.total, desired.max(minimum), now);
+            let minimum = (in_force + next_step.unwrap_or(0)).min(desired);
+            let wanted = probe.desired(in_force, desired.max(minimum), now);
             let asked = (minimum.min(wanted), wanted);
             if differs(*bwe_asked, asked) {
                 *bwe_asked = asked;
