@@ -1568,6 +1568,7 @@ impl<I: DatagramIo> Worker<I> {
                 tracks,
                 bwe_asked,
                 probe,
+                fell_at,
                 ..
             } = &mut s.role
             else {
@@ -1628,7 +1629,12 @@ impl<I: DatagramIo> Worker<I> {
                     next_step = Some(next_step.map_or(step, |n| n.min(step)));
                 }
             }
-            let minimum = (in_force + next_step.unwrap_or(0)).min(desired);
+            let step = if probe.settling(now) {
+                0
+            } else {
+                next_step.unwrap_or(0)
+            };
+            let minimum = (in_force + step).min(desired);
             let wanted = probe.desired(in_force, desired.max(minimum), now);
             let asked = (minimum.min(wanted), wanted);
             if differs(*bwe_asked, asked) {
@@ -1660,6 +1666,10 @@ impl<I: DatagramIo> Worker<I> {
                 let target = layer.and_then(|l| map.get(l).copied());
                 if target < t.switch.target() {
                     probe.downgraded(now);
+                    // A downgrade means the link carries less than planned: the next plans
+                    // take the estimate as fallen too (a drop can lower it in steps of under
+                    // a tenth).
+                    *fell_at = Some(now);
                 }
                 if t.switch.target() != target {
                     tracing::debug!(
