@@ -1347,6 +1347,8 @@ impl<I: DatagramIo> Worker<I> {
         let keyframe_start = layers.rids.len() == 1
             || codec == VideoCodec::Other
             || layers::is_keyframe_start(codec, &pkt.payload);
+        // Layers a subscriber just switched down to.
+        let mut down_switches: Vec<usize> = Vec::new();
         // Take the list out while writing (nothing below changes routes), put it back after.
         let subs = self
             .routes
@@ -1369,6 +1371,7 @@ impl<I: DatagramIo> Worker<I> {
             let video = t.kind == MediaKind::Video;
             // Audio has one layer and is always forwarded; video only from the layer the
             // subscriber is on, or from its target once that layer's keyframe starts.
+            let before = t.switch.current();
             let switched = if video {
                 match t.switch.on_packet(layer, keyframe_start) {
                     Decision::Drop => continue,
@@ -1380,6 +1383,9 @@ impl<I: DatagramIo> Worker<I> {
             if switched {
                 self.stats.layer_switches += 1;
                 tracing::debug!(sub, %mid, layer, "simulcast layer switched");
+                if before.is_some_and(|b| b > layer) {
+                    down_switches.push(layer);
+                }
             }
             let pt_out = *t
                 .pt_map
@@ -1422,6 +1428,20 @@ impl<I: DatagramIo> Worker<I> {
         }
         if let Some(v) = self.routes.get_mut(&publisher) {
             *v = subs;
+        }
+        // A switch down usually comes with a full link: the old layer's packets still fill
+        // the bottleneck's queue and take parts of the new layer's keyframe with them, and
+        // retransmissions are cut off by then (str0m's RTX ratio cap). A second keyframe of
+        // the new layer, one throttle interval later (the request is deferred), restarts
+        // the picture without waiting for the receiver's own request. Measured
+        // (quality_shaping): the switch to the low layer came 0.47 s after the drop, the
+        // picture 1.5 s later.
+        if !down_switches.is_empty() {
+            let rid = self
+                .pub_layers
+                .get(&(publisher, mid))
+                .and_then(|l| l.rids.get(layer).copied().flatten());
+            self.send_keyframe_request(publisher, mid, rid, KeyframeRequestKind::Pli, now, true);
         }
     }
 
