@@ -121,8 +121,10 @@ pub enum Role {
         max_layer: Option<usize>,
         /// When to ask the BWE for another probe towards the desired rate.
         probe: crate::layers::ProbeRenewal,
-        /// When the estimate last fell by more than a tenth at once.
+        /// When the estimate last fell by more than a tenth below the one last planned with.
         fell_at: Option<Instant>,
+        /// The estimate the last plan was made with.
+        planned_with: Option<Bps>,
     },
 }
 
@@ -250,6 +252,7 @@ impl Session {
                 max_layer: None,
                 probe: Default::default(),
                 fell_at: None,
+                planned_with: None,
             },
             created: now,
             last_rx: now,

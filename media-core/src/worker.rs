@@ -1222,6 +1222,7 @@ impl<I: DatagramIo> Worker<I> {
                             estimate,
                             twcc,
                             fell_at,
+                            planned_with,
                             ..
                         },
                     ..
@@ -1237,7 +1238,11 @@ impl<I: DatagramIo> Worker<I> {
                         _ => None,
                     };
                     if let Some(new) = new {
-                        fell = estimate.is_some_and(|old| new < old / 10 * 9);
+                        // Against the estimate last planned with, not the last event: str0m
+                        // smooths its estimate, so a drop arrives as several smaller steps.
+                        fell = planned_with
+                            .or(*estimate)
+                            .is_some_and(|old| new < old / 10 * 9);
                         if fell {
                             *fell_at = Some(now);
                         }
@@ -1589,6 +1594,8 @@ impl<I: DatagramIo> Worker<I> {
                 bwe_asked,
                 probe,
                 fell_at,
+                estimate,
+                planned_with,
                 ..
             } = &mut s.role
             else {
@@ -1664,6 +1671,7 @@ impl<I: DatagramIo> Worker<I> {
                     .set_bitrate(Bitrate::bps(asked.0), Bitrate::bps(asked.1));
                 self.dirty.insert(sp.id);
             }
+            *planned_with = *estimate;
             let publisher = *publisher;
             for a in &sp.assignments {
                 let Some(map) = maps.get(&a.source) else {
