@@ -1602,13 +1602,13 @@ impl<I: DatagramIo> Worker<I> {
                 continue;
             };
             // What to probe for: every subscription at its best eligible layer; what to
-            // sustain: what is sent in fact (a video the plan pauses keeps its lowest layer
-            // unless the budget paused it, below). Not the next step up as well: padding
-            // towards it kept the link full after a drop (the low layer's keyframe waited
-            // 2.4 s), and where the padding filled the estimate, str0m's estimate stopped
-            // moving for 30 s and more (twice in quality_shaping); the renewed allocation
-            // probes (`ProbeRenewal`) raise the estimate instead.
+            // sustain: the plan plus the next step up, so padding tests that step.
             let mut desired: Bps = 0;
+            let mut next_step: Option<Bps> = None;
+            // What is sent in fact: a video the plan pauses keeps its lowest layer unless the
+            // budget paused it (below). Padding must sustain that plus the next step, or a
+            // probe that read too much (through a policer's bucket) is never disproved
+            // before the upgrade it allows.
             let mut in_force: Bps = 0;
             // Every assignment with its subscription. (This once zipped the assignments with
             // an Option of the list, which yields one pair: only the first stream, the audio,
@@ -1641,14 +1641,27 @@ impl<I: DatagramIo> Worker<I> {
                     .filter(|r| *r <= cap)
                     .max()
                     .unwrap_or(src.layers[0]);
-                in_force += match a.layer {
+                let (layer, rate) = match a.layer {
                     None if !sp.limited_by_budget && src.kind != allocator::Kind::Audio => {
-                        src.layers.first().copied().unwrap_or(0)
+                        (Some(0), src.layers.first().copied().unwrap_or(0))
                     }
-                    _ => a.rate,
+                    l => (l, a.rate),
                 };
+                in_force += rate;
+                if let Some(l) = layer
+                    && let Some(up) = src.layers.get(l + 1)
+                    && l < top
+                {
+                    let step = up.saturating_sub(rate);
+                    next_step = Some(next_step.map_or(step, |n| n.min(step)));
+                }
             }
-            let minimum = in_force.min(desired);
+            let step = if probe.settling(now) {
+                0
+            } else {
+                next_step.unwrap_or(0)
+            };
+            let minimum = (in_force + step).min(desired);
             let wanted = probe.desired(in_force, desired.max(minimum), now);
             let asked = (minimum.min(wanted), wanted);
             if differs(*bwe_asked, asked) {
