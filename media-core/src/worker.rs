@@ -1656,7 +1656,14 @@ impl<I: DatagramIo> Worker<I> {
                     next_step = Some(next_step.map_or(step, |n| n.min(step)));
                 }
             }
-            let step = if probe.settling(now) {
+            // Only within AFTER_FALL of a fall or downgrade: that is when a probe may read more
+            // than a bottleneck just found carries (an upgrade on it failed without this).
+            // Later, padding that fills the estimate is harmful: str0m's estimate stopped
+            // moving for 30 s and more (twice in quality_shaping, after an upgrade 22 s after
+            // the drop).
+            let recent_fall =
+                fell_at.is_some_and(|t| now.saturating_duration_since(t) < AFTER_FALL);
+            let step = if probe.settling(now) || !recent_fall {
                 0
             } else {
                 next_step.unwrap_or(0)
