@@ -125,6 +125,8 @@ pub enum Role {
         fell_at: Option<Instant>,
         /// The estimate the last plan was made with.
         planned_with: Option<Bps>,
+        /// What the last plan sends (bit/s).
+        sending: Bps,
     },
 }
 
@@ -253,6 +255,7 @@ impl Session {
                 probe: Default::default(),
                 fell_at: None,
                 planned_with: None,
+                sending: 0,
             },
             created: now,
             last_rx: now,

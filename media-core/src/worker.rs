@@ -1223,6 +1223,7 @@ impl<I: DatagramIo> Worker<I> {
                             twcc,
                             fell_at,
                             planned_with,
+                            sending,
                             ..
                         },
                     ..
@@ -1240,9 +1241,13 @@ impl<I: DatagramIo> Worker<I> {
                     if let Some(new) = new {
                         // Against the estimate last planned with, not the last event: str0m
                         // smooths its estimate, so a drop arrives as several smaller steps.
-                        fell = planned_with
-                            .or(*estimate)
-                            .is_some_and(|old| new < old / 10 * 9);
+                        // And only below what is being sent: an estimate that wobbles above
+                        // the plan is no reason to plan more cautiously (on loopback, str0m's
+                        // estimate wobbles by more than a tenth; worker_simulcast).
+                        fell = new < *sending
+                            && planned_with
+                                .or(*estimate)
+                                .is_some_and(|old| new < old / 10 * 9);
                         if fell {
                             *fell_at = Some(now);
                         }
@@ -1596,6 +1601,8 @@ impl<I: DatagramIo> Worker<I> {
                 fell_at,
                 estimate,
                 planned_with,
+                max_layer: bound,
+                sending,
                 ..
             } = &mut s.role
             else {
@@ -1679,6 +1686,7 @@ impl<I: DatagramIo> Worker<I> {
                 self.dirty.insert(sp.id);
             }
             *planned_with = *estimate;
+            *sending = in_force;
             let publisher = *publisher;
             for a in &sp.assignments {
                 let Some(map) = maps.get(&a.source) else {
@@ -1699,11 +1707,13 @@ impl<I: DatagramIo> Worker<I> {
                     l => l,
                 };
                 let target = layer.and_then(|l| map.get(l).copied());
-                if target < t.switch.target() {
+                // A downgrade below the client's selectStream bound means the link carries
+                // less than planned: the next plans take the estimate as fallen too (a drop
+                // can lower it in steps of under a tenth). One to the bound is the client's
+                // choice and says nothing about the link.
+                let bound = bound.unwrap_or(usize::MAX);
+                if target < t.switch.target() && target.is_none_or(|l| l < bound) {
                     probe.downgraded(now);
-                    // A downgrade means the link carries less than planned: the next plans
-                    // take the estimate as fallen too (a drop can lower it in steps of under
-                    // a tenth).
                     *fell_at = Some(now);
                 }
                 if t.switch.target() != target {
