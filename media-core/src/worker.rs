@@ -1241,11 +1241,10 @@ impl<I: DatagramIo> Worker<I> {
                     if let Some(new) = new {
                         // Against the estimate last planned with, not the last event: str0m
                         // smooths its estimate, so a drop arrives as several smaller steps.
-                        // And only near what is being sent (below 1.5 x): an estimate that
-                        // wobbles well above the plan is no reason to plan more cautiously
-                        // (on loopback, str0m's estimate wobbles by more than a tenth;
-                        // worker_simulcast), but one that falls towards it is.
-                        fell = new < *sending / 2 * 3
+                        // And only below what is being sent: an estimate that wobbles above
+                        // the plan is no reason to plan more cautiously (on loopback, str0m's
+                        // estimate wobbles by more than a tenth; worker_simulcast).
+                        fell = new < *sending
                             && planned_with
                                 .or(*estimate)
                                 .is_some_and(|old| new < old / 10 * 9);
