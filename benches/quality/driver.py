@@ -51,6 +51,10 @@ TARGETS = {
                   " return (p && p.subs && p.subs.video) || null; })()",
     },
     "janus": {"pub_pc": "window.pubPc", "sub_pc": "window.subPc"},
+    # Janus with an application that knows the link: the subscriber asks for substream 0 the
+    # moment the shaping starts and for substream 2 the moment it ends (Janus's best case; no
+    # client can know this in practice).
+    "janus-oracle": {"pub_pc": "window.pubPc", "sub_pc": "window.subPc"},
 }
 
 SUB_SAMPLER = """
@@ -313,13 +317,18 @@ def main():
         layers_before = r.layers[-1][1] if r.layers else []
         pub_bwe_before = r.layers[-1][2] if r.layers else 0
 
+        oracle = a.target == "janus-oracle"
         shape(a.dev, a.rate, True)
         dropped = now_ms()
         try:
+            if oracle:
+                sub.js("window.setSubstream(0); return true;")
             r.until(a.shaped, lambda s: False)
         finally:
             shape(a.dev, a.rate, False)
         lifted = now_ms()
+        if oracle:
+            sub.js("window.setSubstream(2); return true;")
         layers_shaped = r.layers[-1][1] if r.layers else []
         # Until the top layer is back and decoding, then 3 s more (a freeze right after the
         # last switch shows).

@@ -14,7 +14,9 @@
 # 40 s; shaped 25 s; unshaped until the top layer is back and holds 3 s, at most 40 s; about two
 # minutes with the joins) and prints one JSON line.
 #
-# usage: benches/quality/run.sh TALKBOX_BIN OUT_DIR [TARGET...]   (targets: talkbox janus)
+# usage: benches/quality/run.sh TALKBOX_BIN OUT_DIR [TARGET...]   (targets: talkbox janus
+#   janus-oracle; the last is Janus with a subscriber page that requests substream 0 / 2 the
+#   moment the shaping starts / ends, the best an application could do with Janus 1.1.2)
 # QUALITY_RUNS=N runs each target N times (default 1), alternating the targets.
 # Writes OUT_DIR/quality.md (a markdown section) and OUT_DIR/quality/* (logs, raw samples).
 # Needs root, iproute2, chromium, chromium-driver, janus.
@@ -23,10 +25,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../lib.sh"
 bin=$(realpath "$1"); out=$(realpath "$2"); shift 2
 require janus chromium chromedriver tc ip python3 "$bin"
-targets=("$@"); [ "${#targets[@]}" -gt 0 ] || targets=(talkbox janus)
+targets=("$@"); [ "${#targets[@]}" -gt 0 ] || targets=(talkbox janus janus-oracle)
 runs=${QUALITY_RUNS:-1}
 work="$out/quality"; rm -rf "$work"; mkdir -p "$work"
-S=tbqs$$; C=tbqc$$
+S=qbsrv$$; C=qbsub$$
 NS=(ip netns exec "$S"); NC=(ip netns exec "$C")
 srv=10.231.0.1; cli=10.231.0.2
 
@@ -215,9 +217,13 @@ print("only two layers of a 640×480 camera), a second one subscribes;")
 print("talkbox through its own meeting page (signaling, SFU and TURN of `talkbox run`), Janus through")
 print("`benches/quality/pages/janus.html`, a minimal VideoRoom client over its WebSocket API that")
 print("publishes the same layers (listed highest first, the order Janus takes for its substreams 2, 1, 0)")
-print("and subscribes with Janus's default (the top substream) and never")
+print("and subscribes with Janus's default (the top substream). In the `janus` rows the page never")
 print("sends a `substream` request: Janus 1.1.2 has no per-subscriber bandwidth estimate, so what is")
 print("measured is its own behaviour, as under a Talk client that does not pick layers by bandwidth.")
+print("In the `janus-oracle` rows the subscriber page sends `configure` with")
+print("`streams: [{mid, substream: 0}]` the moment the shaping starts and `substream: 2` the moment it")
+print("ends: Janus told by an application that knows the link exactly (no real client does), i.e. how")
+print("fast Janus switches when asked, the best case for it, not adaptation.")
 print("The subscriber sits in its own network namespace; its downlink (the server end of the veth)")
 print("is shaped with `tc qdisc add dev qs0 root tbf rate 300kbit burst 6kb latency 100ms` for 25 s")
 print("once it has shown the top layer for 5 s, then the shaping is removed. Its page samples")
