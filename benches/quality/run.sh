@@ -164,8 +164,19 @@ stop_all() {
 results="$work/results.jsonl"; : > "$results"
 # QUALITY_APPEND=FILE: start from the result lines in FILE (e.g. runs of another talkbox build).
 [ -z "${QUALITY_APPEND:-}" ] || cp "$QUALITY_APPEND" "$results"
-commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo '?')
+# The last commit that changed talkbox's code (bench-only commits do not change what is measured).
+commit=$(git -C "$here/../.." log -1 --format=%h -- appliance media-core Cargo.lock 2>/dev/null || echo '?')
+[ -n "$commit" ] || commit='?'
+git -C "$here/../.." diff --quiet HEAD -- appliance media-core 2>/dev/null || commit="$commit+changes"
 build=$(basename "$(dirname "$bin")")
+# The Janus page captures the camera at the size talkbox's meeting page asks for.
+read -r cam_w cam_h < <(python3 - "$here/../../appliance/src/signaling/meeting/meeting.js" <<'PY'
+import re, sys
+s = open(sys.argv[1]).read()
+m = re.search(r"getUserMedia\(\{ audio: true, video: \{ width: (?:\{ ideal: )?(\d+)[^,]*, height: (?:\{ ideal: )?(\d+)", s)
+print(*(m.groups() if m else (640, 480)))
+PY
+)
 room=4242
 for i in $(seq 1 "$runs"); do
   for target in "${targets[@]}"; do
@@ -177,7 +188,7 @@ for i in $(seq 1 "$runs"); do
       urls=(--pub-url "https://$srv:8443/r/qbench$i" --sub-url "https://$srv:8443/r/qbench$i")
     else
       start_janus
-      urls=(--pub-url "http://127.0.0.1:8000/janus.html?role=pub&room=$room&janus=ws://$srv:8188"
+      urls=(--pub-url "http://127.0.0.1:8000/janus.html?role=pub&room=$room&w=$cam_w&h=$cam_h&janus=ws://$srv:8188"
             --sub-url "http://$srv:8000/janus.html?role=sub&room=$room"
             "--sub-flag=--unsafely-treat-insecure-origin-as-secure=http://$srv:8000")
     fi
@@ -199,7 +210,7 @@ for i in $(seq 1 "$runs"); do
 done
 
 # Render the section.
-python3 - "$results" > "$out/quality.md" <<'PY'
+python3 - "$results" "${cam_w}×$cam_h" > "$out/quality.md" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def s(v):
@@ -210,7 +221,7 @@ print("Command: `benches/quality/run.sh target/release/talkbox benches/results [
 print("(`benches/run-all quality`; not in run-all's default parts: about two minutes per run and")
 print("target, `QUALITY_RUNS=N` for more runs). The talkbox rows name the commit and build measured.")
 print()
-print("One headless Chromium publishes its fake camera (640×480) as three simulcast layers")
+print(f"One headless Chromium publishes its fake camera ({sys.argv[2]}, the meeting page's size) as three simulcast layers")
 print("(q/h/f = 1/4, 1/2, full resolution, at most 100/300/900 kbit/s; started with")
 print("`--force-fieldtrials=WebRTC-LegacySimulcastLayerLimit/Disabled/`, without which Chromium sends")
 print("only two layers of a 640×480 camera), a second one subscribes;")
@@ -229,6 +240,9 @@ print("is shaped with `tc qdisc add dev qs0 root tbf rate 300kbit burst 6kb late
 print("once it has shown the top layer for 5 s, then the shaping is removed. Its page samples")
 print("`getStats` every 250 ms.")
 print()
+print("For a target that never leaves the top layer, recovery → top is the time until its picture")
+print("resumes.")
+print()
 print("drop → lower / low = time from adding the shaping to the first sample whose frameWidth is")
 print("below the publisher's widest layer / at most 110 % of its narrowest layer (\"never\" with one")
 print("layer or when it did not happen in the 25 s); recovery → top = from removing the shaping to the")
@@ -239,6 +253,43 @@ print("the picture, and one stray frame is no recovery). Longest freeze = longes
 print("framesDecoded rising, from 1 s before the drop to the end; Chromium freezes = its own")
 print("`freezeCount` / `totalFreezesDuration` over the same span; shaped fps, kbit/s and widths = the")
 print("second half of the shaped phase.")
+print()
+# Summary per target: medians over the runs ("never" counts as worse than any time), and how
+# many runs met the issue's bounds (low layer within 15 s, top within 30 s, no freeze over 1 s).
+def med(vals):
+    if not vals:
+        return "—"
+    k = sorted(float("inf") if v is None else v for v in vals)
+    n = len(k)
+    m = k[n // 2] if n % 2 else (k[n // 2 - 1] + k[n // 2]) / 2
+    return "never" if m == float("inf") else f"{m:.1f} s"
+def rng(vals):
+    nums = [v for v in vals if v is not None]
+    never = len(vals) - len(nums)
+    txt = f"{min(nums):.1f}–{max(nums):.1f}" if nums else ""
+    return (txt + (f", never ×{never}" if never else "")).strip(", ")
+print("| target | runs | drop → low (median; range) | recovery → top (median; range) | longest freeze (median; range) | runs within the issue's bounds (15 s / 30 s / 1 s) |")
+print("|---|---|---|---|---|---|")
+labels = []
+for r in rows:
+    if r.get("label", r["target"]) not in labels:
+        labels.append(r.get("label", r["target"]))
+for label in labels:
+    ok = [r for r in rows if r.get("label", r["target"]) == label and "failed" not in r]
+    failed = sum(1 for r in rows if r.get("label", r["target"]) == label and "failed" in r)
+    if not ok:
+        print(f"| {label} | 0 (+{failed} failed) | | | | |")
+        continue
+    low = [r["drop_to_low_s"] for r in ok]
+    top = [r["recovery_to_top_s"] for r in ok]
+    fz = [r["longest_freeze_s"] for r in ok]
+    met = sum(1 for r in ok if r["drop_to_low_s"] is not None and r["drop_to_low_s"] <= 15
+              and r["recovery_to_top_s"] is not None and r["recovery_to_top_s"] <= 30
+              and r["longest_freeze_s"] <= 1.0)
+    runs = f"{len(ok)}" + (f" (+{failed} failed)" if failed else "")
+    print(f"| {label} | {runs} | {med(low)}; {rng(low)} | {med(top)}; {rng(top)} | {med(fz)}; {rng(fz)} | {met} of {len(ok)} |")
+print()
+print("Each run:")
 print()
 print("| target | run | publisher layers (widths) | drop → lower | drop → low | recovery → top | longest freeze | Chromium freezes (count, s) | shaped fps | shaped kbit/s | shaped widths |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
