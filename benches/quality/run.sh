@@ -181,7 +181,7 @@ room=4242
 for i in $(seq 1 "$runs"); do
   for target in "${targets[@]}"; do
     log="$work/${target}-$i"
-    label=$target; [ "$target" = talkbox ] && label="talkbox $commit ($build)"
+    label="$target, ${cam_w}×$cam_h"; [ "$target" = talkbox ] && label="talkbox $commit ($build), ${cam_w}×$cam_h"
     echo "== quality: $target run $i" >&2
     if [ "$target" = talkbox ]; then
       start_talkbox
@@ -210,7 +210,7 @@ for i in $(seq 1 "$runs"); do
 done
 
 # Render the section.
-python3 - "$results" "${cam_w}×$cam_h" > "$out/quality.md" <<'PY'
+python3 - "$results" > "$out/quality.md" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def s(v):
@@ -219,9 +219,11 @@ print("## Quality under shaping: talkbox vs Janus 1.1.2 VideoRoom")
 print()
 print("Command: `benches/quality/run.sh target/release/talkbox benches/results [talkbox janus]`")
 print("(`benches/run-all quality`; not in run-all's default parts: about two minutes per run and")
-print("target, `QUALITY_RUNS=N` for more runs). The talkbox rows name the commit and build measured.")
+print("target, `QUALITY_RUNS=N` for more runs). The talkbox rows name the commit and build measured")
+print("(the last commit that changed its code).")
 print()
-print(f"One headless Chromium publishes its fake camera ({sys.argv[2]}, the meeting page's size) as three simulcast layers")
+print("One headless Chromium publishes its fake camera (at the size talkbox's meeting page asks for;")
+print("the label of each row names it) as three simulcast layers")
 print("(q/h/f = 1/4, 1/2, full resolution, at most 100/300/900 kbit/s; started with")
 print("`--force-fieldtrials=WebRTC-LegacySimulcastLayerLimit/Disabled/`, without which Chromium sends")
 print("only two layers of a 640×480 camera), a second one subscribes;")
