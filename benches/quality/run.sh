@@ -217,7 +217,7 @@ def s(v):
     return "never" if v is None else f"{v:.1f} s"
 print("## Quality under shaping: talkbox vs Janus 1.1.2 VideoRoom")
 print()
-print("Command: `benches/quality/run.sh target/release/talkbox benches/results [talkbox janus]`")
+print("Command: `benches/quality/run.sh target/release/talkbox benches/results [talkbox janus janus-oracle]`")
 print("(`benches/run-all quality`; not in run-all's default parts: about two minutes per run and")
 print("target, `QUALITY_RUNS=N` for more runs). The talkbox rows name the commit and build measured")
 print("(the last commit that changed its code).")
@@ -242,9 +242,6 @@ print("is shaped with `tc qdisc add dev qs0 root tbf rate 300kbit burst 6kb late
 print("once it has shown the top layer for 5 s, then the shaping is removed. Its page samples")
 print("`getStats` every 250 ms.")
 print()
-print("For a target that never leaves the top layer, recovery → top is the time until its picture")
-print("resumes.")
-print()
 print("drop → lower / low = time from adding the shaping to the first sample whose frameWidth is")
 print("below the publisher's widest layer / at most 110 % of its narrowest layer (\"never\" with one")
 print("layer or when it did not happen in the 25 s); recovery → top = from removing the shaping to the")
@@ -254,7 +251,8 @@ print("(a server that keeps forwarding the top layer into the shaped link keeps 
 print("the picture, and one stray frame is no recovery). Longest freeze = longest time without")
 print("framesDecoded rising, from 1 s before the drop to the end; Chromium freezes = its own")
 print("`freezeCount` / `totalFreezesDuration` over the same span; shaped fps, kbit/s and widths = the")
-print("second half of the shaped phase.")
+print("second half of the shaped phase. For a target that never leaves the top layer, recovery → top")
+print("is the time until its picture resumes.")
 print()
 # Summary per target: medians over the runs ("never" counts as worse than any time), and how
 # many runs met the issue's bounds (low layer within 15 s, top within 30 s, no freeze over 1 s).
