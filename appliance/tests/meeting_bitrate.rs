@@ -135,9 +135,12 @@ async fn publish_under(cap: u64, settle: Duration, window: Duration) -> Measured
 async fn chromium_publishes_under_the_configured_camera_cap() {
     let settle = Duration::from_secs(8);
     let window = Duration::from_secs(6);
-    // Below Chromium's own start rate (300 kbit/s): without enforcement it sends more from
-    // the first second on.
-    let cap = 200_000u64;
+    // The meeting page publishes three simulcast layers, so the publisher may send 1.4 x the
+    // per-stream cap in all (media_core::publisher_limit::publisher_total: the cap is for one
+    // forwarded layer). 150 kbit/s gives 210 in all, below Chromium's own start rate
+    // (300 kbit/s): without enforcement it sends more from the first second on.
+    let cap = 150_000u64;
+    let total = cap * 7 / 5;
     let low = publish_under(cap, settle, window).await;
     eprintln!(
         "cap {} kbit/s: outbound video {:.0} kbit/s over {window:?} after {settle:?}, encoder target {:.0} kbit/s",
@@ -146,14 +149,15 @@ async fn chromium_publishes_under_the_configured_camera_cap() {
         low.target_kbps
     );
     assert!(
-        low.answer.contains("b=AS:200\r\n"),
+        low.answer.contains(&format!("b=AS:{}\r\n", total / 1000)),
         "the answer carries the cap:\n{}",
         low.answer
     );
     assert!(
-        low.kbps <= cap as f64 / 1000.0 * 1.15,
-        "outbound video {:.0} kbit/s exceeds the {} kbit/s cap",
+        low.kbps <= total as f64 / 1000.0 * 1.15,
+        "outbound video {:.0} kbit/s exceeds the {} kbit/s allowed for a {} kbit/s cap",
         low.kbps,
+        total / 1000,
         cap / 1000
     );
     assert!(

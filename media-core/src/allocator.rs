@@ -13,9 +13,10 @@
 //!    classes first and round-robin inside a class, so equal cameras share equally.
 //! 2. The whole plan never exceeds the egress budget. When it would, camera layers are lowered
 //!    one step at a time at the subscriber that currently receives the most camera video
-//!    ("largest consumers first"); screen share is lowered only when no camera video is left
-//!    anywhere, and audio is dropped only when neither is (what whole dropped audio streams
-//!    leave unused goes back to audio where it fits).
+//!    ("largest consumers first"), other cameras before the active speaker's: the speaker's
+//!    camera is lowered only when no other camera video is left anywhere, screen share only
+//!    when no camera video is left, and audio is dropped only when neither is (what whole
+//!    dropped audio streams leave unused goes back to audio where it fits).
 //! 3. A layer above the per-kind cap or above the subscriber's `selectStream` bound is never
 //!    chosen (the lowest layer stays eligible: the publisher is capped by REMB/SDP instead).
 //!
@@ -310,17 +311,21 @@ fn plan_within_estimate<'a>(
     slots
 }
 
-/// Rule 2: lower layers until the sum fits the budget, largest consumers first.
+/// Rule 2: lower layers until the sum fits the budget, by class from the least important
+/// (other cameras, then the active speaker's camera, then screen share, then audio), and
+/// inside a class at the largest consumer of that class first. Each subscriber session of a
+/// Talk client carries one publisher, so the speaker's priority over other cameras matters
+/// here, across subscribers, more than inside one.
 fn fit_budget(all: &mut [Vec<Slot<'_>>], limited: &mut [bool], budget: Bps) {
     let mut total: Bps = all.iter().flatten().map(Slot::rate).sum();
-    for kind in [Kind::Camera, Kind::Screen, Kind::Audio] {
+    for c in [3, 2, 1, 0] {
         while total > budget {
-            // The subscriber receiving the most of this kind (ties: the first).
+            // The subscriber receiving the most of this class (ties: the first).
             let mut best: Option<(usize, Bps)> = None;
             for (i, slots) in all.iter().enumerate() {
                 let amount: Bps = slots
                     .iter()
-                    .filter(|s| s.src.kind == kind)
+                    .filter(|s| class(s.src) == c)
                     .map(Slot::rate)
                     .sum();
                 if amount > 0 && best.is_none_or(|(_, b)| amount > b) {
@@ -328,12 +333,11 @@ fn fit_budget(all: &mut [Vec<Slot<'_>>], limited: &mut [bool], budget: Bps) {
                 }
             }
             let Some((i, _)) = best else { break };
-            // Inside it, the least important stream of this kind that is still flowing, and
-            // among equals the one with the highest rate.
+            // Inside it, the stream of this class with the highest rate that still flows.
             let Some(slot) = all[i]
                 .iter_mut()
-                .filter(|s| s.src.kind == kind && s.pos.is_some())
-                .max_by_key(|s| (class(s.src), s.rate(), std::cmp::Reverse(s.src.id)))
+                .filter(|s| class(s.src) == c && s.pos.is_some())
+                .max_by_key(|s| (s.rate(), std::cmp::Reverse(s.src.id)))
             else {
                 break;
             };
@@ -381,11 +385,31 @@ fn refill_audio(all: &mut [Vec<Slot<'_>>], subscribers: &[Subscriber], budget: B
 ///
 /// Keyed by (subscriber id, source id). Holding a lower layer only ever lowers rates, so every
 /// guarantee of [`allocate`] (estimate, budget, audio first) still holds for the output.
+///
+/// An upgrade that is undone within [`FAILED_UPGRADE`] failed: the link did not carry it (a
+/// probe over a shaped link can read more than the link sustains). Each failure doubles the
+/// hold of that subscription, up to 16 times; an upgrade that lasts [`FAILED_UPGRADE`] resets
+/// it. Measured with Chromium behind a 300 kbit/s tbf (quality_shaping): with a fixed 2 s
+/// hold the subscriber went up to the middle layer and back every few seconds while shaped.
 #[derive(Debug)]
 pub struct Hysteresis {
     hold: Duration,
-    /// Layer currently sent, and since when a higher one has been allowed without a break.
-    state: BTreeMap<(u32, u32), (Option<usize>, Option<Instant>)>,
+    state: BTreeMap<(u32, u32), HoldState>,
+}
+
+/// An upgrade undone within this time counted as failed.
+pub const FAILED_UPGRADE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy)]
+struct HoldState {
+    /// Layer currently sent.
+    layer: Option<usize>,
+    /// Since when a higher layer has been allowed without a break.
+    since: Option<Instant>,
+    /// When the last upgrade was put in force.
+    upgraded: Option<Instant>,
+    /// Failed upgrades in a row (the hold is doubled this many times, at most 4).
+    failures: u32,
 }
 
 impl Hysteresis {
@@ -417,25 +441,49 @@ impl Hysteresis {
                     // A new subscription starts at once at whatever fits: holding it back
                     // would only delay the first picture.
                     None => {
-                        self.state.insert(key, (a.layer, None));
+                        self.state.insert(
+                            key,
+                            HoldState {
+                                layer: a.layer,
+                                since: None,
+                                upgraded: None,
+                                failures: 0,
+                            },
+                        );
                     }
-                    Some(entry) => {
+                    Some(e) => {
+                        let recent = |t: Option<Instant>| {
+                            t.is_some_and(|t| now.saturating_duration_since(t) < FAILED_UPGRADE)
+                        };
+                        if e.upgraded.is_some() && !recent(e.upgraded) {
+                            // The last upgrade held: the link carries it.
+                            e.upgraded = None;
+                            e.failures = 0;
+                        }
                         // Option orders None (paused) below every layer.
-                        let upgrade = a.layer > entry.0;
+                        let upgrade = a.layer > e.layer;
                         // Audio is never held back, and holding must never cost more than
                         // the plan (measured layer rates need not rise with the index).
                         let holdable = src.is_some_and(|s| s.kind != Kind::Audio)
-                            && rate_of(entry.0) <= a.rate;
+                            && rate_of(e.layer) <= a.rate;
                         if upgrade && holdable {
-                            let since = *entry.1.get_or_insert(now);
-                            if now.saturating_duration_since(since) < self.hold {
-                                a.layer = entry.0;
-                                a.rate = rate_of(entry.0);
+                            let since = *e.since.get_or_insert(now);
+                            let hold = self.hold * (1 << e.failures.min(4));
+                            if now.saturating_duration_since(since) < hold {
+                                a.layer = e.layer;
+                                a.rate = rate_of(e.layer);
                             } else {
-                                *entry = (a.layer, None);
+                                e.layer = a.layer;
+                                e.since = None;
+                                e.upgraded = Some(now);
                             }
                         } else {
-                            *entry = (a.layer, None);
+                            if a.layer < e.layer && recent(e.upgraded) {
+                                e.failures += 1;
+                                e.upgraded = None;
+                            }
+                            e.layer = a.layer;
+                            e.since = None;
                         }
                     }
                 }
@@ -606,6 +654,111 @@ mod tests {
         assert_eq!(plan.layers_in_use()[&2], BTreeSet::from([1]));
     }
 
+    #[test]
+    fn budget_lowers_other_cameras_before_the_speakers_even_at_a_smaller_consumer() {
+        // One subscriber session per publisher, as Talk's clients make them: 10 receives the
+        // speaker's camera, 11 another camera; 10 consumes more.
+        let sources = [cam(1, true), cam(2, false)];
+        let subs = [
+            subscribe(10, 10_000_000, &[1]), // 1M
+            subscribe(11, 600_000, &[2]),    // 500k
+        ];
+        let limits = Limits {
+            budget: 1_200_000,
+            ..Limits::default()
+        };
+        let plan = allocate(&sources, &subs, &limits);
+        assert!(plan.total <= 1_200_000);
+        // The other camera goes down to its lowest layer first; the speaker keeps its top.
+        assert_eq!(layer(&plan, 10, 1), Some(2));
+        assert_eq!(layer(&plan, 11, 2), Some(0));
+        // Without a speaker, the largest consumer (10) gives way first.
+        let quiet = [cam(1, false), cam(2, false)];
+        let plan = allocate(&quiet, &subs, &limits);
+        assert_eq!(layer(&plan, 10, 1), Some(1));
+        assert_eq!(layer(&plan, 11, 2), Some(1));
+    }
+
+    /// Generated estimate sequences through the upgrade hold, on a clock the test advances
+    /// (250 ms per step, as the workers re-plan): what is put in force never exceeds the
+    /// budget or an estimate of the moment, audio is never paused for video, and no layer is
+    /// above what the plan of that moment allows.
+    #[test]
+    fn generated_sequences_through_the_hold_keep_the_guarantees() {
+        let mut rng = Lcg(0x5eed_4a11);
+        let t0 = Instant::now();
+        for case in 0..300 {
+            let sources = [
+                audio(1),
+                cam(2, rng.below(2) == 0),
+                cam(3, false),
+                screen(4),
+            ];
+            let n_subs = 1 + rng.below(6) as u32;
+            let picks: Vec<Vec<u32>> = (0..n_subs)
+                .map(|_| {
+                    let mut v = vec![1];
+                    v.extend([2u32, 3, 4].into_iter().filter(|_| rng.below(2) == 0));
+                    v
+                })
+                .collect();
+            let mut estimates: Vec<Bps> = (0..n_subs).map(|_| rng.below(4_000_000)).collect();
+            let mut hold = Hysteresis::new(Duration::from_secs(2));
+            let budget = 500_000 + rng.below(10_000_000);
+            let limits = Limits {
+                budget,
+                ..Limits::default()
+            };
+            for step in 0..60u64 {
+                for e in estimates.iter_mut() {
+                    // Mostly small moves, sometimes a drop or a jump.
+                    *e = match rng.below(10) {
+                        0 => *e / 4,
+                        1 => *e + rng.below(3_000_000),
+                        _ => (*e + rng.below(200_000)).saturating_sub(rng.below(200_000)),
+                    };
+                }
+                let subs: Vec<Subscriber> = picks
+                    .iter()
+                    .zip(&estimates)
+                    .enumerate()
+                    .map(|(i, (p, &e))| subscribe(100 + i as u32, e, p))
+                    .collect();
+                let plan = allocate(&sources, &subs, &limits);
+                let held = hold.apply(
+                    plan.clone(),
+                    &sources,
+                    t0 + Duration::from_millis(250 * step),
+                );
+                assert!(held.total <= budget, "case {case} step {step}: over budget");
+                for ((sub, h), p) in subs.iter().zip(&held.subscribers).zip(&plan.subscribers) {
+                    assert!(
+                        h.total <= sub.estimate,
+                        "case {case} step {step}: over estimate"
+                    );
+                    let video = h
+                        .assignments
+                        .iter()
+                        .any(|a| a.source != 1 && a.layer.is_some());
+                    let audio = h.assignments.iter().find(|a| a.source == 1);
+                    let planned_audio = p.assignments.iter().find(|a| a.source == 1);
+                    if video && planned_audio.is_some_and(|a| a.layer.is_some()) {
+                        assert!(
+                            audio.is_some_and(|a| a.layer.is_some()),
+                            "case {case} step {step}: audio paused for video"
+                        );
+                    }
+                    for (a, b) in h.assignments.iter().zip(&p.assignments) {
+                        assert!(
+                            a.layer <= b.layer,
+                            "case {case} step {step}: above the plan"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Many generated mixes: the guarantees of the module documentation hold for each.
     #[test]
     fn generated_mixes_keep_every_guarantee() {
@@ -754,33 +907,57 @@ mod tests {
                 }
             }
         }
-        // Fairness: a subscriber whose cameras were lowered for the budget was the largest
-        // camera consumer each time: after its last step it had at least what anyone ends with.
-        let max_camera = plan
-            .subscribers
-            .iter()
-            .map(|p| kind_total(p, Kind::Camera))
-            .max()
-            .unwrap_or(0);
+        let class_total = |p: &SubscriberPlan, c: u8| -> Bps {
+            p.assignments
+                .iter()
+                .filter(|a| class(src(a.source)) == c)
+                .map(|a| a.rate)
+                .sum()
+        };
+        // The active speaker's camera is lowered for the budget only when no other camera
+        // video is left anywhere.
+        let other_cameras = plan.subscribers.iter().any(|p| class_total(p, 3) > 0);
         for (p, f) in plan.subscribers.iter().zip(&free.subscribers) {
-            let (now, before) = (kind_total(p, Kind::Camera), kind_total(f, Kind::Camera));
-            if now < before {
-                let largest_step = sources
-                    .iter()
-                    .filter(|s| s.kind == Kind::Camera)
-                    .flat_map(|s| {
-                        s.layers
-                            .iter()
-                            .enumerate()
-                            .map(|(i, &r)| r - if i == 0 { 0 } else { s.layers[i - 1] })
-                    })
-                    .max()
-                    .unwrap_or(0);
-                assert!(
-                    now + largest_step >= max_camera,
-                    "case {case}: subscriber {} lowered to {now} while another keeps {max_camera}",
-                    p.id
-                );
+            for (a, b) in p.assignments.iter().zip(&f.assignments) {
+                if class(src(a.source)) == 2 && a.layer != b.layer {
+                    assert!(
+                        !other_cameras,
+                        "case {case}: speaker's camera lowered while other cameras flow"
+                    );
+                }
+            }
+        }
+        // Fairness, per camera class: a subscriber whose cameras of the class were lowered for
+        // the budget was the largest consumer of the class each time: after its last step it
+        // had at least what anyone ends with.
+        for c in [3, 2] {
+            let max_class = plan
+                .subscribers
+                .iter()
+                .map(|p| class_total(p, c))
+                .max()
+                .unwrap_or(0);
+            for (p, f) in plan.subscribers.iter().zip(&free.subscribers) {
+                let (now, before) = (class_total(p, c), class_total(f, c));
+                if now < before {
+                    let largest_step = sources
+                        .iter()
+                        .filter(|s| class(s) == c)
+                        .flat_map(|s| {
+                            s.layers
+                                .iter()
+                                .enumerate()
+                                .map(|(i, &r)| r - if i == 0 { 0 } else { s.layers[i - 1] })
+                        })
+                        .max()
+                        .unwrap_or(0);
+                    assert!(
+                        now + largest_step >= max_class,
+                        "case {case}: subscriber {} lowered to {now} (class {c}) while another \
+                         keeps {max_class}",
+                        p.id
+                    );
+                }
             }
         }
         // Pausing: exactly the chosen layers are in use.
@@ -830,13 +1007,30 @@ mod tests {
         }
         let p = run(&mut h, 2_000_000, at(5));
         assert_eq!(layer(&p, 10, 2), Some(2));
-        // A wobble resets the hold.
+        // Undone after 1 s: a failed upgrade, the hold doubles (6 s). A wobble restarts it.
         let _ = run(&mut h, 300_000, at(6));
         let _ = run(&mut h, 2_000_000, at(7));
         let _ = run(&mut h, 300_000, at(8));
         let p = run(&mut h, 2_000_000, at(10));
         assert_eq!(layer(&p, 10, 2), Some(0));
         let p = run(&mut h, 2_000_000, at(13));
+        assert_eq!(layer(&p, 10, 2), Some(0), "held 6 s after a failed upgrade");
+        let p = run(&mut h, 2_000_000, at(16));
+        assert_eq!(layer(&p, 10, 2), Some(2));
+        // Failed again: 12 s.
+        let _ = run(&mut h, 300_000, at(17));
+        let p = run(&mut h, 2_000_000, at(18));
+        assert_eq!(layer(&p, 10, 2), Some(0));
+        let p = run(&mut h, 2_000_000, at(29));
+        assert_eq!(layer(&p, 10, 2), Some(0), "held 12 s after two");
+        let p = run(&mut h, 2_000_000, at(30));
+        assert_eq!(layer(&p, 10, 2), Some(2));
+        // This one lasts 10 s: the hold is back to 3 s for the next drop.
+        let p = run(&mut h, 2_000_000, at(40));
+        assert_eq!(layer(&p, 10, 2), Some(2));
+        let _ = run(&mut h, 300_000, at(41));
+        let _ = run(&mut h, 2_000_000, at(42));
+        let p = run(&mut h, 2_000_000, at(45));
         assert_eq!(layer(&p, 10, 2), Some(2));
     }
 }

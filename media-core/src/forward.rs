@@ -136,6 +136,19 @@ impl KeyframeThrottle {
         }
     }
 
+    /// Someone would like a keyframe at `now` but asks again later anyway: true if it should go
+    /// out now; when the interval has not passed, nothing is deferred.
+    pub fn try_request(&mut self, now: Instant) -> bool {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < self.interval => false,
+            _ => {
+                self.last = Some(now);
+                self.pending = false;
+                true
+            }
+        }
+    }
+
     /// True once if a deferred request is due at `now`; the caller then sends it without
     /// asking `request` again (it already counts as the latest request).
     pub fn poll(&mut self, now: Instant) -> bool {
@@ -246,5 +259,10 @@ mod tests {
         assert!(k.poll(t0 + Duration::from_millis(500)));
         assert!(!k.poll(t0 + Duration::from_millis(600)), "fires once");
         assert_eq!(k.due_at(), None);
+        // A reminder neither goes out inside the interval nor defers anything.
+        assert!(!k.try_request(t0 + Duration::from_millis(700)));
+        assert_eq!(k.due_at(), None);
+        assert!(k.try_request(t0 + Duration::from_millis(1000)));
+        assert!(!k.request(t0 + Duration::from_millis(1100)));
     }
 }

@@ -19,6 +19,7 @@ pub mod allocator;
 pub mod demux;
 pub mod forward;
 pub mod io;
+pub mod layers;
 pub mod publisher_limit;
 pub mod session;
 pub mod speaker;

@@ -10,7 +10,9 @@
 //! - REMB (receiver estimated maximum bitrate) with the cap, repeated while the publisher sends
 //!   ([`RembSchedule`]): Chromium's congestion controller never plans more than the last REMB,
 //!   and it keeps working for clients that ignore SDP bandwidth lines. Like Janus's publisher
-//!   `bitrate`, the figure is for the whole stream of the publisher.
+//!   `bitrate`, the figure is for the whole stream of the publisher; a simulcast publisher may
+//!   send 1.4 x the cap in all, so that its top layer alone can come close to it
+//!   ([`publisher_total`]).
 //!
 //! Sans-I/O: text in, text out; time is a parameter.
 
@@ -69,20 +71,65 @@ pub fn add_bandwidth_lines(sdp: &str, bitrate: u64) -> String {
     out.join(eol)
 }
 
+/// The most simulcast layers one video section of an offer sends (`a=rid:<id> send`), 1 when
+/// none has simulcast.
+pub fn simulcast_layers(sdp: &str) -> usize {
+    let mut best = 1;
+    let mut in_video = false;
+    let mut count = 0;
+    for line in sdp.lines() {
+        if line.starts_with("m=") {
+            best = best.max(count);
+            count = 0;
+            in_video = line.starts_with("m=video");
+        } else if in_video
+            && let Some(rest) = line.strip_prefix("a=rid:")
+            && rest.split_whitespace().nth(1) == Some("send")
+        {
+            count += 1;
+        }
+    }
+    best.max(count)
+}
+
+/// What a publisher may send in all under a per-stream cap `cap` when it sends `layers`
+/// simulcast layers. The cap is for one forwarded stream, i.e. one layer: the top layer may
+/// come close to it, and the lower layers come on top. Chromium gives the lower layers their
+/// target rates first (at 960x540, 150 + 350 kbit/s; at 1280x720, 150 + 500) and the top layer
+/// the rest, so 1.4 x the cap leaves the top layer at most the cap (968 of 1048 kbit/s at
+/// 960x540). With the plain cap as the total, Chromium at 960x540 kept its top layer off
+/// ("bandwidth" limited, quality_shaping), and no subscriber could get it.
+pub fn publisher_total(cap: u64, layers: usize) -> u64 {
+    if layers > 1 {
+        cap.saturating_mul(7) / 5
+    } else {
+        cap
+    }
+}
+
 /// When to send the next REMB to one publisher.
 #[derive(Debug, Clone)]
 pub struct RembSchedule {
-    /// The cap in bit/s.
+    /// The per-stream cap in bit/s.
+    pub cap: u64,
+    /// What the publisher may send in all (REMB and `b=AS`): the cap, raised for simulcast
+    /// ([`publisher_total`]).
     pub bitrate: u64,
     last: Option<Instant>,
 }
 
 impl RembSchedule {
-    pub fn new(bitrate: u64) -> RembSchedule {
+    pub fn new(cap: u64) -> RembSchedule {
         RembSchedule {
-            bitrate,
+            cap,
+            bitrate: cap,
             last: None,
         }
+    }
+
+    /// The publisher's offer sends `layers` simulcast layers (at most, per video section).
+    pub fn set_layers(&mut self, layers: usize) {
+        self.bitrate = publisher_total(self.cap, layers);
     }
 
     /// True when a REMB is due at `now` (the first at once, then every [`REMB_INTERVAL`]);
@@ -106,6 +153,20 @@ impl RembSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simulcast_offers_raise_the_total_so_the_top_layer_can_use_the_cap() {
+        let offer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rid:x send\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=rid:q send\r\na=rid:h send\r\n\
+a=rid:f send\r\na=rid:z recv\r\na=simulcast:send q;h;f\r\n";
+        assert_eq!(simulcast_layers(offer), 3);
+        assert_eq!(simulcast_layers("v=0\r\nm=video 9 X 96\r\na=mid:0\r\n"), 1);
+        let mut r = RembSchedule::new(1_000_000);
+        r.set_layers(3);
+        assert_eq!(r.bitrate, 1_400_000);
+        r.set_layers(1);
+        assert_eq!(r.bitrate, 1_000_000);
+    }
 
     const ANSWER: &str = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n\
         a=group:BUNDLE 0 1 2\r\n\

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use str0m::bwe::Bitrate;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::config::{CryptoProvider, DtlsCert};
@@ -21,6 +22,7 @@ use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
 
 use crate::demux::SessionKey;
 use crate::forward::SeqTsRewriter;
+use crate::layers::{Bps, LayerSwitch, Vp8Rewriter};
 
 /// Largest SDP accepted from a client; real ones are a few KiB.
 pub const MAX_SDP_BYTES: usize = 64 * 1024;
@@ -88,6 +90,10 @@ pub struct SubscribedTrack {
     pub rewriter: SeqTsRewriter,
     /// Publisher payload type → subscriber payload type for the same codec.
     pub pt_map: HashMap<Pt, Option<Pt>>,
+    /// Simulcast: the layer forwarded and the one to switch to (video only).
+    pub switch: LayerSwitch,
+    /// VP8 picture numbering kept continuous across layer switches.
+    pub vp8: Vp8Rewriter,
 }
 
 /// Role-specific state.
@@ -105,6 +111,22 @@ pub enum Role {
         pending: Option<(SdpPendingOffer, String)>,
         channel: Option<ChannelId>,
         channel_open: bool,
+        /// Send-side bandwidth estimate towards the client (TWCC, else REMB), once known.
+        estimate: Option<Bps>,
+        /// A TWCC estimate arrived: REMB reports are ignored from then on.
+        twcc: bool,
+        /// Last (minimum, desired) rates given to str0m's BWE.
+        bwe_asked: (Bps, Bps),
+        /// The client's `selectStream` bound: never a higher video layer than this.
+        max_layer: Option<usize>,
+        /// When to ask the BWE for another probe towards the desired rate.
+        probe: crate::layers::ProbeRenewal,
+        /// When the estimate last fell by more than a tenth below the one last planned with.
+        fell_at: Option<Instant>,
+        /// The estimate the last plan was made with.
+        planned_with: Option<Bps>,
+        /// What the last plan sends (bit/s).
+        sending: Bps,
     },
 }
 
@@ -146,7 +168,11 @@ pub struct Session {
     pub next_timeout: Option<Instant>,
 }
 
-fn rtc_for(ufrag: &str, pass: &str, setup: &SessionSetup, now: Instant) -> Rtc {
+/// Where a subscriber's bandwidth estimate starts: enough for a middle layer and audio, so the
+/// first picture comes quickly; probing raises it from there.
+pub const INITIAL_ESTIMATE_KBPS: u64 = 500;
+
+fn rtc_for(ufrag: &str, pass: &str, setup: &SessionSetup, now: Instant, bwe: bool) -> Rtc {
     let mut rtc = RtcConfig::new()
         .set_rtp_mode(true)
         .set_ice_lite(true)
@@ -160,6 +186,7 @@ fn rtc_for(ufrag: &str, pass: &str, setup: &SessionSetup, now: Instant) -> Rtc {
         .enable_opus(true, false)
         .enable_vp8(true)
         .enable_h264(true)
+        .enable_bwe(bwe.then(|| Bitrate::kbps(INITIAL_ESTIMATE_KBPS)))
         .build(now);
     for addr in &setup.candidates {
         if let Ok(c) = Candidate::host(*addr, "udp") {
@@ -189,7 +216,7 @@ impl Session {
     ) -> Session {
         Session {
             key,
-            rtc: rtc_for(&ufrag, pass, setup, now),
+            rtc: rtc_for(&ufrag, pass, setup, now, false),
             ufrag,
             role: Role::Publisher {
                 stream_type,
@@ -213,7 +240,7 @@ impl Session {
     ) -> Session {
         Session {
             key,
-            rtc: rtc_for(&ufrag, pass, setup, now),
+            rtc: rtc_for(&ufrag, pass, setup, now, true),
             ufrag,
             role: Role::Subscriber {
                 publisher,
@@ -221,6 +248,14 @@ impl Session {
                 pending: None,
                 channel: None,
                 channel_open: false,
+                estimate: None,
+                twcc: false,
+                bwe_asked: (0, 0),
+                max_layer: None,
+                probe: Default::default(),
+                fell_at: None,
+                planned_with: None,
+                sending: 0,
             },
             created: now,
             last_rx: now,
@@ -306,6 +341,8 @@ impl Session {
                 kind: t.kind,
                 rewriter: SeqTsRewriter::new(seq, ts),
                 pt_map: HashMap::new(),
+                switch: LayerSwitch::default(),
+                vp8: Vp8Rewriter::default(),
             });
         }
         if channel.is_none() {

@@ -161,6 +161,9 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
             setup,
             ice_timeout: Duration::from_secs(c.ice_timeout_s),
             keyframe_interval: Duration::from_millis(500),
+            // Until sizing knows the link (below): the allocator then follows estimates only.
+            egress_budget: u64::MAX,
+            upgrade_hold: Duration::from_secs(2),
         };
         let (h, j) = worker::spawn(
             config,
@@ -206,15 +209,18 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
     let status = format!("sfu: {} workers, /proxy on {addr}", handles.len());
     ctx.link.status(&status).await;
     let link = ctx.link.clone();
+    let workers = handles.clone();
     tokio::spawn(async move {
         while sizing_rx.changed().await.is_ok() {
-            let budget = sizing_rx
-                .borrow()
-                .as_ref()
-                .and_then(|c| c.budget_bps)
-                .map_or("no limit known".to_string(), |b| {
-                    format!("{:.1} Mbit/s", b as f64 / 1e6)
-                });
+            let bps = sizing_rx.borrow().as_ref().and_then(|c| c.budget_bps);
+            // Each worker gets an equal share: rooms are spread over the workers.
+            let share = bps.map_or(u64::MAX, |b| b / workers.len().max(1) as u64);
+            for w in &workers {
+                w.send(WorkerCommand::SetEgressBudget { bps: share });
+            }
+            let budget = bps.map_or("no limit known".to_string(), |b| {
+                format!("{:.1} Mbit/s", b as f64 / 1e6)
+            });
             link.status(&format!("{status}, egress budget {budget}"))
                 .await;
         }

@@ -150,6 +150,22 @@ fn err(pair: (&'static str, &'static str)) -> Failure {
     (pair.0, pair.1.to_string())
 }
 
+/// Highest simulcast layer a `selectStream` payload allows: its `substream` (0 = lowest, as
+/// the Talk clients send it to Janus); absent or null lifts the bound. `temporal` is accepted
+/// and not used (temporal layers are not selected yet).
+fn select_stream_bound(payload: &serde_json::Map<String, Value>) -> Result<Option<usize>, Failure> {
+    match payload.get("substream") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= 2 => Ok(Some(n as usize)),
+            _ => Err((
+                "invalid_format",
+                format!("payload.substream must be 0, 1 or 2 (got {v})"),
+            )),
+        },
+    }
+}
+
 impl Sfu {
     pub fn new(
         workers: Vec<WorkerHandle>,
@@ -506,7 +522,20 @@ impl Sfu {
                 .await?;
                 Ok(reply(json!({})))
             }
-            "endOfCandidates" | "selectStream" => Ok(reply(json!({}))),
+            "selectStream" => {
+                if c.publisher {
+                    return Err(err(errors::UNSUPPORTED_PAYLOAD));
+                }
+                let max_layer = select_stream_bound(&p.payload)?;
+                self.ask(c.worker, |reply| WorkerCommand::SelectStream {
+                    session,
+                    max_layer,
+                    reply,
+                })
+                .await?;
+                Ok(reply(json!({})))
+            }
+            "endOfCandidates" => Ok(reply(json!({}))),
             _ => Err(err(errors::UNSUPPORTED_PAYLOAD)),
         }
     }
@@ -797,4 +826,24 @@ fn hello(
     let (num, id) = sfu.open_session(conn, tx);
     tracing::info!(%issuer, session = num, "signaling server connected");
     Ok((num, answer(&id)))
+}
+
+#[cfg(test)]
+mod select_stream_tests {
+    use super::*;
+
+    fn bound(v: Value) -> Result<Option<usize>, Failure> {
+        select_stream_bound(v.as_object().expect("object"))
+    }
+
+    #[test]
+    fn substream_is_the_layer_bound_and_out_of_range_values_are_refused() {
+        assert_eq!(bound(json!({"substream": 0, "temporal": 2})), Ok(Some(0)));
+        assert_eq!(bound(json!({"substream": 2})), Ok(Some(2)));
+        assert_eq!(bound(json!({})), Ok(None));
+        assert_eq!(bound(json!({"substream": null})), Ok(None));
+        assert!(bound(json!({"substream": 3})).is_err());
+        assert!(bound(json!({"substream": -1})).is_err());
+        assert!(bound(json!({"substream": "1"})).is_err());
+    }
 }

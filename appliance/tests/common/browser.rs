@@ -50,13 +50,36 @@ fn free_port() -> u16 {
 impl Browser {
     /// Starts chromedriver and a headless Chromium session; `extra` flags are added.
     pub async fn start(extra: &[&str]) -> Browser {
+        let port = free_port();
+        let mut driver = Command::new(CHROMEDRIVER);
+        driver.arg(format!("--port={port}"));
+        Self::start_with(driver, &format!("http://127.0.0.1:{port}"), extra).await
+    }
+
+    /// Starts chromedriver and Chromium inside network namespace `ns` (whose traffic the test
+    /// controls); the driver listens on port 9515 of the namespace's address `addr` and
+    /// accepts WebDriver connections from `from` (the test's side of the link) only.
+    pub async fn start_in_netns(
+        ns: &str,
+        addr: std::net::IpAddr,
+        from: std::net::IpAddr,
+        extra: &[&str],
+    ) -> Browser {
+        let mut driver = Command::new("ip");
+        driver.args(["netns", "exec", ns, CHROMEDRIVER]).args([
+            "--port=9515".to_string(),
+            format!("--allowed-ips={from}"),
+            "--allowed-origins=*".to_string(),
+        ]);
+        Self::start_with(driver, &format!("http://{addr}:9515"), extra).await
+    }
+
+    async fn start_with(mut driver: Command, url: &str, extra: &[&str]) -> Browser {
         assert!(
             std::path::Path::new(CHROMEDRIVER).exists(),
             "{CHROMEDRIVER} is missing: apt-get install -y chromium chromium-driver"
         );
-        let port = free_port();
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
+        let driver = driver
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -73,14 +96,13 @@ impl Browser {
             "goog:chromeOptions".into(),
             json!({"binary": CHROMIUM, "args": args}),
         );
-        let url = format!("http://127.0.0.1:{port}");
         let mut last = None;
         for _ in 0..100 {
             match fantoccini::ClientBuilder::new(
                 hyper_util::client::legacy::connect::HttpConnector::new(),
             )
             .capabilities(caps.clone())
-            .connect(&url)
+            .connect(url)
             .await
             {
                 Ok(client) => {

@@ -126,6 +126,8 @@ impl Worker {
                 ice_timeout,
                 // As `talkbox sfu` runs it.
                 keyframe_interval: Duration::from_millis(500),
+                egress_budget: u64::MAX,
+                upgrade_hold: Duration::from_secs(2),
             },
             io,
             tcp,
@@ -171,6 +173,10 @@ pub struct Client {
     pub connected: bool,
     pub rtp: Vec<(u64, u32, Vec<u8>)>,
     pub keyframe_requests: usize,
+    /// The rid of every keyframe request received (simulcast publishers).
+    pub keyframe_rids: Vec<Option<String>>,
+    /// REMB received: (media line, bit/s).
+    pub remb: Vec<(Mid, u64)>,
     pub channel: Option<ChannelId>,
     pub channel_open: bool,
     pub messages: Vec<Vec<u8>>,
@@ -180,8 +186,6 @@ pub struct Client {
     pub errors: Vec<String>,
     /// Media lines, from our own offer or from `MediaAdded`.
     pub mids: Vec<Mid>,
-    /// REMB received: (media line, bit/s).
-    pub remb: Vec<(Mid, u64)>,
     pending: Option<SdpPendingOffer>,
     buf: Vec<u8>,
     /// ICE-TCP instead of UDP: the connection to the worker and its frame reader.
@@ -208,11 +212,12 @@ impl Client {
             connected: false,
             rtp: Vec::new(),
             keyframe_requests: 0,
+            keyframe_rids: Vec::new(),
+            remb: Vec::new(),
             channel: None,
             channel_open: false,
             messages: Vec::new(),
             mids: Vec::new(),
-            remb: Vec::new(),
             datagrams: 0,
             errors: Vec::new(),
             pending: None,
@@ -305,6 +310,43 @@ impl Client {
         );
     }
 
+    /// Publisher side: an offer with one video track sent as simulcast with `rids` (in this
+    /// order in `a=simulcast`) and the `status` data channel.
+    pub fn publish_simulcast_offer(&mut self, rids: &[&str]) -> String {
+        let mut sim = str0m::media::Simulcast::new();
+        for r in rids {
+            sim.add_send_layer(str0m::media::SimulcastLayer::new(r));
+        }
+        let mut api = self.rtc.sdp_api();
+        let mid = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, Some(sim));
+        self.mids.push(mid);
+        self.channel = Some(api.add_channel("status".into()));
+        let (offer, pending) = api.apply().expect("changes");
+        self.pending = Some(pending);
+        offer.to_sdp_string()
+    }
+
+    /// Writes one RTP packet on layer `rid` of a simulcast video track.
+    pub fn write_rtp_rid(&mut self, mid: Mid, rid: &str, seq: u64, ts: u32, payload: &[u8]) {
+        let pt = self
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.spec().codec == Codec::Vp8)
+            .map(|p| p.pt())
+            .expect("vp8");
+        let mut api = self.rtc.direct_api();
+        let tx = api
+            .stream_tx_by_mid(mid, Some(rid.into()))
+            .expect("send stream of the layer");
+        tx.write_rtp(
+            RtpWrite::new(pt, SeqNo::from(seq), ts, Instant::now(), payload.to_vec())
+                .marker(true)
+                .nackable(true),
+        );
+    }
+
     pub fn accept_answer(&mut self, sdp: &str) {
         let answer = SdpAnswer::from_sdp_string(sdp).expect("answer");
         let pending = self.pending.take().expect("pending offer");
@@ -346,7 +388,10 @@ impl Client {
                         self.rtp
                             .push((*p.seq_no, p.header.timestamp, p.payload.to_vec()))
                     }
-                    Event::KeyframeRequest(_) => self.keyframe_requests += 1,
+                    Event::KeyframeRequest(k) => {
+                        self.keyframe_requests += 1;
+                        self.keyframe_rids.push(k.rid.map(|r| r.to_string()));
+                    }
                     Event::EgressBitrateEstimate(BweKind::Remb { estimate, mid }) => {
                         self.remb.push((mid, estimate.as_u64()))
                     }

@@ -258,7 +258,9 @@ async function joined() {
   setState('joined', 'In the meeting');
   document.title = `${$('title').textContent} – talkbox`;
   try {
-    call.local = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 640, height: 480 } });
+    // 960x540 is the smallest size for which Chromium sends all three simulcast layers (it
+    // drops the top one below that).
+    call.local = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: { ideal: 960 }, height: { ideal: 540 } } });
   } catch (e) {
     try {
       call.local = await navigator.mediaDevices.getUserMedia({ audio: true });
@@ -281,12 +283,27 @@ async function joined() {
   if (call.local) await publish('video', call.local);
 }
 
+// Simulcast layers of the camera, lowest first (the rids tell the SFU their order).
+const SIMULCAST = [
+  { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 100000 },
+  { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 300000 },
+  { rid: 'f', scaleResolutionDownBy: 1, maxBitrate: 900000 },
+];
+
 async function publish(roomType, stream) {
   const pc = new RTCPeerConnection({ iceServers: iceServers(), bundlePolicy: 'max-bundle' });
   call.pubs[roomType] = pc;
   const sid = String(Date.now()) + roomType;
   call.pubSids[roomType] = sid;
-  for (const track of stream.getTracks()) pc.addTrack(track, stream);
+  for (const track of stream.getTracks()) {
+    if (track.kind === 'video' && roomType === 'video') {
+      // Camera video as three simulcast layers (quarter, half, full resolution); the SFU
+      // forwards to each participant the one its bandwidth carries.
+      pc.addTransceiver(track, { direction: 'sendonly', streams: [stream], sendEncodings: SIMULCAST });
+    } else {
+      pc.addTrack(track, stream);
+    }
+  }
   pc.onicecandidate = (ev) => {
     const c = ev.candidate;
     sendMessage(call.me, {
