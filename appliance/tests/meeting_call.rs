@@ -51,33 +51,7 @@ async fn join(url: &str, name: &str) -> Browser {
         "--autoplay-policy=no-user-gesture-required",
     ])
     .await;
-    b.client.goto(url).await.expect("open the room link");
-    b.wait_for(
-        "return document.body.dataset.state",
-        &Value::from("join"),
-        Duration::from_secs(20),
-    )
-    .await;
-    b.client
-        .find(Locator::Id("join-name"))
-        .await
-        .expect("name field")
-        .send_keys(name)
-        .await
-        .expect("type a name");
-    b.client
-        .find(Locator::Id("join-button"))
-        .await
-        .expect("join button")
-        .click()
-        .await
-        .expect("click join");
-    b.wait_for(
-        "return document.body.dataset.state",
-        &Value::from("joined"),
-        Duration::from_secs(20),
-    )
-    .await;
+    b.join_meeting(url, name).await;
     b
 }
 

@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::browser::Browser;
 use common::{Supervisor, free_port, isolated_config};
-use fantoccini::Locator;
-use serde_json::Value;
 
 /// A 48 kHz mono 16-bit WAV: `tone` of a 440 Hz sine at half scale, then `silence`.
 fn tone_then_silence(tone: Duration, silence: Duration) -> Vec<u8> {
@@ -53,33 +51,7 @@ async fn join(url: &str, name: &str, extra: &[&str]) -> Browser {
     ];
     flags.extend_from_slice(extra);
     let b = Browser::start(&flags).await;
-    b.client.goto(url).await.expect("open the room link");
-    b.wait_for(
-        "return document.body.dataset.state",
-        &Value::from("join"),
-        Duration::from_secs(20),
-    )
-    .await;
-    b.client
-        .find(Locator::Id("join-name"))
-        .await
-        .expect("name field")
-        .send_keys(name)
-        .await
-        .expect("type a name");
-    b.client
-        .find(Locator::Id("join-button"))
-        .await
-        .expect("join button")
-        .click()
-        .await
-        .expect("click join");
-    b.wait_for(
-        "return document.body.dataset.state",
-        &Value::from("joined"),
-        Duration::from_secs(20),
-    )
-    .await;
+    b.join_meeting(url, name).await;
     b
 }
 

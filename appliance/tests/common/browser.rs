@@ -13,6 +13,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use fantoccini::Locator;
 use serde_json::{Value, json};
 
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -122,6 +123,31 @@ impl Browser {
             .execute(script, vec![])
             .await
             .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+    }
+
+    /// Opens a meeting-page room link, types `name` and clicks Join; returns once the page
+    /// says "joined" (30 s for each step: Chromium starts slowly on a loaded machine).
+    pub async fn join_meeting(&self, url: &str, name: &str) {
+        let state = "return document.body.dataset.state";
+        self.client.goto(url).await.expect("open the room link");
+        self.wait_for(state, &Value::from("join"), Duration::from_secs(30))
+            .await;
+        self.client
+            .find(Locator::Id("join-name"))
+            .await
+            .expect("name field")
+            .send_keys(name)
+            .await
+            .expect("type a name");
+        self.client
+            .find(Locator::Id("join-button"))
+            .await
+            .expect("join button")
+            .click()
+            .await
+            .expect("click join");
+        self.wait_for(state, &Value::from("joined"), Duration::from_secs(30))
+            .await;
     }
 
     /// Polls `script` until it returns `want`, or panics after `timeout` with what it returned.
