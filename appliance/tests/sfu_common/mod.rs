@@ -285,8 +285,14 @@ pub struct Seen {
     pub connected: bool,
     pub failed: bool,
     pub gathered: bool,
-    /// Video RTP as (sequence number, timestamp, payload).
+    /// Video RTP as (sequence number, timestamp, payload), each sequence number once.
     pub rtp: Vec<(u16, u32, Vec<u8>)>,
+    /// Video packets whose sequence number had been seen already, left out of `rtp`: the
+    /// SFU's bandwidth probing pads with RTX resends of sent packets (str0m), and webrtc-rs
+    /// hands a repaired packet to the track again under its original sequence number, where a
+    /// receiver's jitter buffer would drop it.
+    pub video_duplicates: usize,
+    video_seqs: std::collections::HashSet<u16>,
     /// Audio RTP payloads.
     pub audio: Vec<Vec<u8>>,
     pub messages: Vec<String>,
@@ -324,6 +330,10 @@ impl PeerConnectionEventHandler for Handler {
                     let mut s = seen.lock().expect("lock");
                     if audio {
                         s.audio.push(p.payload.to_vec());
+                        continue;
+                    }
+                    if !s.video_seqs.insert(p.header.sequence_number) {
+                        s.video_duplicates += 1;
                         continue;
                     }
                     s.rtp.push((
