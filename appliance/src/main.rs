@@ -273,7 +273,8 @@ fn sizing(args: SizingArgs) -> Result<u8> {
             config.sizing.peer = Some(peer);
         }
         let (measured, error) = rt.block_on(sizing::measure_peer(&config));
-        sizing::compute(sizing::links_now(), &config, measured, error)
+        let browser = sizing::read_browser(&DataDir::new(&args.paths.data_dir));
+        sizing::compute(sizing::links_now(), &config, measured, error, browser)
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&cap)?);

@@ -403,6 +403,39 @@ async fn admin_claims_configures_and_replaces_the_certificate_in_chromium() {
         "{speed}"
     );
     println!("speed test in Chromium over loopback: {speed}");
+    // Its download figure becomes a sizing figure when the admin says so.
+    click(&b, "speed-apply").await;
+    message_containing(&b, "Sizing now counts").await;
+    goto_page(&b, "#bandwidth", "Speed test").await;
+    let row = b
+        .wait_until_set(
+            "(() => { const t = document.body.innerText; return t.includes(\"by the admin's browser at 127.0.0.1\") ? t : null; })()",
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the browser's figure on the bandwidth page: {e}"));
+    assert!(
+        row.as_str()
+            .unwrap_or("")
+            .contains("Forget the browser's figure"),
+        "{row}"
+    );
+    let stored = std::fs::read_to_string(sup.data_dir().join("sizing/browser.json"))
+        .expect("the browser's figure is stored for the SFU's sizer");
+    let down: f64 = speed
+        .split("download ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .expect("download figure");
+    let stored: Value = serde_json::from_str(&stored).expect("browser.json");
+    assert!(
+        (stored["mbps"].as_f64().unwrap_or(0.0) - down).abs() < 0.11,
+        "stored {stored} for a download of {down} Mbit/s"
+    );
+    click(&b, "browser-forget").await;
+    message_containing(&b, "no longer counts").await;
+    assert!(!sup.data_dir().join("sizing/browser.json").exists());
     // Edit a TURN setting: bad input is refused with the reason, a good one is in force.
     wait_element(&b, "set-turn-realm").await;
     set(&b, "set-turn-realm", "bad realm").await;

@@ -823,3 +823,88 @@ fn the_supervisor_keeps_answering_while_logs_are_read() {
         "talkbox status waited {worst:?} while logs were read: the journal blocks the loop"
     );
 }
+
+/// The speed test's download figure, offered by the page, is a sizing figure: the SFU's sizer
+/// takes it within seconds (the lowest figure wins), bad figures are refused with the allowed
+/// range and change nothing, and forgetting it brings the other figures back.
+#[test]
+fn a_browser_figure_sizes_the_box_and_bad_figures_change_nothing() {
+    let (sup, base) = start(&[
+        ("sfu", "enabled = true"),
+        ("sizing", "uplink_mbps = 500"),
+        ("sizing", "egress_fraction = 0.5"),
+    ]);
+    let mut c = Client::new(&base, sup.data_dir(), "s");
+    c.session();
+    let code = setup_code(&sup);
+    let a = c.post(
+        "/api/claim",
+        json!({"code": code, "password": "a long password"}),
+    );
+    assert_eq!(a.code, 200, "{a:?}");
+    c.session();
+    // The SFU's sizer has written its state: 500 Mbit/s declared, half of it the budget.
+    let capacity = |c: &Client| {
+        let v = c.get("/api/network").json();
+        (v["capacity_mbps"].as_f64(), v["budget_mbps"].as_f64())
+    };
+    let wait_capacity = |c: &Client, want: f64| {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            if capacity(c).0 == Some(want) && sup.data_dir().join("sizing/state.json").exists() {
+                return t0.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("capacity never became {want}: {:?}", capacity(c));
+    };
+    wait_capacity(&c, 500.0);
+    let a = c.post("/api/sizing/browser", json!({"mbps": 42.5}));
+    assert_eq!(a.code, 200, "{a:?}");
+    let took = wait_capacity(&c, 42.5);
+    println!("a browser figure was in force after {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(capacity(&c).1, Some(21.25));
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(sup.data_dir().join("sizing/state.json")).expect("state"),
+    )
+    .expect("state.json");
+    assert_eq!(state["budget_bps"], 21_250_000, "the SFU's limits: {state}");
+    assert!(
+        state["browser"]["peer"]
+            .as_str()
+            .unwrap_or("")
+            .contains("127.0.0.1"),
+        "{state}"
+    );
+    // Refused with the reason; the figure in force stays.
+    for (body, want) in [
+        (json!({"mbps": -1}), "allowed are"),
+        (json!({"mbps": 0}), "allowed are"),
+        (json!({"mbps": 1e12}), "allowed are"),
+        (json!({"mbps": "fast"}), "malformed request"),
+        (json!({"mbps": 5, "peer": "spoofed"}), "malformed request"),
+    ] {
+        let a = c.post("/api/sizing/browser", body.clone());
+        assert_eq!(a.code, 400, "{body}: {a:?}");
+        assert!(a.body.contains(want), "{body}: {a:?}");
+    }
+    // Without the CSRF token: refused, nothing stored.
+    let a = c.call(
+        "POST",
+        "/api/sizing/browser",
+        Some(&json!({"mbps": 1})),
+        None,
+    );
+    assert_eq!(a.code, 403, "{a:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(capacity(&c).0, Some(42.5));
+    // No peer configured: "measure again" says what is missing.
+    let a = c.post("/api/sizing/measure", json!({}));
+    assert_eq!(a.code, 400, "{a:?}");
+    assert!(a.body.contains("sizing.peer"), "{a:?}");
+    // Forgotten: the declared uplink is the capacity again.
+    let a = c.post("/api/sizing/browser", json!({"mbps": null}));
+    assert_eq!(a.code, 200, "{a:?}");
+    wait_capacity(&c, 500.0);
+}

@@ -1,15 +1,19 @@
 //! NIC-aware sizing: what the box can send, and the limits that follow from it (DESIGN.md §5).
 //!
-//! Three figures, the lowest wins: the link speed of the NIC that carries the default route
+//! Four figures, the lowest wins: the link speed of the NIC that carries the default route
 //! ([`nic`]), the uplink the admin declared (`sizing.uplink_mbps`, for a WAN slower than the
-//! NIC) and an active measurement against a peer ([`probe`]: another talkbox, or
-//! `talkbox sizing sink`). The egress budget is `sizing.egress_fraction` of that capacity; the
+//! NIC), an active measurement against a peer ([`probe`]: another talkbox, or
+//! `talkbox sizing sink`) and the download speed the admin's browser measured from the box on
+//! the setup page, when the admin chose to use it (`DATA/sizing/browser.json`, written by the
+//! supervisor for the web service; [`read_browser`]). The browser figure is the admin's choice
+//! rather than automatic because a laptop on Wi-Fi measures its own link, not the box's. The egress budget is `sizing.egress_fraction` of that capacity; the
 //! SFU's allocator (media-core `allocator`) never plans more, and the capacity table says what
 //! it means in participants.
 //!
 //! The SFU service runs [`Sizer`]: it re-reads the links every [`POLL`], measures at start,
 //! every `sizing.remeasure_minutes` and whenever `DATA/sizing/measure-request` appears (what
-//! `talkbox sizing --apply` and the setup page create), and writes the result to
+//! `talkbox sizing --apply` and the setup page's "Measure again" create), re-reads the browser
+//! figure every [`POLL`], and writes the result to
 //! `DATA/sizing/state.json` for the status page and the CLI. An edited uplink restarts the SFU
 //! (config change), so every source of change is in force within seconds.
 
@@ -58,6 +62,10 @@ pub struct Capacity {
     pub link_mbps: Option<u64>,
     pub declared_uplink_mbps: Option<u64>,
     pub measured: Option<Measurement>,
+    /// The download speed the admin's browser measured from the box (setup page), if the
+    /// admin chose to use it for sizing.
+    #[serde(default)]
+    pub browser: Option<Measurement>,
     /// The last measurement failed: why (the other figures still count).
     pub measure_error: Option<String>,
     /// The lowest of the three; `None` when nothing is known (no limit is then planned).
@@ -103,12 +111,13 @@ pub fn table(budget_bps: u64, camera_bps: u64, screen_bps: u64) -> CapacityTable
     }
 }
 
-/// Combines the three figures into the capacity and its limits.
+/// Combines the four figures into the capacity and its limits.
 pub fn compute(
     links: Vec<nic::Link>,
     config: &Config,
     measured: Option<Measurement>,
     measure_error: Option<String>,
+    browser: Option<Measurement>,
 ) -> Capacity {
     let link_mbps = nic::limiting_speed(&links);
     let declared = (config.sizing.uplink_mbps > 0).then_some(config.sizing.uplink_mbps);
@@ -116,6 +125,7 @@ pub fn compute(
         link_mbps.map(|v| v as f64),
         declared.map(|v| v as f64),
         measured.as_ref().map(|m| m.mbps),
+        browser.as_ref().map(|m| m.mbps),
     ]
     .into_iter()
     .flatten()
@@ -137,6 +147,7 @@ pub fn compute(
         link_mbps,
         declared_uplink_mbps: declared,
         measured,
+        browser,
         measure_error,
         capacity_mbps,
         egress_fraction: config.sizing.egress_fraction,
@@ -164,6 +175,69 @@ pub fn state_path(data: &DataDir) -> PathBuf {
 }
 pub fn request_path(data: &DataDir) -> PathBuf {
     dir(data).join("measure-request")
+}
+
+pub fn browser_path(data: &DataDir) -> PathBuf {
+    dir(data).join("browser.json")
+}
+
+/// The largest browser figure taken (400 Gbit/s): anything above is a broken measurement.
+pub const MAX_BROWSER_MBPS: f64 = 400_000.0;
+/// The smallest (100 kbit/s): below it not even one camera fits, so it is a broken measurement
+/// rather than a figure to size by.
+pub const MIN_BROWSER_MBPS: f64 = 0.1;
+/// `browser.json` is a few dozen bytes; a larger file is not ours.
+const MAX_BROWSER_FILE: u64 = 4096;
+
+/// Checks a browser figure before it is stored: finite and within
+/// [`MIN_BROWSER_MBPS`]..=[`MAX_BROWSER_MBPS`].
+pub fn check_browser_mbps(mbps: f64) -> Result<(), String> {
+    if !mbps.is_finite() || !(MIN_BROWSER_MBPS..=MAX_BROWSER_MBPS).contains(&mbps) {
+        return Err(format!(
+            "mbps: {mbps} is not a measured speed; allowed are {MIN_BROWSER_MBPS} to {MAX_BROWSER_MBPS} Mbit/s"
+        ));
+    }
+    Ok(())
+}
+
+/// The browser figure the admin chose to use, if any (a missing, oversized or invalid file
+/// counts as none, so a damaged file can never set a limit).
+pub fn read_browser(data: &DataDir) -> Option<Measurement> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(browser_path(data)).ok()?;
+    let mut text = Vec::new();
+    f.take(MAX_BROWSER_FILE + 1).read_to_end(&mut text).ok()?;
+    if text.len() as u64 > MAX_BROWSER_FILE {
+        return None;
+    }
+    let m: Measurement = serde_json::from_slice(&text).ok()?;
+    check_browser_mbps(m.mbps).ok().map(|_| m)
+}
+
+/// Stores (or with `None` forgets) the browser figure; the SFU's [`Sizer`] takes it within
+/// [`POLL`].
+pub fn write_browser(data: &DataDir, m: Option<&Measurement>) -> Result<()> {
+    let path = browser_path(data);
+    match m {
+        Some(m) => {
+            check_browser_mbps(m.mbps).map_err(anyhow::Error::msg)?;
+            let text = serde_json::to_vec_pretty(m)?;
+            crate::storage::write_atomic(&path, &text, 0o644)
+                .with_context(|| format!("writing {}", path.display()))
+        }
+        None => match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        },
+    }
+}
+
+/// Asks the running SFU to measure against its peer again (what `talkbox sizing --apply`
+/// does, without waiting).
+pub fn request_measurement(data: &DataDir) -> Result<()> {
+    let path = request_path(data);
+    std::fs::write(&path, b"").with_context(|| format!("writing {}", path.display()))
 }
 
 /// The state the SFU last wrote, if any.
@@ -251,7 +325,14 @@ impl Sizer {
                 last_measure = Some(tokio::time::Instant::now());
             }
             let links = nic::links(&self.sys, &self.route);
-            let mut cap = compute(links, &self.config, measured.clone(), error.clone());
+            let browser = read_browser(&self.data);
+            let mut cap = compute(
+                links,
+                &self.config,
+                measured.clone(),
+                error.clone(),
+                browser,
+            );
             let changed = last.as_ref().is_none_or(|l| {
                 let mut l = l.clone();
                 l.computed_at = cap.computed_at;
@@ -263,6 +344,7 @@ impl Sizer {
                     budget_bps = ?cap.budget_bps,
                     link_mbps = ?cap.link_mbps,
                     measured_mbps = ?cap.measured.as_ref().map(|m| m.mbps),
+                    browser_mbps = ?cap.browser.as_ref().map(|m| m.mbps),
                     "sizing limits in force"
                 );
                 cap.computed_at = unix_now();
@@ -333,6 +415,13 @@ pub fn describe(cap: &Capacity) -> String {
             let _ = writeln!(s, "measured:              no peer configured (sizing.peer)");
         }
     }
+    if let Some(b) = &cap.browser {
+        let _ = writeln!(
+            s,
+            "measured by a browser: {:.1} Mbit/s ({}, taken on the setup page)",
+            b.mbps, b.peer
+        );
+    }
     let _ = writeln!(s, "capacity:              {}", mbps(cap.capacity_mbps));
     let _ = writeln!(
         s,
@@ -370,8 +459,7 @@ pub fn request_and_wait(data: &DataDir, timeout: Duration) -> Result<Capacity> {
     }
     let before = read_state(data).map(|c| c.computed_at);
     let asked = unix_now();
-    std::fs::write(request_path(data), b"")
-        .with_context(|| format!("writing {}", request_path(data).display()))?;
+    request_measurement(data)?;
     let until = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < until {
         if let Some(c) = read_state(data)
@@ -419,7 +507,7 @@ mod tests {
             up: true,
             default_route: true,
         };
-        let c = compute(vec![link(1000)], &config, None, None);
+        let c = compute(vec![link(1000)], &config, None, None, None);
         assert_eq!(c.capacity_mbps, Some(1000.0));
         assert_eq!(c.budget_bps, Some(800_000_000));
         config.sizing.uplink_mbps = 200;
@@ -428,10 +516,69 @@ mod tests {
             mbps: 95.5,
             at: 0,
         };
-        let c = compute(vec![link(1000)], &config, Some(m), None);
+        let c = compute(vec![link(1000)], &config, Some(m.clone()), None, None);
         assert_eq!(c.capacity_mbps, Some(95.5));
         assert_eq!(c.budget_bps, Some(76_400_000));
-        let c = compute(vec![], &Config::default(), None, None);
+        // A browser figure below the others wins too; above them it changes nothing.
+        let browser = |mbps| Measurement {
+            peer: "the admin's browser at 192.0.2.7".into(),
+            mbps,
+            at: 0,
+        };
+        let c = compute(
+            vec![link(1000)],
+            &config,
+            Some(m.clone()),
+            None,
+            Some(browser(42.0)),
+        );
+        assert_eq!(c.capacity_mbps, Some(42.0));
+        let c = compute(
+            vec![link(1000)],
+            &config,
+            Some(m),
+            None,
+            Some(browser(500.0)),
+        );
+        assert_eq!(c.capacity_mbps, Some(95.5));
+        let c = compute(vec![], &Config::default(), None, None, None);
         assert_eq!((c.capacity_mbps, c.budget_bps, c.table), (None, None, None));
+    }
+
+    #[test]
+    fn browser_figures_are_checked_and_a_damaged_file_sets_no_limit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = DataDir::new(tmp.path());
+        std::fs::create_dir_all(dir(&data)).expect("mkdir");
+        assert_eq!(read_browser(&data), None);
+        for bad in [f64::NAN, f64::INFINITY, -5.0, 0.0, 0.05, 1e9] {
+            let m = Measurement {
+                peer: "b".into(),
+                mbps: bad,
+                at: 1,
+            };
+            let e = write_browser(&data, Some(&m)).expect_err("refused");
+            assert!(e.to_string().contains("allowed are"), "{e}");
+            assert!(!browser_path(&data).exists());
+        }
+        let m = Measurement {
+            peer: "the admin's browser at 192.0.2.7".into(),
+            mbps: 87.5,
+            at: 1_795_000_000,
+        };
+        write_browser(&data, Some(&m)).expect("stored");
+        assert_eq!(read_browser(&data), Some(m));
+        // Hand-edited or damaged: ignored, never a limit of 0 or a panic.
+        for text in [
+            &b"{\"peer\":\"x\",\"mbps\":-1,\"at\":0}"[..],
+            b"not json",
+            &[b' '; 5000],
+        ] {
+            std::fs::write(browser_path(&data), text).expect("write");
+            assert_eq!(read_browser(&data), None);
+        }
+        write_browser(&data, None).expect("forgotten");
+        write_browser(&data, None).expect("forgetting twice is fine");
+        assert!(!browser_path(&data).exists());
     }
 }

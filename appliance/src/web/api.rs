@@ -60,6 +60,8 @@ pub const ADMIN_POST: &[&str] = &[
     "/api/acme/renew",
     "/api/settings",
     "/api/speedtest/up",
+    "/api/sizing/browser",
+    "/api/sizing/measure",
     "/api/backup",
     "/api/restore",
     "/api/factory-reset",
@@ -87,6 +89,8 @@ pub fn router(app: AppState) -> Router {
         .route("/api/checks/turn-credentials", get(turn_credentials))
         .route("/api/provisioning", get(provisioning))
         .route("/api/speedtest/down", get(speed_down))
+        .route("/api/sizing/browser", post(sizing_browser))
+        .route("/api/sizing/measure", post(sizing_measure))
         .route("/api/logs", get(logs))
         .route("/api/backup", post(make_backup))
         .route("/api/restore", post(restore))
@@ -200,6 +204,38 @@ async fn put_settings(State(app): State<AppState>, body: Bytes) -> Response {
         Err(r) => return r,
     };
     answer(ask(&app, &SetupRequest::PutSettings { values: f.values }).await)
+}
+
+/// The speed test's figure, offered for sizing: `{"mbps": 87.5}` uses it, `{"mbps": null}`
+/// forgets it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SizingBrowserForm {
+    mbps: Option<f64>,
+}
+
+/// Uses the download speed the admin's browser measured from the box as a sizing figure (the
+/// lowest figure wins, DESIGN.md §5). The SFU's sizer takes it within seconds.
+async fn sizing_browser(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    let f: SizingBrowserForm = match parse_json(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    if let Some(mbps) = f.mbps
+        && let Err(e) = crate::sizing::check_browser_mbps(mbps)
+    {
+        return fail(StatusCode::BAD_REQUEST, e);
+    }
+    let peer = format!("the admin's browser at {}", peer.ip().to_canonical());
+    answer(ask(&app, &SetupRequest::SizingBrowser { mbps: f.mbps, peer }).await)
+}
+
+async fn sizing_measure(State(app): State<AppState>, _body: Bytes) -> Response {
+    answer(ask(&app, &SetupRequest::SizingMeasure).await)
 }
 
 async fn acme_renew(State(app): State<AppState>, _body: Bytes) -> Response {
@@ -1063,8 +1099,10 @@ fn capacity(budget_mbps: f64, video_mbps: f64, screen_mbps: f64) -> Value {
 async fn network(State(app): State<AppState>) -> Response {
     let c = &app.config;
     // What the SFU has in force (with its measurement), else the same figures computed now.
-    let sizing = crate::sizing::read_state(&app.data)
-        .unwrap_or_else(|| crate::sizing::compute(crate::sizing::links_now(), c, None, None));
+    let sizing = crate::sizing::read_state(&app.data).unwrap_or_else(|| {
+        let browser = crate::sizing::read_browser(&app.data);
+        crate::sizing::compute(crate::sizing::links_now(), c, None, None, browser)
+    });
     let budget = sizing.budget_bps.map(|b| b as f64 / 1e6);
     let video = c.signaling.max_stream_bitrate as f64 / 1e6;
     let screen = c.signaling.max_screen_bitrate as f64 / 1e6;
@@ -1095,6 +1133,8 @@ async fn network(State(app): State<AppState>) -> Response {
         "nic_mbps": sizing.link_mbps,
         "declared_uplink_mbps": sizing.declared_uplink_mbps,
         "measured": sizing.measured,
+        "browser_measured": crate::sizing::read_browser(&app.data),
+        "sizing_peer": c.sizing.peer,
         "measure_error": sizing.measure_error,
         "capacity_mbps": sizing.capacity_mbps,
         "egress_fraction": sizing.egress_fraction,

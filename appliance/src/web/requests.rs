@@ -72,6 +72,15 @@ pub enum SetupRequest {
     },
     /// The last entries of the provisioning audit log.
     ProvisioningAudit,
+    /// Use (or with `mbps` absent, forget) the download speed the admin's browser measured
+    /// from the box as a sizing figure; `peer` says which browser (its address).
+    SizingBrowser {
+        #[serde(default)]
+        mbps: Option<f64>,
+        peer: String,
+    },
+    /// Ask the SFU to measure against its sizing peer again.
+    SizingMeasure,
     /// Recent log lines of one service (or all), at `level` or more severe, from the journal.
     Logs {
         service: Option<String>,

@@ -336,6 +336,34 @@ impl SetupStore {
                 done(json!({"password_set": password_set}))
             }
             SetupRequest::ProvisioningAudit => done(self.audit()),
+            SetupRequest::SizingBrowser { mbps, peer } => {
+                if peer.len() > 100 || peer.chars().any(char::is_control) {
+                    return Err("peer: at most 100 printable characters".into());
+                }
+                let m = mbps.map(|mbps| crate::sizing::Measurement {
+                    peer,
+                    mbps,
+                    at: now_unix().max(0) as u64,
+                });
+                if let Some(m) = &m {
+                    crate::sizing::check_browser_mbps(m.mbps)?;
+                }
+                let dir = crate::sizing::dir(&self.data);
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                crate::sizing::write_browser(&self.data, m.as_ref())
+                    .map_err(|e| format!("{e:#}"))?;
+                done(json!({}))
+            }
+            SetupRequest::SizingMeasure => {
+                if config.sizing.peer.is_none() {
+                    return Err("no sizing peer is configured (sizing.peer): set one on this page or in the config, then measure".into());
+                }
+                crate::sizing::request_measurement(&self.data).map_err(|e| {
+                    format!("{e:#} (is the SFU running? it keeps the sizing directory)")
+                })?;
+                done(json!({}))
+            }
             // Normally taken off the loop through `deferred`; answered here when called directly.
             SetupRequest::Logs { service, level } => {
                 done(logs(service.as_deref(), &level, LOG_LINES)?)

@@ -404,7 +404,32 @@ async function speedTest(out) {
     await fetch("/api/speedtest/up", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": S.csrf }, body: up });
     const upM = up.length * 8 / ((performance.now() - t0) / 1000) / 1e6;
     out.textContent = `From this browser: download ${down.toFixed(1)} Mbit/s, upload ${upM.toFixed(1)} Mbit/s.`;
+    // The download is what the box sent: it may size the box, if the admin says this browser's
+    // path is representative (a laptop on Wi-Fi measures its own link, hence a choice).
+    const figure = Math.round(down * 10) / 10;
+    out.append(" ", el("button", { id: "speed-apply", type: "button", text: `Use ${figure.toFixed(1)} Mbit/s for sizing`, onclick: async () => {
+      try {
+        await api("POST", "/api/sizing/browser", { mbps: figure });
+        await route();
+        message(`Sizing now counts ${figure.toFixed(1)} Mbit/s measured by this browser (the lowest figure wins); the limits follow within seconds.`, "info");
+      } catch (e) { message("Not used: " + e.message, "error"); }
+    } }));
   } catch (e) { out.textContent = "Speed test failed: " + e.message; }
+}
+
+async function forgetBrowserFigure() {
+  try {
+    await api("POST", "/api/sizing/browser", { mbps: null });
+    await route();
+    message("The browser's figure no longer counts for sizing.", "info");
+  } catch (e) { message(e.message, "error"); }
+}
+
+async function measureAgain() {
+  try {
+    await api("POST", "/api/sizing/measure", {});
+    message("The SFU measures against its peer now (about 10 s); open this page again to see the result.", "info");
+  } catch (e) { message(e.message, "error"); }
 }
 
 async function bandwidthPage() {
@@ -430,9 +455,12 @@ async function bandwidthPage() {
     el("h3", { text: "Capacity" }),
     kv([["NIC link speed", d.nic_mbps ? d.nic_mbps + " Mbit/s" : "unknown"], ["Declared uplink", d.declared_uplink_mbps ? d.declared_uplink_mbps + " Mbit/s" : "not declared (sizing.uplink_mbps)"],
       ["Measured", d.measured ? `${d.measured.mbps.toFixed(1)} Mbit/s against ${d.measured.peer}` : (d.measure_error ? "failed: " + d.measure_error : "no peer configured (sizing.peer)")],
+      ["Measured by a browser", d.browser_measured ? `${d.browser_measured.mbps.toFixed(1)} Mbit/s by ${d.browser_measured.peer}` : "not used (run the speed test below, then use its figure)"],
       ["Capacity (lowest)", d.capacity_mbps ? d.capacity_mbps.toFixed(1) + " Mbit/s" : "unknown"],
       ["Egress budget", d.budget_mbps ? `${d.budget_mbps.toFixed(0)} Mbit/s (${Math.round(d.egress_fraction * 100)} %)` : "unknown: declare the uplink"],
       ["Bitrate caps", `video ${d.video_cap_mbps.toFixed(2)} Mbit/s, screen ${d.screen_cap_mbps.toFixed(2)} Mbit/s`]]),
+    el("p", {}, d.sizing_peer ? el("button", { id: "sizing-measure", type: "button", text: "Measure again against " + d.sizing_peer, onclick: measureAgain }) : null,
+      d.browser_measured ? el("button", { id: "browser-forget", type: "button", text: "Forget the browser's figure", onclick: forgetBrowserFigure }) : null),
     cap ? el("p", {}, `One room can hold about ${cap.max_video} participants with video, ${cap.max_audio} audio only, or ${cap.max_screen} with one screen share. All-video room: server out = cap × n × (n−1), in = cap × n.`) : null,
     cap ? el("div", { class: "scroll" }, el("table", { id: "capacity" },
       el("thead", {}, el("tr", {}, ["n", "video out / in", "audio out / in", "screen out / in"].map(x => el("th", { text: x })))),
