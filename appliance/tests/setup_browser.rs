@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use appliance::supervisor::status::ServiceState;
 use common::browser::Browser;
+use common::setup_page::{
+    T, clear_message, click, goto_page, message_containing, set, wait_element,
+};
 use common::{Supervisor, https_get, isolated_config};
 use serde_json::{Value, json};
-
-const T: Duration = Duration::from_secs(20);
 
 fn shots_dir() -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/setup-screenshots");
@@ -30,69 +31,6 @@ async fn shot(b: &Browser, name: &str) {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let png = b.client.screenshot().await.expect("screenshot");
     std::fs::write(shots_dir().join(format!("{name}.png")), png).expect("write screenshot");
-}
-
-/// The text of the message banner once it shows one containing `want`.
-async fn message_containing(b: &Browser, want: &str) -> String {
-    let start = Instant::now();
-    let mut last = Value::Null;
-    while start.elapsed() < T {
-        last = b
-            .eval("const m = document.getElementById('message'); return m.hidden ? null : m.textContent;")
-            .await;
-        if last.as_str().is_some_and(|s| s.contains(want)) {
-            return last.as_str().unwrap_or("").to_string();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no message containing {want:?}; last: {last}");
-}
-
-async fn clear_message(b: &Browser) {
-    b.eval("const m = document.getElementById('message'); m.hidden = true; m.textContent = ''; return 0;")
-        .await;
-}
-
-async fn set(b: &Browser, id: &str, value: &str) {
-    b.client
-        .execute(
-            "document.getElementById(arguments[0]).value = arguments[1]; return 0;",
-            vec![json!(id), json!(value)],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("set #{id}: {e}"));
-}
-
-async fn click(b: &Browser, id: &str) {
-    b.client
-        .execute(
-            "document.getElementById(arguments[0]).click(); return 0;",
-            vec![json!(id)],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("click #{id}: {e}"));
-}
-
-async fn wait_element(b: &Browser, id: &str) {
-    b.wait_for(
-        &format!("return document.getElementById('{id}') !== null;"),
-        &json!(true),
-        T,
-    )
-    .await;
-}
-
-async fn goto_page(b: &Browser, hash: &str, marker: &str) {
-    b.client
-        .execute("location.hash = arguments[0]; return 0;", vec![json!(hash)])
-        .await
-        .expect("navigate");
-    b.wait_for(
-        &format!("return document.querySelector('main h2') !== null && document.querySelector('main').textContent.includes({});", json!(marker)),
-        &json!(true),
-        T,
-    )
-    .await;
 }
 
 struct Pki {

@@ -908,3 +908,43 @@ fn a_browser_figure_sizes_the_box_and_bad_figures_change_nothing() {
     assert_eq!(a.code, 200, "{a:?}");
     wait_capacity(&c, 500.0);
 }
+
+/// The UDP self-check's offer route checks what it forwards to the SFU: not SDP, too large or
+/// an unknown field is refused with the reason; an SDP the SFU cannot use comes back as the
+/// SFU's refusal, and the check can run again at once (no test call left holding the slot).
+#[test]
+fn udp_test_call_offers_are_checked_before_they_reach_the_sfu() {
+    let (sup, base) = start(&[("sfu", "enabled = true")]);
+    let mut c = Client::new(&base, sup.data_dir(), "u");
+    c.session();
+    let code = setup_code(&sup);
+    let a = c.post(
+        "/api/claim",
+        json!({"code": code, "password": "a long password"}),
+    );
+    assert_eq!(a.code, 200, "{a:?}");
+    c.session();
+    for (body, want) in [
+        (json!({"sdp": "hello"}), "must start with v=0"),
+        (
+            json!({"sdp": format!("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n{}", "a=x\r\n".repeat(14_000))}),
+            "at most 65536",
+        ),
+        (json!({"sdp": "v=0", "extra": 1}), "malformed request"),
+        (json!({}), "malformed request"),
+    ] {
+        let a = c.post("/api/checks/udp-offer", body.clone());
+        assert_eq!(a.code, 400, "{a:?}");
+        assert!(a.body.contains(want), "{want}: {a:?}");
+    }
+    // Shaped like SDP but not an offer the SFU can answer: its refusal, twice (the slot is free
+    // again after a refusal).
+    for _ in 0..2 {
+        let a = c.post(
+            "/api/checks/udp-offer",
+            json!({"sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"}),
+        );
+        assert_eq!(a.code, 502, "{a:?}");
+        assert!(a.body.contains("the SFU refused the test call"), "{a:?}");
+    }
+}

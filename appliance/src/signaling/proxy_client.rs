@@ -282,6 +282,12 @@ impl ProxyClient {
         self.load.load(Ordering::Relaxed)
     }
 
+    /// The TLS configuration for a `wss://` URL (only the box certificate trusted), `None`
+    /// for `ws://`.
+    pub fn tls_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls.clone()
+    }
+
     /// The hello token: RS256, `iss` = the token id, `iat` and `exp`.
     pub fn token(&self, now_unix: i64) -> Result<String, ApiError> {
         let claims =

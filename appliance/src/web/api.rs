@@ -56,6 +56,7 @@ pub const ADMIN_POST: &[&str] = &[
     "/api/backends",
     "/api/backends/remove",
     "/api/backends/test",
+    "/api/checks/udp-offer",
     "/api/certificate",
     "/api/acme/renew",
     "/api/settings",
@@ -87,6 +88,7 @@ pub fn router(app: AppState) -> Router {
         .route("/api/settings", get(settings).post(put_settings))
         .route("/api/checks", get(checks))
         .route("/api/checks/turn-credentials", get(turn_credentials))
+        .route("/api/checks/udp-offer", post(udp_offer))
         .route("/api/provisioning", get(provisioning))
         .route("/api/speedtest/down", get(speed_down))
         .route("/api/sizing/browser", post(sizing_browser))
@@ -1417,13 +1419,51 @@ async fn checks(State(app): State<AppState>) -> Response {
             "UDP media port reachable",
             None,
             format!(
-                "browsers are given {} for {ports}; whether they are open from outside can only be seen from outside (a call between two outside networks, or the TURN test above from a phone on mobile data)",
+                "run by this page: a direct test call from this browser to the SFU (no TURN) that must connect over UDP to {} on {ports}; it proves the path from this browser's network, so run it from outside the box's network to test the port forwarding",
                 shown.join(", ")
             ),
-            "If calls connect only through TURN or not at all, forward the media ports (UDP) to the box and check the address under public IPs on the Network page.",
+            "If it fails, forward the media ports (UDP) to the box and check the address under public IPs on the Network page (sfu.public_ips); calls then need TURN, which is slower and costs the box more.",
         );
     }
     axum::Json(json!({"checks": out})).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UdpOfferForm {
+    sdp: String,
+}
+
+/// The UDP media self-check's test call: the SFU answers the page's offer as a short-lived
+/// publisher (`udpcheck`); the page then sees whether it reaches the media port over UDP.
+async fn udp_offer(State(app): State<AppState>, body: Bytes) -> Response {
+    let f: UdpOfferForm = match parse_json(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    if let Err(e) = super::udpcheck::check_offer(&f.sdp) {
+        return fail(StatusCode::BAD_REQUEST, e);
+    }
+    let probe = match &app.sfu_probe {
+        Ok(p) => p.clone(),
+        Err(why) => return fail(StatusCode::SERVICE_UNAVAILABLE, why.clone()),
+    };
+    match probe.answer(f.sdp).await {
+        Ok(sdp) => axum::Json(json!({
+            "sdp": sdp,
+            "media_ports": [app.config.sfu.media_port_min, app.config.sfu.media_port_max],
+            "hold_s": super::udpcheck::HOLD.as_secs(),
+        }))
+        .into_response(),
+        Err(None) => fail(
+            StatusCode::CONFLICT,
+            format!(
+                "a UDP test call is already running; try again in {} s",
+                super::udpcheck::HOLD.as_secs()
+            ),
+        ),
+        Err(Some(e)) => fail(StatusCode::BAD_GATEWAY, e),
+    }
 }
 
 async fn turn_credentials(State(app): State<AppState>, headers: HeaderMap) -> Response {

@@ -17,6 +17,7 @@ pub mod nctest;
 pub mod page;
 pub mod requests;
 pub mod store;
+pub mod udpcheck;
 
 use std::net::TcpListener as StdTcpListener;
 use std::sync::{Arc, Mutex, RwLock};
@@ -40,6 +41,8 @@ struct Prepared {
     listener: StdTcpListener,
     /// Plain HTTP for the ACME CA's HTTP-01 challenges (`web.acme_http_listen`), when on.
     acme_listener: Option<StdTcpListener>,
+    /// For the UDP media self-check, or why it cannot run.
+    sfu_probe: Result<Arc<udpcheck::SfuProbe>, String>,
 }
 
 /// Runs the web service process.
@@ -80,11 +83,27 @@ fn prepare(config: &Config, data: &DataDir) -> Result<Prepared> {
     } else {
         None
     };
+    // Read while still root, like every service's secrets (the key file is 0600).
+    let sfu_probe = match (
+        udpcheck::unavailable(config),
+        config.signaling.sfu_url.as_deref(),
+    ) {
+        (Some(why), _) => Err(why),
+        (None, None) => Err("no SFU is configured (signaling.sfu_url)".into()),
+        (None, Some(url)) => crate::secrets::proxy_token_keys(data)
+            .map_err(|e| format!("the SFU cannot be asked: {e}"))
+            .and_then(|(key, _)| {
+                udpcheck::SfuProbe::new(url, &key, Some(&cert_pem))
+                    .map(Arc::new)
+                    .map_err(|e| format!("the SFU cannot be asked: {e:#}"))
+            }),
+    };
     Ok(Prepared {
         cert: Arc::new(cert::SwappableCert::new(ck)),
         cert_pem,
         listener,
         acme_listener,
+        sfu_probe,
     })
 }
 
@@ -106,6 +125,7 @@ pub struct App {
     pub last_inbound: Mutex<std::collections::HashMap<String, serde_json::Value>>,
     /// For the sizing state the SFU keeps (`sizing::read_state`).
     pub data: crate::config::DataDir,
+    pub sfu_probe: Result<Arc<udpcheck::SfuProbe>, String>,
 }
 
 /// Sessions, throttle and what the page knows of the admin account.
@@ -151,6 +171,7 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         nextcloud: crate::signaling::nextcloud::NextcloudClient::new(Duration::from_secs(5), 2)?,
         nctest: nctest::Clients::new()?,
         last_inbound: Mutex::new(Default::default()),
+        sfu_probe: p.sfu_probe,
     });
     if let Some(l) = p.acme_listener {
         let l = tokio::net::TcpListener::from_std(l)?;

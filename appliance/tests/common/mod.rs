@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod fake_nextcloud;
 pub mod netns;
+pub mod setup_page;
 pub mod stun_msgs;
 pub mod turn;
 

@@ -477,6 +477,16 @@ async function bandwidthPage() {
 // A relay-only test call inside this browser: two peer connections that may only use relay
 // candidates from the box's TURN server, a data channel between them and one echoed message.
 // Gathering a relay address proves the allocation; the echo proves the relay carries data.
+// Candidates travel inside the descriptions (gathering finished first), so none is lost to a
+// race with setRemoteDescription.
+function gathered(pc) {
+  return new Promise((res) => {
+    if (pc.iceGatheringState === "complete") return res();
+    pc.addEventListener("icegatheringstatechange", () => { if (pc.iceGatheringState === "complete") res(); });
+    setTimeout(res, 8000);
+  });
+}
+
 async function turnCheck(cell) {
   let a = null, b = null;
   const show = (ok, text) => { cell.className = ok ? "ok" : "bad"; cell.textContent = text; };
@@ -492,13 +502,6 @@ async function turnCheck(cell) {
       ch.onopen = () => { t0 = performance.now(); ch.send("ping"); };
       ch.onmessage = (m) => res(m.data === "echo:ping" ? performance.now() - t0 : null);
       setTimeout(() => res(null), 20000);
-    });
-    // Candidates travel inside the descriptions (gathering finished first), so none is lost
-    // to a race with setRemoteDescription.
-    const gathered = (pc) => new Promise((res) => {
-      if (pc.iceGatheringState === "complete") return res();
-      pc.addEventListener("icegatheringstatechange", () => { if (pc.iceGatheringState === "complete") res(); });
-      setTimeout(res, 8000);
     });
     await a.setLocalDescription(await a.createOffer());
     await gathered(a);
@@ -521,20 +524,73 @@ async function turnCheck(cell) {
   finally { if (a) a.close(); if (b) b.close(); }
 }
 
+// A direct test call from this browser to the SFU: no ICE servers, so only a direct path can
+// connect; a silent tone as the track (no camera or microphone permission needed). The SFU
+// answers as a short-lived publisher; connected = ICE checks both ways plus DTLS over the
+// selected pair, which must be UDP to a media port.
+async function udpCheck(cell) {
+  let pc = null, ctx = null;
+  const show = (ok, text) => { cell.className = ok ? "ok" : "bad"; cell.textContent = text; };
+  try {
+    pc = new RTCPeerConnection({ iceServers: [] });
+    ctx = new AudioContext();
+    const osc = ctx.createOscillator(), dst = ctx.createMediaStreamDestination();
+    osc.connect(dst); osc.start();
+    pc.addTransceiver(dst.stream.getAudioTracks()[0], { direction: "sendonly" });
+    await pc.setLocalDescription(await pc.createOffer());
+    await gathered(pc);
+    const a = await api("POST", "/api/checks/udp-offer", { sdp: pc.localDescription.sdp });
+    const offered = (a.sdp.match(/^a=candidate:.*$/gm) || []).map(l => l.split(" ")).filter(f => f[2] && f[2].toLowerCase() === "udp").map(f => `${f[4]}:${f[5]}`);
+    const t0 = performance.now();
+    const state = new Promise((res) => {
+      const look = () => { if (["connected", "failed", "closed"].includes(pc.connectionState)) res(pc.connectionState); };
+      pc.addEventListener("connectionstatechange", look);
+      setTimeout(() => res(pc.connectionState), 12000);
+    });
+    // The SFU may offer ICE-TCP too (sfu.ice_tcp); this check is about UDP, so only the UDP
+    // candidates are given to the connection (Chromium may otherwise settle on TCP).
+    const udpOnly = a.sdp.split("\r\n").filter(l => !(l.startsWith("a=candidate:") && l.split(" ")[2].toLowerCase() !== "udp")).join("\r\n");
+    await pc.setRemoteDescription({ type: "answer", sdp: udpOnly });
+    const st = await state;
+    const ms = performance.now() - t0;
+    let pair = null, remote = null;
+    if (st === "connected") {
+      const stats = await pc.getStats();
+      stats.forEach(r => { if (r.type === "transport" && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId); });
+      if (!pair) stats.forEach(r => { if (r.type === "candidate-pair" && r.nominated && r.state === "succeeded") pair = r; });
+      if (pair) remote = stats.get(pair.remoteCandidateId);
+    }
+    const [lo, hi] = a.media_ports;
+    const addr = remote ? `${remote.address || remote.ip}:${remote.port}` : "";
+    if (remote && remote.protocol === "udp" && remote.port >= lo && remote.port <= hi) {
+      show(true, `OK: this browser reached the SFU over UDP at ${addr} in ${ms.toFixed(0)} ms, without TURN`);
+      const remedy = cell.parentElement && cell.parentElement.querySelector(".remedy");
+      if (remedy) remedy.hidden = true;
+    } else if (remote) {
+      show(false, `Connected, but not over UDP to a media port (${remote.protocol} ${addr}): UDP ${lo}-${hi} is blocked on the way from this browser.`);
+    } else {
+      show(false, `No direct UDP path from this browser to the SFU: nothing answered at ${offered.join(", ") || "the offered addresses"} within 12 s (connection ${st}). Forward UDP ${lo}-${hi} to the box, and give its public address under public IPs on the Network page if it is behind NAT.`);
+    }
+  } catch (e) { show(false, "The test call could not start: " + e.message); }
+  finally { if (pc) pc.close(); if (ctx) ctx.close(); }
+}
+
 async function checksPage() {
   page("Self-checks", el("p", { text: "Running the checks…" }));
   let d;
   try { d = await api("GET", "/api/checks"); } catch (e) { message(e.message, "error"); return; }
   if (location.hash !== "#checks") return;
-  let turnCell = null;
+  let turnCell = null, udpCell = null;
   const rows = d.checks.map(c => {
     const cell = el("td", { class: c.ok === true ? "ok" : c.ok === false ? "bad" : "warn", text: c.ok === true ? "OK" : c.ok === false ? "Problem" : "See note" });
     if (c.name.startsWith("TURN reachable")) turnCell = cell;
+    if (c.name.startsWith("UDP media port") && c.detail.startsWith("run by this page")) udpCell = cell;
     return el("tr", {}, el("td", { text: c.name }), cell, el("td", {}, el("div", { text: c.detail }), c.remedy ? el("div", { class: "muted remedy", text: c.remedy }) : null));
   });
   page("Self-checks", el("div", { class: "scroll" }, el("table", { id: "checks" },
     el("thead", {}, el("tr", {}, ["Check", "Result", "Details and remedy"].map(t => el("th", { text: t })))), el("tbody", {}, rows))));
   if (turnCell) { turnCell.id = "turn-check"; turnCell.textContent = "Testing…"; turnCheck(turnCell); }
+  if (udpCell) { udpCell.id = "udp-check"; udpCell.textContent = "Testing…"; udpCheck(udpCell); }
 }
 
 // ---- provisioning ----
