@@ -166,14 +166,47 @@ pub struct Session {
     pub connected: bool,
     /// The time str0m asked to be woken at.
     pub next_timeout: Option<Instant>,
+    /// A publisher before its first offer: what rebuilding its `Rtc` takes, for an offer
+    /// that prefers H264 (str0m answers in its own codec order, so VP8 would win).
+    rebuild: Option<Box<Rebuild>>,
+}
+
+/// What [`rtc_for`] needs again when a publisher's first offer asks for another codec order.
+struct Rebuild {
+    pass: String,
+    setup: SessionSetup,
+    created: Instant,
+}
+
+/// Whether an offer's first video section lists H264 first (a client's codec preference, e.g.
+/// `setCodecPreferences`; RFC 3264: the first payload type is the preferred one).
+pub fn offer_prefers_h264(sdp: &str) -> bool {
+    let Some(first_pt) = sdp
+        .lines()
+        .find(|l| l.starts_with("m=video"))
+        .and_then(|l| l.split_whitespace().nth(3))
+    else {
+        return false;
+    };
+    let prefix = format!("a=rtpmap:{first_pt} ");
+    sdp.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .is_some_and(|codec| codec.trim().to_ascii_uppercase().starts_with("H264/"))
 }
 
 /// Where a subscriber's bandwidth estimate starts: enough for a middle layer and audio, so the
 /// first picture comes quickly; probing raises it from there.
 pub const INITIAL_ESTIMATE_KBPS: u64 = 500;
 
-fn rtc_for(ufrag: &str, pass: &str, setup: &SessionSetup, now: Instant, bwe: bool) -> Rtc {
-    let mut rtc = RtcConfig::new()
+fn rtc_for(
+    ufrag: &str,
+    pass: &str,
+    setup: &SessionSetup,
+    now: Instant,
+    bwe: bool,
+    h264_first: bool,
+) -> Rtc {
+    let config = RtcConfig::new()
         .set_rtp_mode(true)
         .set_ice_lite(true)
         .set_local_ice_credentials(IceCreds {
@@ -183,9 +216,15 @@ fn rtc_for(ufrag: &str, pass: &str, setup: &SessionSetup, now: Instant, bwe: boo
         .set_dtls_cert(setup.dtls_cert.clone())
         .set_crypto_provider(setup.crypto.clone())
         .clear_codecs()
-        .enable_opus(true, false)
-        .enable_vp8(true)
-        .enable_h264(true)
+        .enable_opus(true, false);
+    // The answer lists codecs in this order and the client sends the first: VP8 unless the
+    // publisher asked for H264 first.
+    let config = if h264_first {
+        config.enable_h264(true).enable_vp8(true)
+    } else {
+        config.enable_vp8(true).enable_h264(true)
+    };
+    let mut rtc = config
         .enable_bwe(bwe.then(|| Bitrate::kbps(INITIAL_ESTIMATE_KBPS)))
         .build(now);
     for addr in &setup.candidates {
@@ -216,7 +255,7 @@ impl Session {
     ) -> Session {
         Session {
             key,
-            rtc: rtc_for(&ufrag, pass, setup, now, false),
+            rtc: rtc_for(&ufrag, pass, setup, now, false, false),
             ufrag,
             role: Role::Publisher {
                 stream_type,
@@ -227,6 +266,11 @@ impl Session {
             last_rx: now,
             connected: false,
             next_timeout: None,
+            rebuild: Some(Box::new(Rebuild {
+                pass: pass.to_string(),
+                setup: setup.clone(),
+                created: now,
+            })),
         }
     }
 
@@ -240,7 +284,7 @@ impl Session {
     ) -> Session {
         Session {
             key,
-            rtc: rtc_for(&ufrag, pass, setup, now, true),
+            rtc: rtc_for(&ufrag, pass, setup, now, true, false),
             ufrag,
             role: Role::Subscriber {
                 publisher,
@@ -261,6 +305,7 @@ impl Session {
             last_rx: now,
             connected: false,
             next_timeout: None,
+            rebuild: None,
         }
     }
 
@@ -278,6 +323,13 @@ impl Session {
         }
         let offer =
             SdpOffer::from_sdp_string(sdp).map_err(|e| SessionError::BadSdp(e.to_string()))?;
+        // Only the first offer may change the codec order: later ones renegotiate what is
+        // already agreed.
+        if let Some(r) = self.rebuild.take()
+            && offer_prefers_h264(sdp)
+        {
+            self.rtc = rtc_for(&self.ufrag, &r.pass, &r.setup, r.created, false, true);
+        }
         let mids: Vec<Mid> = offer.media_lines.iter().map(|m| m.mid()).collect();
         let answer = self
             .rtc
@@ -397,5 +449,32 @@ impl Session {
             .iter()
             .find(|p| p.pt() == pt)
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_video_payload_type_names_the_preferred_codec() {
+        let offer = |pts: &str| {
+            format!(
+                "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n\
+                 m=video 9 UDP/TLS/RTP/SAVPF {pts}\r\na=rtpmap:96 VP8/90000\r\n\
+                 a=rtpmap:102 H264/90000\r\na=rtpmap:97 rtx/90000\r\n"
+            )
+        };
+        assert!(offer_prefers_h264(&offer("102 96 97")));
+        assert!(!offer_prefers_h264(&offer("96 102 97")));
+        // No video, or a payload type without rtpmap: no preference.
+        assert!(!offer_prefers_h264(
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+        ));
+        assert!(!offer_prefers_h264(&offer("120 96")));
+        // Lower case as some clients write it.
+        assert!(offer_prefers_h264(
+            "v=0\nm=video 9 UDP/TLS/RTP/SAVPF 126\na=rtpmap:126 h264/90000\n"
+        ));
     }
 }

@@ -290,6 +290,17 @@ const SIMULCAST = [
   { rid: 'f', scaleResolutionDownBy: 1, maxBitrate: 900000 },
 ];
 
+// `?codec=h264` (or vp8, vp9, av1) on the room link puts that codec first in the camera's
+// offer, e.g. for devices that decode H264 in hardware; the SFU takes what the offer prefers.
+function preferCodec(transceiver) {
+  const want = (new URLSearchParams(location.search).get('codec') || '').toLowerCase();
+  if (!want || !transceiver.setCodecPreferences || !RTCRtpSender.getCapabilities) return;
+  const all = RTCRtpSender.getCapabilities('video').codecs;
+  const first = all.filter(c => c.mimeType.toLowerCase() === 'video/' + want);
+  if (first.length === 0) { note('codec', `${want} is not supported by this browser`); return; }
+  transceiver.setCodecPreferences([...first, ...all.filter(c => !first.includes(c))]);
+}
+
 async function publish(roomType, stream) {
   const pc = new RTCPeerConnection({ iceServers: iceServers(), bundlePolicy: 'max-bundle' });
   call.pubs[roomType] = pc;
@@ -299,7 +310,8 @@ async function publish(roomType, stream) {
     if (track.kind === 'video' && roomType === 'video') {
       // Camera video as three simulcast layers (quarter, half, full resolution); the SFU
       // forwards to each participant the one its bandwidth carries.
-      pc.addTransceiver(track, { direction: 'sendonly', streams: [stream], sendEncodings: SIMULCAST });
+      const tr = pc.addTransceiver(track, { direction: 'sendonly', streams: [stream], sendEncodings: SIMULCAST });
+      preferCodec(tr);
     } else {
       pc.addTrack(track, stream);
     }
