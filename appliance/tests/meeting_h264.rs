@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::browser::Browser;
 use common::{Supervisor, free_port, isolated_config};
-use serde_json::json;
 
 /// Every 250 ms, the subscriber's inbound video: [unix ms, height, framesDecoded, codec].
 const SAMPLER: &str = r#"
@@ -113,17 +112,6 @@ async fn wait_height(
     }
 }
 
-/// Asks the SFU, as Talk does, to forward at most `substream` of `publisher` to this page.
-async fn select(b: &Browser, publisher: &str, substream: u64) {
-    b.client
-        .execute(
-            "sendMessage(arguments[0], { type: 'selectStream', roomType: 'video', payload: { substream: arguments[1], temporal: 2 } }); return 0;",
-            vec![json!(publisher), json!(substream)],
-        )
-        .await
-        .expect("selectStream");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_h264_simulcast_layers_switch_without_a_freeze() {
     let port = free_port();
@@ -179,11 +167,11 @@ async fn chromium_h264_simulcast_layers_switch_without_a_freeze() {
         .to_string();
 
     let switches_from = samples(&bob).await.len();
-    select(&bob, &ann_sid, 0).await;
+    bob.select_stream(&ann_sid, 0).await;
     // A quarter of 540 lines; the H264 encoder makes it even (134).
     let down = wait_height(&bob, 134..=136, Duration::from_secs(20), "lowest layer").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    select(&bob, &ann_sid, 2).await;
+    bob.select_stream(&ann_sid, 2).await;
     let up = wait_height(&bob, 540..=540, Duration::from_secs(30), "top layer again").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("selectStream 0: lowest layer after {down:?}; selectStream 2: top layer after {up:?}");

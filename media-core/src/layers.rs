@@ -291,6 +291,12 @@ impl LayerRates {
         live.then_some(l.rate.unwrap_or(0))
     }
 
+    /// The layer's last measured rate, whether or not it is sent now (for a layer paused at
+    /// the publisher: what it will cost when it comes back).
+    pub fn last_rate(&self, layer: usize) -> Option<Bps> {
+        self.layers.get(layer)?.rate
+    }
+
     /// Whether a packet of `layer` arrived within [`LAYER_SILENCE`].
     pub fn live(&self, layer: usize, now: Instant) -> bool {
         self.rate(layer, now).is_some()

@@ -10,7 +10,7 @@
 //!   [`demux`] (ufrag naming and STUN USERNAME peeking), [`forward`] (sequence number and
 //!   timestamp rewriting, keyframe-request throttling), [`session`] (one str0m `Rtc` as a
 //!   publisher or subscriber), [`publisher_limit`] (bitrate caps as SDP bandwidth lines and
-//!   REMB), [`speaker`] (active speaker from the audio-level extension);
+//!   REMB), [`pause`] (pausing unused simulcast layers at the publisher by REMB), [`speaker`] (active speaker from the audio-level extension);
 //! - [`io`]: the narrow [`io::DatagramIo`] trait and its batched `recvmmsg`/`sendmmsg` (+GSO)
 //!   backend; [`tcp`]: RFC 4571 framing for ICE-TCP;
 //! - [`worker`]: one pinned thread per worker running sessions over its own socket.
@@ -20,6 +20,7 @@ pub mod demux;
 pub mod forward;
 pub mod io;
 pub mod layers;
+pub mod pause;
 pub mod publisher_limit;
 pub mod session;
 pub mod speaker;

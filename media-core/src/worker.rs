@@ -37,6 +37,7 @@ use crate::demux::{self, SessionKey};
 use crate::forward::KeyframeThrottle;
 use crate::io::{BATCH, DatagramIo, OutDatagram, RecvMeta};
 use crate::layers::{self, Bps, Decision, LayerRates, VideoCodec};
+use crate::pause::{LayerPause, pause_remb};
 use crate::publisher_limit::{self, RembSchedule, add_bandwidth_lines};
 use crate::session::{self, PublishedTrack, Role, Session, SessionError, SessionSetup, StreamType};
 use crate::speaker::{Speakers, dbov};
@@ -1058,7 +1059,16 @@ impl<I: DatagramIo> Worker<I> {
             if present.is_empty() || !limit.due(now) {
                 continue;
             }
-            let bitrate = str0m::bwe::Bitrate::bps(limit.bitrate);
+            // Layers paused at this publisher lower the REMB (pause.rs); one simulcast video
+            // track is what the meeting page and Talk send.
+            let paused = self
+                .pub_layers
+                .iter()
+                .filter(|((p, _), pl)| p == publisher && pl.rids.len() > 1)
+                .map(|(_, pl)| pause_remb(&pl.last_rates(), pl.pause.keep_top(), limit.bitrate))
+                .min()
+                .unwrap_or(limit.bitrate);
+            let bitrate = str0m::bwe::Bitrate::bps(paused);
             for (mid, rid) in present {
                 if let Some(rx) = api.stream_rx_by_mid(mid, rid) {
                     rx.request_remb(bitrate);
@@ -1624,6 +1634,8 @@ impl<I: DatagramIo> Worker<I> {
         let plan = allocator::allocate(&sources, &subscribers, &limits);
         let plan = self.hysteresis.apply(plan, &sources, now);
         let mut changed = Vec::new();
+        // The highest layer of each publisher track some subscriber may use (pause.rs).
+        let mut wants: HashMap<(u32, Mid), usize> = HashMap::new();
         for sp in &plan.subscribers {
             let Some(s) = self.sessions.get_mut(&sp.id) else {
                 continue;
@@ -1747,6 +1759,13 @@ impl<I: DatagramIo> Worker<I> {
                 // can lower it in steps of under a tenth). One to the bound is the client's
                 // choice and says nothing about the link.
                 let bound = bound.unwrap_or(usize::MAX);
+                // What this subscriber may use of the track: everything up to its
+                // selectStream bound, whatever its estimate carries now (an estimate that fell
+                // recovers only if the layers above are there to probe for and switch to).
+                if let Some(pl) = self.pub_layers.get(&(publisher, t.source_mid)) {
+                    let w = wants.entry((publisher, t.source_mid)).or_insert(0);
+                    *w = (*w).max(bound.min(pl.rids.len().saturating_sub(1)));
+                }
                 if target < t.switch.target() && target.is_none_or(|l| l < bound) {
                     probe.downgraded(now);
                     *fell_at = Some(now);
@@ -1769,6 +1788,33 @@ impl<I: DatagramIo> Worker<I> {
         }
         for sid in changed {
             self.request_pending_keyframes(sid, now, false);
+        }
+        self.update_pauses(&wants, now);
+    }
+
+    /// Takes what subscribers want of each simulcast publisher track (nothing: the lowest
+    /// layer) and, when the layers kept on change, sends the new REMB at once.
+    fn update_pauses(&mut self, wants: &HashMap<(u32, Mid), usize>, now: Instant) {
+        let mut changed = Vec::new();
+        for ((pid, mid), pl) in self.pub_layers.iter_mut() {
+            if pl.rids.len() < 2 {
+                continue;
+            }
+            let want = wants.get(&(*pid, *mid)).copied().unwrap_or(0);
+            if pl.pause.update(want, now) {
+                tracing::info!(
+                    publisher = pid,
+                    keep_top = pl.pause.keep_top(),
+                    paused = pl.pause.paused(),
+                    "simulcast layers kept on at the publisher changed"
+                );
+                changed.push(*pid);
+            }
+        }
+        for pid in changed {
+            if let Some(limit) = self.limits.get_mut(&pid) {
+                limit.reset();
+            }
         }
     }
 
@@ -1878,6 +1924,8 @@ fn differs(a: (Bps, Bps), b: (Bps, Bps)) -> bool {
 struct PubLayers {
     rids: Vec<Option<Rid>>,
     rates: LayerRates,
+    /// The layers kept on at the publisher (the others paused by REMB).
+    pause: LayerPause,
 }
 
 impl PubLayers {
@@ -1895,7 +1943,8 @@ impl PubLayers {
             _ => vec![None],
         };
         let rates = LayerRates::new(rids.len());
-        PubLayers { rids, rates }
+        let pause = LayerPause::new(rids.len());
+        PubLayers { rids, rates, pause }
     }
 
     /// Layer of a packet's rid; without simulcast everything is layer 0.
@@ -1904,6 +1953,13 @@ impl PubLayers {
             return Some(0);
         }
         self.rids.iter().position(|r| *r == rid)
+    }
+
+    /// The last measured rate of every layer, lowest first.
+    fn last_rates(&self) -> Vec<Option<Bps>> {
+        (0..self.rids.len())
+            .map(|l| self.rates.last_rate(l))
+            .collect()
     }
 
     /// Rates of the live layers (at least [`MIN_VIDEO_RATE`]) and their real indices.

@@ -150,6 +150,26 @@ impl Browser {
             .await;
     }
 
+    /// On a meeting page: asks the SFU, as Talk does, to forward at most simulcast layer
+    /// `substream` of `publisher`'s camera to this page.
+    pub async fn select_stream(&self, publisher: &str, substream: u64) {
+        self.client
+            .execute(
+                "sendMessage(arguments[0], { type: 'selectStream', roomType: 'video', payload: { substream: arguments[1], temporal: 2 } }); return 0;",
+                vec![Value::from(publisher), Value::from(substream)],
+            )
+            .await
+            .expect("selectStream");
+    }
+
+    /// The session id of the first remote camera tile on a meeting page.
+    pub async fn first_remote_session(&self) -> String {
+        let v = self
+            .eval("const t = document.querySelector('#grid .tile:not(.self)'); return t ? t.dataset.session : null;")
+            .await;
+        v.as_str().expect("a remote participant's tile").to_string()
+    }
+
     /// Polls `script` until it returns `want`, or panics after `timeout` with what it returned.
     pub async fn wait_for(&self, script: &str, want: &Value, timeout: Duration) {
         let start = std::time::Instant::now();
