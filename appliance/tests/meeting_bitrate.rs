@@ -36,16 +36,6 @@ if (!pc) { done(null); } else {
 }
 "#;
 
-async fn join(url: &str, name: &str) -> Browser {
-    let b = Browser::start(&[
-        "--ignore-certificate-errors",
-        "--autoplay-policy=no-user-gesture-required",
-    ])
-    .await;
-    b.join_meeting(url, name).await;
-    b
-}
-
 async fn stats(b: &Browser) -> Value {
     b.client
         .execute_async(PUBLISHER_STATS, vec![])
@@ -73,7 +63,8 @@ async fn publish_under(cap: u64, settle: Duration, window: Duration) -> Measured
         ("signaling", &cap_line),
     ])));
     sup.wait_ready();
-    let b = join(&format!("https://127.0.0.1:{port}/r/bitrate-cap"), "Ann").await;
+    let b = Browser::meeting_participant(&format!("https://127.0.0.1:{port}/r/bitrate-cap"), "Ann")
+        .await;
     // Connected and encoding.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -43,18 +43,6 @@ Promise.all(tiles.map(async t => {
 })).then(done, e => done({ error: String(e) }));
 "#;
 
-async fn join(url: &str, name: &str) -> Browser {
-    // The box's certificate is self-signed; a person's click on Join grants autoplay of the
-    // remote audio+video elements, which a WebDriver click does not reliably do.
-    let b = Browser::start(&[
-        "--ignore-certificate-errors",
-        "--autoplay-policy=no-user-gesture-required",
-    ])
-    .await;
-    b.join_meeting(url, name).await;
-    b
-}
-
 async fn remote_media(b: &Browser) -> Value {
     b.client
         .execute_async(REMOTE_MEDIA, vec![])
@@ -147,7 +135,7 @@ async fn three_browsers_see_and_hear_each_other_share_a_screen_and_see_a_leave()
 
     let mut browsers = Vec::new();
     for name in ["Ann", "Ben", "Cat"] {
-        browsers.push(join(&url, name).await);
+        browsers.push(Browser::meeting_participant(&url, name).await);
     }
     let mut sids = Vec::new();
     for b in &browsers {

@@ -56,16 +56,6 @@ if (!pc) { done([]); } else {
 }
 "#;
 
-async fn join(url: &str, name: &str) -> Browser {
-    let b = Browser::start(&[
-        "--ignore-certificate-errors",
-        "--autoplay-policy=no-user-gesture-required",
-    ])
-    .await;
-    b.join_meeting(url, name).await;
-    b
-}
-
 /// (unix ms, height, frames decoded, codec) samples so far.
 async fn samples(b: &Browser) -> Vec<(u64, u64, u64, String)> {
     let v = b.eval("return window.qs || [];").await;
@@ -119,8 +109,8 @@ async fn chromium_h264_simulcast_layers_switch_without_a_freeze() {
     let sup = Supervisor::start(Some(&isolated_config(&[("signaling", &listen)])));
     sup.wait_ready();
     let room = format!("https://127.0.0.1:{port}/r/h264-simulcast");
-    let ann = join(&format!("{room}?codec=h264"), "Ann").await;
-    let bob = join(&room, "Bob").await;
+    let ann = Browser::meeting_participant(&format!("{room}?codec=h264"), "Ann").await;
+    let bob = Browser::meeting_participant(&room, "Bob").await;
     bob.eval(SAMPLER).await;
 
     // Ann sends three H264 layers.

@@ -45,16 +45,6 @@ if (!pc) { done(null); } else {
 }
 "#;
 
-async fn join(url: &str, name: &str) -> Browser {
-    let b = Browser::start(&[
-        "--ignore-certificate-errors",
-        "--autoplay-policy=no-user-gesture-required",
-    ])
-    .await;
-    b.join_meeting(url, name).await;
-    b
-}
-
 /// framesEncoded per rid: (f, h, q).
 async fn encoded(b: &Browser) -> (u64, u64, u64) {
     let v = b
@@ -115,7 +105,7 @@ async fn unused_layers_pause_at_the_publisher_and_come_back_for_a_subscriber() {
     let sup = Supervisor::start(Some(&isolated_config(&[("signaling", &listen)])));
     sup.wait_ready();
     let room = format!("https://127.0.0.1:{port}/r/layer-pause");
-    let ann = join(&room, "Ann").await;
+    let ann = Browser::meeting_participant(&room, "Ann").await;
 
     // First all three layers run (the SFU knows each layer's rate before pausing any).
     let (t, d) = wait_layers(&ann, [true, true, true], Duration::from_secs(40), "start").await;
@@ -132,7 +122,7 @@ async fn unused_layers_pause_at_the_publisher_and_come_back_for_a_subscriber() {
 
     // Bob joins: a picture at once from q, then the top layer comes back and reaches him.
     let joined = Instant::now();
-    let bob = join(&room, "Bob").await;
+    let bob = Browser::meeting_participant(&room, "Bob").await;
     let first = loop {
         if subscriber(&bob).await.is_some_and(|(_, frames)| frames > 0) {
             break joined.elapsed();

@@ -125,6 +125,19 @@ impl Browser {
             .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
     }
 
+    /// A new browser that joins the meeting-page room at `url` as `name`. The box's
+    /// certificate is self-signed; a person's click on Join grants autoplay of the remote
+    /// audio and video elements, which a WebDriver click does not reliably do.
+    pub async fn meeting_participant(url: &str, name: &str) -> Browser {
+        let b = Browser::start(&[
+            "--ignore-certificate-errors",
+            "--autoplay-policy=no-user-gesture-required",
+        ])
+        .await;
+        b.join_meeting(url, name).await;
+        b
+    }
+
     /// Opens a meeting-page room link, types `name` and clicks Join; returns once the page
     /// says "joined" (30 s for each step: Chromium starts slowly on a loaded machine).
     pub async fn join_meeting(&self, url: &str, name: &str) {
