@@ -467,7 +467,11 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
     let switches: Vec<String> = sup
         .log()
         .lines()
-        .filter(|l| l.contains("simulcast target changed") || l.contains("layer switched"))
+        .filter(|l| {
+            l.contains("simulcast target changed")
+                || l.contains("layer switched")
+                || l.contains("heavy loss")
+        })
         .map(|l| l.to_string())
         .collect();
     eprintln!(

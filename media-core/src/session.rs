@@ -127,6 +127,9 @@ pub enum Role {
         planned_with: Option<Bps>,
         /// What the last plan sends (bit/s).
         sending: Bps,
+        /// Heavy loss on the video sent to the client, read from its NACKs and reports; its
+        /// cap is planned with for `worker::LOSS_HOLD`, until str0m's estimate has caught up.
+        loss: Box<crate::loss::LossDetector<Mid>>,
     },
 }
 
@@ -172,6 +175,9 @@ pub struct Session {
 /// first picture comes quickly; probing raises it from there.
 pub const INITIAL_ESTIMATE_KBPS: u64 = 500;
 
+/// How often str0m reports a subscriber's egress counters (NACKs, receiver reports).
+pub const STATS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn rtc_for(ufrag: &str, pass: &str, setup: &SessionSetup, now: Instant, bwe: bool) -> Rtc {
     let mut rtc = RtcConfig::new()
         .set_rtp_mode(true)
@@ -187,6 +193,9 @@ fn rtc_for(ufrag: &str, pass: &str, setup: &SessionSetup, now: Instant, bwe: boo
         .enable_vp8(true)
         .enable_h264(true)
         .enable_bwe(bwe.then(|| Bitrate::kbps(INITIAL_ESTIMATE_KBPS)))
+        // Egress stats feed the loss detector of subscribers (loss.rs): often enough to
+        // react within a few hundred milliseconds of a drop.
+        .set_stats_interval(bwe.then_some(STATS_INTERVAL))
         .build(now);
     for addr in &setup.candidates {
         if let Ok(c) = Candidate::host(*addr, "udp") {
@@ -256,6 +265,7 @@ impl Session {
                 fell_at: None,
                 planned_with: None,
                 sending: 0,
+                loss: Default::default(),
             },
             created: now,
             last_rx: now,

@@ -320,6 +320,8 @@ enum Produced {
     ChannelData(bool, Vec<u8>),
     KeyframeRequest(Mid, KeyframeRequestKind),
     Estimate(BweKind),
+    /// A stats report of one outgoing stream: mid, cumulative counters, RR fraction lost.
+    EgressStats(Mid, crate::loss::Counters, Option<f32>),
     MediaAdded(Mid, MediaKind),
     Connected,
     Closed(&'static str),
@@ -1176,6 +1178,15 @@ impl<I: DatagramIo> Worker<I> {
                     }
                     Event::Closed => produced.push(Produced::Closed("closed")),
                     Event::EgressBitrateEstimate(k) => produced.push(Produced::Estimate(k)),
+                    Event::MediaEgressStats(st) => produced.push(Produced::EgressStats(
+                        st.mid,
+                        crate::loss::Counters {
+                            packets: st.packets,
+                            bytes: st.bytes,
+                            nacks: st.nacks,
+                        },
+                        st.loss,
+                    )),
                     _ => {}
                 },
             }
@@ -1247,6 +1258,39 @@ impl<I: DatagramIo> Worker<I> {
                 if let Some((publisher, source_mid, layer)) = sub {
                     let rid = self.rid_of(publisher, source_mid, layer.unwrap_or(0));
                     self.send_keyframe_request(publisher, source_mid, rid, kind, now, true);
+                }
+            }
+            Produced::EgressStats(mid, counters, rr_loss) => {
+                let mut tripped = false;
+                if let Some(Session {
+                    role:
+                        Role::Subscriber {
+                            tracks,
+                            loss,
+                            fell_at,
+                            estimate,
+                            ..
+                        },
+                    ..
+                }) = self.sessions.get_mut(&session)
+                    && tracks
+                        .iter()
+                        .any(|t| t.mid == mid && t.kind == MediaKind::Video)
+                    && let Some(cap) = loss.observe(mid, counters, rr_loss, now)
+                {
+                    tracing::debug!(
+                        subscriber = session,
+                        cap,
+                        estimate = ?estimate,
+                        "heavy loss: planning with at most the rate that arrives"
+                    );
+                    *fell_at = Some(now);
+                    tripped = true;
+                }
+                // As with a falling estimate: at once, each moment on a layer the link no
+                // longer carries freezes the picture.
+                if tripped {
+                    self.reallocate(now);
                 }
             }
             Produced::Estimate(kind) => {
@@ -1589,11 +1633,12 @@ impl<I: DatagramIo> Worker<I> {
                     estimate,
                     max_layer,
                     fell_at,
+                    loss,
                     ..
                 } => Some(allocator::Subscriber {
                     id: sid,
                     estimate: planning_rate(
-                        estimate.unwrap_or(initial),
+                        with_loss_cap(estimate.unwrap_or(initial), loss.cap(now, LOSS_HOLD)),
                         fell_at.is_some_and(|t| now.saturating_duration_since(t) < AFTER_FALL),
                     ),
                     subscriptions: tracks
@@ -1858,6 +1903,16 @@ const FALLEN_SHARE: (u64, u64) = (3, 5);
 
 /// How long after a fall the estimate is planned with [`FALLEN_SHARE`].
 const AFTER_FALL: Duration = Duration::from_secs(15);
+
+/// How long the loss detector's cap holds after it tripped. str0m's estimate fell 0.3-2.2 s
+/// after a drop (quality_shaping); after this it plans alone again (and the upgrade hold keeps
+/// a cap that was too low from taking effect at once).
+pub const LOSS_HOLD: Duration = Duration::from_secs(4);
+
+/// The estimate, or less while a loss cap (loss.rs) holds.
+fn with_loss_cap(estimate: Bps, cap: Option<Bps>) -> Bps {
+    cap.map_or(estimate, |c| estimate.min(c))
+}
 
 fn planning_rate(estimate: Bps, fallen: bool) -> Bps {
     let (n, d) = if fallen { FALLEN_SHARE } else { PLANNING_SHARE };
