@@ -211,6 +211,16 @@ fn longest_freeze(samples: &[Sample], from: u64) -> (u64, u64) {
     worst
 }
 
+/// The box log's lines with their time of day ("HH:MM:SS.mmm", as [`clock`] gives it).
+fn timed_log_lines(log: &str) -> Vec<(String, &str)> {
+    log.lines()
+        .filter_map(|l| {
+            let t = l.find('T').and_then(|i| l.get(i + 1..i + 13))?;
+            Some((t.to_string(), l))
+        })
+        .collect()
+}
+
 fn shape(dev: &str, verb: &str) {
     let mut c = Command::new("tc");
     c.args(["qdisc", verb, "dev", dev, "root"]);
@@ -283,7 +293,7 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
     let child = Command::new(common::talkbox())
         .args(["run", "--data-dir"])
         .arg(dir.path())
-        .env("RUST_LOG", "info,media_core=debug")
+        .env("RUST_LOG", "info,media_core=debug,media_core::loss=trace")
         .env_remove("NOTIFY_SOCKET")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -474,6 +484,19 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
         })
         .map(|l| l.to_string())
         .collect();
+    // The loss detector's input around the drop (loss.rs), to tune it against what Chromium
+    // sends: the box logs its egress counters at trace level.
+    let (from, to) = (
+        clock(dropped_at.saturating_sub(500)),
+        clock(dropped_at + 2500),
+    );
+    let log = sup.log();
+    let stats: Vec<&str> = timed_log_lines(&log)
+        .into_iter()
+        .filter(|(t, l)| l.contains("egress stats") && *t >= from && *t <= to)
+        .map(|(_, l)| l)
+        .collect::<Vec<_>>();
+    eprintln!("egress stats around the drop:\n{}", stats.join("\n"));
     eprintln!(
         "the box's layer decisions (last 40):\n{}",
         switches[switches.len().saturating_sub(40)..].join("\n")

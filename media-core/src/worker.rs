@@ -1276,7 +1276,18 @@ impl<I: DatagramIo> Worker<I> {
                     && tracks
                         .iter()
                         .any(|t| t.mid == mid && t.kind == MediaKind::Video)
-                    && let Some(cap) = loss.observe(mid, counters, rr_loss, now)
+                    && let Some(cap) = {
+                        tracing::trace!(
+                            target: "media_core::loss",
+                            subscriber = session,
+                            %mid,
+                            packets = counters.packets,
+                            nacks = counters.nacks,
+                            rr_loss = ?rr_loss,
+                            "egress stats"
+                        );
+                        loss.observe(mid, counters, rr_loss, now)
+                    }
                 {
                     tracing::debug!(
                         subscriber = session,

@@ -136,10 +136,10 @@ impl Browser {
         let start = std::time::Instant::now();
         loop {
             let now = self.eval(state).await;
-            if now == Value::from("join") {
+            if now == "join" {
                 break;
             }
-            if start.elapsed() > Duration::from_secs(45) || now == Value::from("error") {
+            if start.elapsed() > Duration::from_secs(45) || now == "error" {
                 let seen = self
                     .eval(
                         "return {state: document.body.dataset.state, \
