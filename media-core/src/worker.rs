@@ -1766,7 +1766,17 @@ impl<I: DatagramIo> Worker<I> {
             } else {
                 next_step.unwrap_or(0)
             };
-            let minimum = (in_force + step).min(desired);
+            // With no layer above any of what is sent there is nothing for padding to test:
+            // sustaining what the plan sends only pads every gap of the media (str0m's own
+            // 50 kbit/s floor stays). Towards a webrtc-rs subscriber with small packets that
+            // gave 142-162 RTX padding resends beside 100 media packets (sfu_proxy). Below
+            // the top the rate in force is still sustained: quality_shaping's recovery was
+            // measured so (without it, one run never climbed back after the lift).
+            let minimum = if next_step.is_none() {
+                0
+            } else {
+                (in_force + step).min(desired)
+            };
             let wanted = probe.desired(in_force, desired.max(minimum), now);
             let asked = (minimum.min(wanted), wanted);
             if differs(*bwe_asked, asked) {
