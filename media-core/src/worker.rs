@@ -1708,6 +1708,8 @@ impl<I: DatagramIo> Worker<I> {
             // probe that read too much (through a policer's bucket) is never disproved
             // before the upgrade it allows.
             let mut in_force: Bps = 0;
+            // Whether any video received has layers to choose between.
+            let mut simulcast = false;
             // Every assignment with its subscription. (This once zipped the assignments with
             // an Option of the list, which yields one pair: only the first stream, the audio,
             // was counted, and the BWE was asked to probe for 50 kbit/s.)
@@ -1724,6 +1726,7 @@ impl<I: DatagramIo> Worker<I> {
                 let Some(src) = sources.get(a.source as usize) else {
                     continue;
                 };
+                simulcast |= src.kind != allocator::Kind::Audio && src.layers.len() > 1;
                 let top = sub
                     .max_layer
                     .unwrap_or(usize::MAX)
@@ -1766,13 +1769,14 @@ impl<I: DatagramIo> Worker<I> {
             } else {
                 next_step.unwrap_or(0)
             };
-            // With no layer above any of what is sent there is nothing for padding to test:
-            // sustaining what the plan sends only pads every gap of the media (str0m's own
-            // 50 kbit/s floor stays). Towards a webrtc-rs subscriber with small packets that
-            // gave 142-162 RTX padding resends beside 100 media packets (sfu_proxy). Below
-            // the top the rate in force is still sustained: quality_shaping's recovery was
-            // measured so (without it, one run never climbed back after the lift).
-            let minimum = if next_step.is_none() {
+            // Without simulcast there is no layer to probe for (the estimate chooses nothing
+            // for a single-layer video): sustaining what the plan sends only padded every gap
+            // of the media (str0m's own 50 kbit/s floor stays). Towards a webrtc-rs
+            // subscriber with small packets that gave 142-162 RTX padding resends beside 100
+            // media packets (sfu_proxy). With simulcast the rate in force is still sustained,
+            // at the top layer too: quality_shaping was measured so (turning it off at the top
+            // layer was followed by more runs whose unshaped top layer did not hold).
+            let minimum = if !simulcast {
                 0
             } else {
                 (in_force + step).min(desired)
