@@ -12,13 +12,15 @@
 //! - no freeze over 1 s from the drop to the end: no gap over 1000 ms between two samples
 //!   with rising framesDecoded (a gap between rises bounds the freeze from above).
 //!
-//! Except the freeze bound, by default: the freeze right at the drop lasts until str0m's
-//! estimate reacts, which took 0.3-2.2 s over the runs, so 1 s held in about two runs of
-//! three (docs/architecture.md, "Quality and sizing"). A suite that fails one run in three
-//! would block every change, so the default run allows [`FREEZE_LIMIT_CI_MS`] (a box without
-//! layer switching freezes for the whole shaped phase, 20 s and more, and fails the other
-//! asserts too); `TALKBOX_QUALITY_STRICT=1` asserts the issue's 1 s. The measured freeze is
-//! printed either way, and benches/quality reports how many runs keep within 1 s.
+//! The freeze right at the drop used to last until str0m's delay-based estimate reacted
+//! (0.3-2.2 s), so this test was kept out of the suite with a 4 s bound. The worker now reacts
+//! to the receiver's NACKs and reports (media-core/src/loss.rs) and the freeze stayed within
+//! 1 s in every run measured (docs/architecture.md, "Quality and sizing"): the issue's 1 s is
+//! asserted. Not yet in the default suite (`#[ignore]`, run with `--ignored`): in about one run
+//! in five the subscriber did not hold the top layer for 5 s *before* any shaping (under heavy
+//! load the publisher's Chromium turned its upper layers off; once the SFU's estimate did not
+//! climb), which is not what this test is about but fails it. `TALKBOX_QUALITY_FREEZE_MS` sets another bound for a run by hand (e.g. to see a
+//! whole series through on an overloaded machine); the measured freeze is printed either way.
 //!
 //! The test waits longer than those bounds before it gives up, so that a failure prints how
 //! long it actually took.
@@ -38,9 +40,8 @@ use common::netns::Netns;
 use common::{Supervisor, free_port, isolated_config};
 use serde_json::Value;
 
-/// The longest freeze the default run allows (see the module comment); the issue's bound is
-/// 1000 ms, asserted with `TALKBOX_QUALITY_STRICT=1`.
-const FREEZE_LIMIT_CI_MS: u64 = 4000;
+/// The longest freeze allowed: the issue's bound (see the module comment).
+const FREEZE_LIMIT_MS: u64 = 1000;
 
 /// Installs a sampler in the page: every 250 ms, the inbound video of the first remote camera
 /// tile as [unix ms, frameWidth, frameHeight, framesDecoded, bytesReceived].
@@ -211,6 +212,16 @@ fn longest_freeze(samples: &[Sample], from: u64) -> (u64, u64) {
     worst
 }
 
+/// The box log's lines with their time of day ("HH:MM:SS.mmm", as [`clock`] gives it).
+fn timed_log_lines(log: &str) -> Vec<(String, &str)> {
+    log.lines()
+        .filter_map(|l| {
+            let t = l.find('T').and_then(|i| l.get(i + 1..i + 13))?;
+            Some((t.to_string(), l))
+        })
+        .collect()
+}
+
 fn shape(dev: &str, verb: &str) {
     let mut c = Command::new("tc");
     c.args(["qdisc", verb, "dev", dev, "root"]);
@@ -223,12 +234,11 @@ fn shape(dev: &str, verb: &str) {
     assert!(ok.success(), "tc qdisc {verb} on {dev}");
 }
 
-// Not in the default suite yet: in the full suite the subscriber's page (in its namespace)
-// once stayed "loading" for 30 s before any shaping (also seen twice by hand under load;
-// cause not found), and the 1 s freeze bound holds in about three runs of four. Run with
-// `cargo test -p appliance --test quality_shaping -- --ignored --nocapture` (root).
-#[ignore = "not yet reliable enough for CI: see the comment above"]
+// Needs root, chromium and chromium-driver (scripts/install-deps). The waits are generous
+// (90 s for the first top layer, 20 s for the low layer, 40 s for recovery; page steps 45 s)
+// so that a loaded 2-core box fails only on what the issue bounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "about 1 run in 5 fails before the shaping starts (module comment); run with --ignored"]
 async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_freezing() {
     let pid = std::process::id();
     let net = format!("10.232.{}", pid % 250);
@@ -283,7 +293,7 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
     let child = Command::new(common::talkbox())
         .args(["run", "--data-dir"])
         .arg(dir.path())
-        .env("RUST_LOG", "info,media_core=debug")
+        .env("RUST_LOG", "info,media_core=debug,media_core::loss=trace")
         .env_remove("NOTIFY_SOCKET")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -467,9 +477,26 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
     let switches: Vec<String> = sup
         .log()
         .lines()
-        .filter(|l| l.contains("simulcast target changed") || l.contains("layer switched"))
+        .filter(|l| {
+            l.contains("simulcast target changed")
+                || l.contains("layer switched")
+                || l.contains("heavy loss")
+        })
         .map(|l| l.to_string())
         .collect();
+    // The loss detector's input around the drop (loss.rs), to tune it against what Chromium
+    // sends: the box logs its egress counters at trace level.
+    let (from, to) = (
+        clock(dropped_at.saturating_sub(500)),
+        clock(dropped_at + 2500),
+    );
+    let log = sup.log();
+    let stats: Vec<&str> = timed_log_lines(&log)
+        .into_iter()
+        .filter(|(t, l)| l.contains("egress stats") && *t >= from && *t <= to)
+        .map(|(_, l)| l)
+        .collect::<Vec<_>>();
+    eprintln!("egress stats around the drop:\n{}", stats.join("\n"));
     eprintln!(
         "the box's layer decisions (last 40):\n{}",
         switches[switches.len().saturating_sub(40)..].join("\n")
@@ -521,11 +548,10 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
             &layers_after
         )
     );
-    let freeze_limit = if std::env::var("TALKBOX_QUALITY_STRICT").is_ok_and(|v| v == "1") {
-        1000
-    } else {
-        FREEZE_LIMIT_CI_MS
-    };
+    let freeze_limit = std::env::var("TALKBOX_QUALITY_FREEZE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(FREEZE_LIMIT_MS);
     assert!(
         freeze <= freeze_limit,
         "{}",

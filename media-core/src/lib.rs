@@ -20,6 +20,7 @@ pub mod demux;
 pub mod forward;
 pub mod io;
 pub mod layers;
+pub mod loss;
 pub mod pause;
 pub mod publisher_limit;
 pub mod session;

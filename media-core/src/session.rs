@@ -127,6 +127,9 @@ pub enum Role {
         planned_with: Option<Bps>,
         /// What the last plan sends (bit/s).
         sending: Bps,
+        /// Heavy loss on the video sent to the client, read from its NACKs and reports; its
+        /// cap is planned with for `worker::LOSS_HOLD`, until str0m's estimate has caught up.
+        loss: Box<crate::loss::LossDetector<Mid>>,
     },
 }
 
@@ -198,6 +201,9 @@ pub fn offer_prefers_h264(sdp: &str) -> bool {
 /// first picture comes quickly; probing raises it from there.
 pub const INITIAL_ESTIMATE_KBPS: u64 = 500;
 
+/// How often str0m reports a subscriber's egress counters (NACKs, receiver reports).
+pub const STATS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn rtc_for(
     ufrag: &str,
     pass: &str,
@@ -226,6 +232,9 @@ fn rtc_for(
     };
     let mut rtc = config
         .enable_bwe(bwe.then(|| Bitrate::kbps(INITIAL_ESTIMATE_KBPS)))
+        // Egress stats feed the loss detector of subscribers (loss.rs): often enough to
+        // react within a few hundred milliseconds of a drop.
+        .set_stats_interval(bwe.then_some(STATS_INTERVAL))
         .build(now);
     for addr in &setup.candidates {
         if let Ok(c) = Candidate::host(*addr, "udp") {
@@ -300,6 +309,7 @@ impl Session {
                 fell_at: None,
                 planned_with: None,
                 sending: 0,
+                loss: Default::default(),
             },
             created: now,
             last_rx: now,

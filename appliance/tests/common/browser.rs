@@ -143,8 +143,30 @@ impl Browser {
     pub async fn join_meeting(&self, url: &str, name: &str) {
         let state = "return document.body.dataset.state";
         self.client.goto(url).await.expect("open the room link");
-        self.wait_for(state, &Value::from("join"), Duration::from_secs(30))
-            .await;
+        // The page's room lookup gives up and retries a GET after 10 s (3 attempts), so a
+        // stalled request shows as "error" with its reason, not as "loading" for ever; 45 s
+        // covers that on a loaded machine, and a failure says what the page saw.
+        let start = std::time::Instant::now();
+        loop {
+            let now = self.eval(state).await;
+            if now == "join" {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(45) || now == "error" {
+                let seen = self
+                    .eval(
+                        "return {state: document.body.dataset.state, \
+                         status: document.getElementById('status').textContent, \
+                         ready: document.readyState, \
+                         notes: (typeof call === 'object') ? call.notes : 'meeting.js not run', \
+                         resources: performance.getEntriesByType('resource').map(r => \
+                           [r.name, Math.round(r.startTime), Math.round(r.duration)])};",
+                    )
+                    .await;
+                panic!("the meeting page did not get to its join form: {seen}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         self.client
             .find(Locator::Id("join-name"))
             .await

@@ -46,12 +46,34 @@ function show(id) {
   for (const s of ['create-form', 'join-form', 'call', 'left']) $(s).hidden = s !== id;
 }
 
+// How long one GET may take before it is given up and retried: a request
+// whose connection stalls (lost on a flaky link, or a socket the browser opened ahead and
+// the path then lost) would otherwise leave the page "loading" with no word why.
+const API_TIMEOUT_MS = 10000;
+const API_GET_ATTEMPTS = 3;
+
 async function api(method, path, body) {
-  const r = await fetch(path, {
-    method,
-    headers: body ? { 'Content-Type': 'application/json' } : {},
-    body: body ? JSON.stringify(body) : undefined,
-  });
+  const attempts = method === 'GET' ? API_GET_ATTEMPTS : 1;
+  let r = null;
+  for (let i = 1; r === null; i++) {
+    const abort = new AbortController();
+    // Only GETs are given up and repeated: a POST may have taken effect without an answer.
+    const timer = method === 'GET' ? setTimeout(() => abort.abort(), API_TIMEOUT_MS) : null;
+    try {
+      r = await fetch(path, {
+        method,
+        headers: body ? { 'Content-Type': 'application/json' } : {},
+        body: body ? JSON.stringify(body) : undefined,
+        signal: abort.signal,
+      });
+    } catch (e) {
+      const why = e.name === 'AbortError' ? `no answer within ${API_TIMEOUT_MS / 1000} s` : e.message;
+      note(`${method} ${path} failed (attempt ${i} of ${attempts})`, why);
+      if (i >= attempts) throw new Error(`The server did not answer (${method} ${path}: ${why}).`);
+    } finally {
+      if (timer !== null) clearTimeout(timer);
+    }
+  }
   let v = null;
   try { v = await r.json(); } catch (_) { /* no body */ }
   if (!r.ok) {
