@@ -100,6 +100,17 @@ impl SeqTsRewriter {
         }
         Some(r)
     }
+
+    /// A packet of the current source with extended sequence number `in_seq` is dropped on
+    /// purpose (temporal filtering): later packets move down one number so the subscriber
+    /// sees no gap and sends no NACK. A packet of another source is ignored. Limitation: a
+    /// packet older than `in_seq` arriving after this call (reordering) would be numbered
+    /// one too low; the caller only skips packets in order.
+    pub fn skip(&mut self, ssrc: u32, _in_seq: u64) {
+        if let Some(s) = self.source.as_mut().filter(|s| s.ssrc == ssrc) {
+            s.seq_delta -= 1;
+        }
+    }
 }
 
 /// Limits how often keyframes are asked of one publisher stream; a request refused now is

@@ -73,6 +73,9 @@ pub struct Vp8Descriptor {
     pub tl0: Option<usize>,
     /// Temporal layer index, if present.
     pub tid: Option<u8>,
+    /// Layer sync (Y bit): this frame depends only on TL0 frames, so a receiver may start
+    /// taking its temporal layer here.
+    pub sync: bool,
     /// Length of the descriptor: the VP8 payload starts here.
     pub len: usize,
 }
@@ -86,6 +89,7 @@ pub fn vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
         picture_id: None,
         tl0: None,
         tid: None,
+        sync: false,
         len: 1,
     };
     if b0 & 0x80 == 0 {
@@ -109,6 +113,7 @@ pub fn vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
         let b = *p.get(d.len)?;
         if x & 0x20 != 0 {
             d.tid = Some(b >> 6);
+            d.sync = b & 0x20 != 0;
         }
         d.len += 1;
     }
@@ -216,6 +221,13 @@ impl Vp8Rewriter {
                 self.last_tl0 = Some(out);
             }
         }
+    }
+
+    /// A whole frame of the current source was dropped (temporal filtering): the following
+    /// frames move down one picture ID so the subscriber sees no gap. TL0PICIDX needs no
+    /// correction because TL0 frames are never dropped.
+    pub fn skip_frame(&mut self) {
+        self.pid_delta = self.pid_delta.wrapping_sub(1);
     }
 }
 

@@ -10,7 +10,9 @@
 //!   [`demux`] (ufrag naming and STUN USERNAME peeking), [`forward`] (sequence number and
 //!   timestamp rewriting, keyframe-request throttling), [`session`] (one str0m `Rtc` as a
 //!   publisher or subscriber), [`publisher_limit`] (bitrate caps as SDP bandwidth lines and
-//!   REMB), [`pause`] (pausing unused simulcast layers at the publisher by REMB), [`speaker`] (active speaker from the audio-level extension);
+//!   REMB), [`pause`] (pausing unused simulcast layers at the publisher by REMB), [`speaker`]
+//!   (active speaker from the audio-level extension), [`temporal`] (VP8 temporal layer
+//!   filtering; not yet wired into the worker);
 //! - [`io`]: the narrow [`io::DatagramIo`] trait and its batched `recvmmsg`/`sendmmsg` (+GSO)
 //!   backend; [`tcp`]: RFC 4571 framing for ICE-TCP;
 //! - [`worker`]: one pinned thread per worker running sessions over its own socket.
@@ -26,6 +28,7 @@ pub mod publisher_limit;
 pub mod session;
 pub mod speaker;
 pub mod tcp;
+pub mod temporal;
 pub mod worker;
 
 pub use demux::SessionKey;
