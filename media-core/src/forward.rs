@@ -6,7 +6,13 @@
 //! later a simulcast layer switch), so the receiver's jitter buffer sees one smooth stream.
 //! Time is a parameter; nothing here reads a clock.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// How many dropped sequence numbers a rewriter remembers for late packets: at 3 packets per
+/// dropped frame and 15 dropped frames a second, about 2 s. A packet older than the oldest
+/// one remembered is not forwarded (its number can no longer be worked out).
+const SKIP_MEMORY: usize = 96;
 
 /// Sequence number and timestamp for one forwarded packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +31,8 @@ struct Source {
     ts_delta: u32,
     /// First number this source was given; anything below belongs to an earlier source.
     first_out: u64,
+    /// Newest input sequence number of this source seen (forwarded or skipped).
+    newest_in: u64,
 }
 
 /// Rewrites one source's numbering onto one outgoing stream.
@@ -35,6 +43,12 @@ pub struct SeqTsRewriter {
     source: Option<Source>,
     /// Highest sequence number sent so far and the timestamp and time it was sent at.
     highest: Option<(u64, u32, Instant)>,
+    /// Input numbers of the current source dropped on purpose ([`SeqTsRewriter::skip`]),
+    /// ascending: a late packet from before some of them is numbered as if they had been
+    /// dropped after it.
+    skipped: VecDeque<u64>,
+    /// Highest skip no longer remembered: packets older than it are not forwarded.
+    forgotten: Option<u64>,
 }
 
 impl SeqTsRewriter {
@@ -46,6 +60,8 @@ impl SeqTsRewriter {
             start_ts,
             source: None,
             highest: None,
+            skipped: VecDeque::new(),
+            forgotten: None,
         }
     }
 
@@ -81,12 +97,26 @@ impl SeqTsRewriter {
                     seq_delta: out_seq as i64 - in_seq as i64,
                     ts_delta: out_ts.wrapping_sub(in_ts),
                     first_out: out_seq,
+                    newest_in: in_seq,
                 };
                 self.source = Some(s);
+                self.skipped.clear();
+                self.forgotten = None;
                 s
             }
         };
-        let out = in_seq as i64 + src.seq_delta;
+        // Packets newer than every skip take the current delta; a late one also counts the
+        // skips that came after it, which did not move it.
+        let mut later_skips = 0;
+        if in_seq < src.newest_in {
+            if self.forgotten.is_some_and(|f| in_seq < f) || self.skipped.contains(&in_seq) {
+                return None;
+            }
+            later_skips = self.skipped.iter().filter(|&&s| s > in_seq).count() as i64;
+        } else if let Some(s) = self.source.as_mut() {
+            s.newest_in = in_seq;
+        }
+        let out = in_seq as i64 + src.seq_delta + later_skips;
         if out < src.first_out as i64 {
             return None;
         }
@@ -103,12 +133,21 @@ impl SeqTsRewriter {
 
     /// A packet of the current source with extended sequence number `in_seq` is dropped on
     /// purpose (temporal filtering): later packets move down one number so the subscriber
-    /// sees no gap and sends no NACK. A packet of another source is ignored. Limitation: a
-    /// packet older than `in_seq` arriving after this call (reordering) would be numbered
-    /// one too low; the caller only skips packets in order.
-    pub fn skip(&mut self, ssrc: u32, _in_seq: u64) {
-        if let Some(s) = self.source.as_mut().filter(|s| s.ssrc == ssrc) {
-            s.seq_delta -= 1;
+    /// sees no gap and sends no NACK. A packet of another source is ignored, and so is a late
+    /// one (older than the newest seen): its number was a hole in the output already, and
+    /// closing it now would renumber packets already sent.
+    pub fn skip(&mut self, ssrc: u32, in_seq: u64) {
+        let Some(s) = self.source.as_mut().filter(|s| s.ssrc == ssrc) else {
+            return;
+        };
+        if in_seq <= s.newest_in {
+            return;
+        }
+        s.newest_in = in_seq;
+        s.seq_delta -= 1;
+        self.skipped.push_back(in_seq);
+        if self.skipped.len() > SKIP_MEMORY {
+            self.forgotten = self.skipped.pop_front();
         }
     }
 }
@@ -256,6 +295,53 @@ mod tests {
             .rewrite(2, 21, 4_003_000, 90_000, t1)
             .expect("after switch");
         assert_eq!((b.seq, b.ts), (111, a.ts + 3000));
+    }
+
+    #[test]
+    fn skips_close_gaps_and_late_packets_keep_their_numbers() {
+        let t0 = Instant::now();
+        let mut r = SeqTsRewriter::new(100, 0);
+        let seq = |r: &mut SeqTsRewriter, i: u64| r.rewrite(1, i, 0, 90_000, t0).map(|x| x.seq);
+        assert_eq!(seq(&mut r, 10), Some(100));
+        // 11 is lost upstream for now; 12 and 13 are a dropped frame; 14 follows.
+        r.skip(1, 12);
+        r.skip(1, 13);
+        assert_eq!(seq(&mut r, 14), Some(102));
+        // 11 comes late (a retransmission): it keeps the number it would have had, before the
+        // two skips, which is the hole between 100 and 102.
+        assert_eq!(seq(&mut r, 11), Some(101));
+        // A dropped packet asked for again, a duplicate skip and a late skip change nothing.
+        assert_eq!(seq(&mut r, 12), None);
+        r.skip(1, 13);
+        r.skip(1, 9);
+        assert_eq!(seq(&mut r, 15), Some(103));
+        // A skip of another source is ignored.
+        r.skip(2, 16);
+        assert_eq!(seq(&mut r, 16), Some(104));
+    }
+
+    #[test]
+    fn packets_older_than_the_skips_remembered_are_not_forwarded() {
+        let t0 = Instant::now();
+        let mut r = SeqTsRewriter::new(0, 0);
+        r.rewrite(1, 1000, 0, 90_000, t0).expect("first");
+        // Every other packet dropped, more than are remembered.
+        let n = SKIP_MEMORY as u64 + 10;
+        for i in 0..n {
+            r.skip(1, 1001 + 2 * i);
+            r.rewrite(1, 1002 + 2 * i, 0, 90_000, t0).expect("kept");
+        }
+        // A late packet from before the forgotten skips cannot be numbered.
+        assert_eq!(r.rewrite(1, 1002, 0, 90_000, t0), None);
+        // One within the memory still can: 1002 + 2 (n - 1) went out as n, so the packet
+        // before it, 1000 + 2 (n - 1) (kept), went out as n - 1.
+        let last_kept = 1002 + 2 * (n - 1);
+        let before = r.rewrite(1, last_kept - 2, 0, 90_000, t0).map(|x| x.seq);
+        assert_eq!(before, Some(n - 1));
+        // A source switch forgets the skips.
+        let t1 = t0 + Duration::from_millis(20);
+        let s = r.rewrite(2, 5, 0, 90_000, t1).expect("switch").seq;
+        assert_eq!(r.rewrite(2, 6, 0, 90_000, t1).map(|x| x.seq), Some(s + 1));
     }
 
     #[test]

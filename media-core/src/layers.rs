@@ -9,6 +9,7 @@
 //! continuous across switches the way [`crate::forward::SeqTsRewriter`] does for sequence
 //! numbers and timestamps. Time is a parameter; nothing here reads a clock.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// Bits per second.
@@ -167,7 +168,8 @@ fn h264_keyframe_start(p: &[u8]) -> bool {
 
 /// Keeps VP8 picture IDs and TL0PICIDX continuous on one outgoing stream whose source layer
 /// changes. Call [`Vp8Rewriter::rewrite`] on every forwarded packet, with `switched` on the
-/// first packet of a new source.
+/// first packet of a new source, and [`Vp8Rewriter::skip_frame`] on the first packet of each
+/// frame dropped on purpose.
 #[derive(Debug, Clone, Default)]
 pub struct Vp8Rewriter {
     /// out = in + delta (mod 2^15 for picture IDs, 2^8 for TL0PICIDX).
@@ -176,6 +178,28 @@ pub struct Vp8Rewriter {
     /// Last picture ID and TL0PICIDX written, for the next switch to continue from.
     last_pid: Option<u16>,
     last_tl0: Option<u8>,
+    /// Newest input picture ID of the current source (forwarded or dropped).
+    newest_in: Option<u16>,
+    /// Input picture IDs of the frames dropped since the switch (the last few): a late packet
+    /// of an earlier frame (a retransmission) is numbered as before those drops.
+    skipped: VecDeque<u16>,
+}
+
+/// Dropped frames remembered for late packets: about 2 s at 15 dropped frames a second. A
+/// packet older than that is numbered as if it were newer than them; its frame is long late.
+const SKIPPED_FRAMES: usize = 32;
+
+/// Picture ID of a VP8 payload and its counter's mask (7 or 15 bits).
+pub(crate) fn vp8_picture_id(payload: &[u8], d: &Vp8Descriptor) -> Option<(u16, u16)> {
+    let (at, n) = d.picture_id?;
+    Some(if n == 2 {
+        (
+            u16::from_be_bytes([payload[at] & 0x7f, payload[at + 1]]),
+            0x7fff,
+        )
+    } else {
+        (u16::from(payload[at] & 0x7f), 0x7f)
+    })
 }
 
 impl Vp8Rewriter {
@@ -184,20 +208,27 @@ impl Vp8Rewriter {
         let Some(d) = vp8_descriptor(payload) else {
             return;
         };
-        if let Some((at, n)) = d.picture_id {
-            let (input, mask) = if n == 2 {
-                (
-                    u16::from_be_bytes([payload[at] & 0x7f, payload[at + 1]]),
-                    0x7fff,
-                )
-            } else {
-                (u16::from(payload[at] & 0x7f), 0x7f)
-            };
+        if let Some((input, mask)) = vp8_picture_id(payload, &d)
+            && let Some((at, n)) = d.picture_id
+        {
             if switched {
                 let next = self.last_pid.map_or(input, |l| l.wrapping_add(1));
                 self.pid_delta = next.wrapping_sub(input);
+                self.skipped.clear();
+                self.newest_in = None;
             }
-            let out = input.wrapping_add(self.pid_delta) & mask;
+            // A late packet does not move down for the frames dropped after it.
+            let late = self.newest_in.is_some_and(|n| newer(n, input, mask));
+            let later_drops = if late {
+                self.skipped
+                    .iter()
+                    .filter(|&&s| newer(s, input, mask))
+                    .count() as u16
+            } else {
+                self.newest_in = Some(input);
+                0
+            };
+            let out = input.wrapping_add(self.pid_delta).wrapping_add(later_drops) & mask;
             if n == 2 {
                 let b = out.to_be_bytes();
                 payload[at] = 0x80 | b[0];
@@ -223,16 +254,34 @@ impl Vp8Rewriter {
         }
     }
 
-    /// A whole frame of the current source was dropped (temporal filtering): the following
+    /// The frame `payload` starts was dropped on purpose (temporal filtering): the following
     /// frames move down one picture ID so the subscriber sees no gap. TL0PICIDX needs no
-    /// correction because TL0 frames are never dropped.
-    pub fn skip_frame(&mut self) {
+    /// correction because TL0 frames are never dropped. A frame older than the newest seen
+    /// (a late packet) changes nothing: its picture ID is a hole already.
+    pub fn skip_frame(&mut self, payload: &[u8]) {
+        let Some((input, mask)) = vp8_descriptor(payload)
+            .as_ref()
+            .and_then(|d| vp8_picture_id(payload, d))
+        else {
+            return;
+        };
+        if self
+            .newest_in
+            .is_some_and(|n| n == input || newer(n, input, mask))
+        {
+            return;
+        }
+        self.newest_in = Some(input);
         self.pid_delta = self.pid_delta.wrapping_sub(1);
+        self.skipped.push_back(input);
+        if self.skipped.len() > SKIPPED_FRAMES {
+            self.skipped.pop_front();
+        }
     }
 }
 
 /// `a` is ahead of `b` in a counter space of `mask + 1` values.
-fn newer(a: u16, b: u16, mask: u16) -> bool {
+pub(crate) fn newer(a: u16, b: u16, mask: u16) -> bool {
     let diff = a.wrapping_sub(b) & mask;
     diff != 0 && diff < mask / 2
 }

@@ -23,6 +23,7 @@ use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
 use crate::demux::SessionKey;
 use crate::forward::SeqTsRewriter;
 use crate::layers::{Bps, LayerSwitch, Vp8Rewriter};
+use crate::temporal::TemporalFilter;
 
 /// Largest SDP accepted from a client; real ones are a few KiB.
 pub const MAX_SDP_BYTES: usize = 64 * 1024;
@@ -94,6 +95,10 @@ pub struct SubscribedTrack {
     pub switch: LayerSwitch,
     /// VP8 picture numbering kept continuous across layer switches.
     pub vp8: Vp8Rewriter,
+    /// VP8 temporal layers forwarded (video only; all without a plan or bound).
+    pub temporal: TemporalFilter,
+    /// The temporal step the allocator planned (`None`: all), before the client's bound.
+    pub planned_tid: Option<u8>,
 }
 
 /// Role-specific state.
@@ -119,6 +124,8 @@ pub enum Role {
         bwe_asked: (Bps, Bps),
         /// The client's `selectStream` bound: never a higher video layer than this.
         max_layer: Option<usize>,
+        /// The client's `selectStream` temporal bound: never a higher VP8 TID than this.
+        max_temporal: Option<u8>,
         /// When to ask the BWE for another probe towards the desired rate.
         probe: crate::layers::ProbeRenewal,
         /// When the estimate last fell by more than a tenth below the one last planned with.
@@ -305,6 +312,7 @@ impl Session {
                 twcc: false,
                 bwe_asked: (0, 0),
                 max_layer: None,
+                max_temporal: None,
                 probe: Default::default(),
                 fell_at: None,
                 planned_with: None,
@@ -405,6 +413,8 @@ impl Session {
                 pt_map: HashMap::new(),
                 switch: LayerSwitch::default(),
                 vp8: Vp8Rewriter::default(),
+                temporal: TemporalFilter::default(),
+                planned_tid: None,
             });
         }
         if channel.is_none() {

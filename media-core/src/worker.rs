@@ -42,6 +42,7 @@ use crate::publisher_limit::{self, RembSchedule, add_bandwidth_lines};
 use crate::session::{self, PublishedTrack, Role, Session, SessionError, SessionSetup, StreamType};
 use crate::speaker::{Speakers, dbov};
 use crate::tcp::{FrameReader, frame};
+use crate::temporal::{TemporalDecision, TemporalRates};
 
 /// A reply to a command, called once from the worker thread.
 pub type Reply<T> = Box<dyn FnOnce(Result<T, WorkerError>) + Send>;
@@ -101,10 +102,12 @@ pub enum WorkerCommand {
         reply: Reply<()>,
     },
     /// Subscriber: the client's `selectStream` choice, the highest simulcast layer (0 =
-    /// lowest) it wants of the video it receives; `None` lifts the bound.
+    /// lowest) and the highest VP8 temporal layer it wants of the video it receives; `None`
+    /// lifts a bound.
     SelectStream {
         session: u32,
         max_layer: Option<usize>,
+        max_temporal: Option<u8>,
         reply: Reply<()>,
     },
     /// The egress budget of this worker changed (sizing): the allocator plans within it.
@@ -151,6 +154,8 @@ pub struct WorkerStats {
     pub session_panics: u64,
     /// Simulcast layer switches done for subscribers (first layer included).
     pub layer_switches: u64,
+    /// VP8 packets not forwarded to a subscriber because of their temporal layer.
+    pub temporal_dropped: u64,
 }
 
 /// How a worker runs.
@@ -831,10 +836,16 @@ impl<I: DatagramIo> Worker<I> {
             WorkerCommand::SelectStream {
                 session,
                 max_layer,
+                max_temporal,
                 reply,
             } => match self.sessions.get_mut(&session).map(|s| &mut s.role) {
-                Some(Role::Subscriber { max_layer: m, .. }) => {
+                Some(Role::Subscriber {
+                    max_layer: m,
+                    max_temporal: t,
+                    ..
+                }) => {
                     *m = max_layer;
+                    *t = max_temporal;
                     self.reallocate(now);
                     self.request_pending_keyframes(session, now, true);
                     reply(Ok(()))
@@ -1451,6 +1462,10 @@ impl<I: DatagramIo> Worker<I> {
             return;
         };
         layers.rates.on_packet(layer, pkt.payload.len(), now);
+        if layer == 0 && codec == VideoCodec::Vp8 {
+            let tid = layers::vp8_descriptor(&pkt.payload).and_then(|d| d.tid);
+            layers.temporal.on_packet(tid, pkt.payload.len(), now);
+        }
         // Where a subscriber may start on this layer: a keyframe of a simulcast layer; any
         // packet of a single-layer stream (nothing to switch between: the decoder asks for a
         // keyframe itself if it needs one) or of a codec whose keyframes are not parsed.
@@ -1496,6 +1511,20 @@ impl<I: DatagramIo> Worker<I> {
                 if before.is_some_and(|b| b > layer) {
                     down_switches.push(layer);
                 }
+                // The new layer starts on a keyframe, which references nothing.
+                t.temporal.reset();
+            }
+            // VP8 temporal layers above the subscriber's target are dropped whole frames at a
+            // time; the numbering closes over them so the receiver sees no loss.
+            if codec == VideoCodec::Vp8
+                && let TemporalDecision::Drop { frame_start } = t.temporal.on_packet(&pkt.payload)
+            {
+                t.rewriter.skip(*ssrc, *pkt.seq_no);
+                if frame_start {
+                    t.vp8.skip_frame(&pkt.payload);
+                }
+                self.stats.temporal_dropped += 1;
+                continue;
             }
             let pt_out = *t
                 .pt_map
@@ -1591,7 +1620,7 @@ impl<I: DatagramIo> Worker<I> {
         // cannot be chosen); `map` turns the allocator's index back into the real layer.
         let mut sources = Vec::new();
         let mut ids: HashMap<(u32, Mid), u32> = HashMap::new();
-        let mut maps: HashMap<u32, Vec<usize>> = HashMap::new();
+        let mut maps: HashMap<u32, Vec<Step>> = HashMap::new();
         for (&pid, subs) in &self.routes {
             if subs.is_empty() {
                 continue;
@@ -1612,7 +1641,11 @@ impl<I: DatagramIo> Worker<I> {
                 let id = sources.len() as u32;
                 ids.insert((pid, t.mid), id);
                 let (kind, layers, map) = if t.kind == MediaKind::Audio {
-                    (allocator::Kind::Audio, vec![AUDIO_RATE], vec![0])
+                    (
+                        allocator::Kind::Audio,
+                        vec![AUDIO_RATE],
+                        vec![Step::layer(0)],
+                    )
                 } else {
                     let kind = if *stream_type == StreamType::Screen {
                         allocator::Kind::Screen
@@ -1620,13 +1653,13 @@ impl<I: DatagramIo> Worker<I> {
                         allocator::Kind::Camera
                     };
                     let (rates, map) = match self.pub_layers.get(&(pid, t.mid)) {
-                        Some(l) => l.live_rates(now),
+                        Some(l) => l.steps(now),
                         None => (Vec::new(), Vec::new()),
                     };
                     if map.is_empty() {
                         // Nothing received yet: plan the lowest layer at a nominal rate so
                         // that its first keyframe is waited for.
-                        (kind, vec![MIN_VIDEO_RATE], vec![0])
+                        (kind, vec![MIN_VIDEO_RATE], vec![Step::layer(0)])
                     } else {
                         (kind, rates, map)
                     }
@@ -1670,7 +1703,7 @@ impl<I: DatagramIo> Worker<I> {
                             Some(allocator::Subscription {
                                 source,
                                 max_layer: max_layer.map(|m| {
-                                    map.iter().take_while(|&&l| l <= m).count().max(1) - 1
+                                    map.iter().take_while(|s| s.layer <= m).count().max(1) - 1
                                 }),
                             })
                         })
@@ -1705,6 +1738,7 @@ impl<I: DatagramIo> Worker<I> {
                 estimate,
                 planned_with,
                 max_layer: bound,
+                max_temporal,
                 sending,
                 ..
             } = &mut s.role
@@ -1823,7 +1857,8 @@ impl<I: DatagramIo> Worker<I> {
                     None if !sp.limited_by_budget => Some(0),
                     l => l,
                 };
-                let target = layer.and_then(|l| map.get(l).copied());
+                let step = layer.and_then(|l| map.get(l).copied());
+                let target = step.map(|s| s.layer);
                 // A downgrade below the client's selectStream bound means the link carries
                 // less than planned: the next plans take the estimate as fallen too (a drop
                 // can lower it in steps of under a tenth). One to the bound is the client's
@@ -1836,14 +1871,17 @@ impl<I: DatagramIo> Worker<I> {
                     let w = wants.entry((publisher, t.source_mid)).or_insert(0);
                     *w = (*w).max(bound.min(pl.rids.len().saturating_sub(1)));
                 }
-                if target < t.switch.target() && target.is_none_or(|l| l < bound) {
+                let old_rank = t.switch.target().map(|l| Step::rank_of(l, t.planned_tid));
+                let new_rank = step.map(|s| s.rank());
+                if new_rank < old_rank && new_rank.is_none_or(|r| r < (bound, u8::MAX)) {
                     probe.downgraded(now);
                     *fell_at = Some(now);
                 }
-                if t.switch.target() != target {
+                if old_rank != new_rank {
                     tracing::debug!(
                         subscriber = sp.id,
                         ?target,
+                        temporal = ?step.and_then(|s| s.tid),
                         planned = sp.total,
                         estimate = subscribers
                             .iter()
@@ -1851,9 +1889,15 @@ impl<I: DatagramIo> Worker<I> {
                             .map_or(0, |x| x.estimate),
                         "simulcast target changed"
                     );
+                }
+                if t.switch.target() != target {
                     t.switch.set_target(target);
                     changed.push(sp.id);
                 }
+                // The temporal layers forwarded: the plan's step within the client's bound.
+                t.planned_tid = step.and_then(|s| s.tid);
+                t.temporal
+                    .set_target(lowest_tid(t.planned_tid, *max_temporal));
             }
         }
         for sid in changed {
@@ -1999,6 +2043,38 @@ fn differs(a: (Bps, Bps), b: (Bps, Bps)) -> bool {
     far(a.0, b.0) || far(a.1, b.1)
 }
 
+/// One step of a video source for the allocator: a simulcast layer, and below the lowest
+/// layer's full rate its temporal layers (`tid`: the highest forwarded; `None`: all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Step {
+    layer: usize,
+    tid: Option<u8>,
+}
+
+impl Step {
+    fn layer(layer: usize) -> Step {
+        Step { layer, tid: None }
+    }
+
+    /// Order of steps: by layer, then by temporal layer (all above any TID).
+    fn rank_of(layer: usize, tid: Option<u8>) -> (usize, u8) {
+        (layer, tid.unwrap_or(u8::MAX))
+    }
+
+    fn rank(&self) -> (usize, u8) {
+        Step::rank_of(self.layer, self.tid)
+    }
+}
+
+/// The lower of two temporal bounds (`None`: all layers).
+fn lowest_tid(a: Option<u8>, b: Option<u8>) -> Option<u8> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
 /// The simulcast layers of one publisher stream: rid of each layer (lowest first; one `None`
 /// entry without simulcast) and their received rates.
 struct PubLayers {
@@ -2006,6 +2082,8 @@ struct PubLayers {
     rates: LayerRates,
     /// The layers kept on at the publisher (the others paused by REMB).
     pause: LayerPause,
+    /// Temporal layer shares of the lowest layer: the allocator's steps below it.
+    temporal: TemporalRates,
 }
 
 impl PubLayers {
@@ -2024,7 +2102,12 @@ impl PubLayers {
         };
         let rates = LayerRates::new(rids.len());
         let pause = LayerPause::new(rids.len());
-        PubLayers { rids, rates, pause }
+        PubLayers {
+            rids,
+            rates,
+            pause,
+            temporal: TemporalRates::default(),
+        }
     }
 
     /// Layer of a packet's rid; without simulcast everything is layer 0.
@@ -2040,6 +2123,34 @@ impl PubLayers {
         (0..self.rids.len())
             .map(|l| self.rates.last_rate(l))
             .collect()
+    }
+
+    /// The allocator's steps of this stream, lowest first, with their rates: the live layers
+    /// and, when the lowest one has VP8 temporal layers, T0 and T0 + T1 of it below its full
+    /// rate. Temporal steps only below the lowest layer: above it a lower resolution at the
+    /// full frame rate costs less than a higher one at a fraction, and the picture of a
+    /// subscriber the estimate cannot give even the lowest layer keeps moving, slower, instead
+    /// of overrunning its link.
+    fn steps(&self, now: Instant) -> (Vec<Bps>, Vec<Step>) {
+        let (rates, layers) = self.live_rates(now);
+        let mut out = (Vec::new(), Vec::new());
+        if let (Some(&0), Some(&q), Some(shares)) =
+            (layers.first(), rates.first(), self.temporal.shares())
+        {
+            for (tid, share) in [(0u8, shares[0]), (1, shares[1])] {
+                let rate = ((q as f64 * share) as Bps).clamp(MIN_VIDEO_RATE.min(q), q);
+                out.0.push(rate);
+                out.1.push(Step {
+                    layer: 0,
+                    tid: Some(tid),
+                });
+            }
+        }
+        for (rate, layer) in rates.into_iter().zip(layers) {
+            out.0.push(rate);
+            out.1.push(Step::layer(layer));
+        }
+        out
     }
 
     /// Rates of the live layers (at least [`MIN_VIDEO_RATE`]) and their real indices.

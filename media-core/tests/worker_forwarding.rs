@@ -9,56 +9,7 @@ use std::time::Duration;
 
 use media_core::session::StreamType;
 use media_core::worker::{WorkerCommand, WorkerError, WorkerEvent};
-use support::{Client, Worker, run_until};
-
-fn connect_publisher(w: &Worker, session: u32) -> Client {
-    let mut p = Client::new();
-    w.ask(|reply| WorkerCommand::CreatePublisher {
-        session,
-        stream_type: StreamType::Video,
-        reply,
-    })
-    .expect("create publisher");
-    let offer = p.publish_offer();
-    let answer = w
-        .ask(|reply| WorkerCommand::Offer {
-            session,
-            sdp: offer,
-            reply,
-        })
-        .expect("answer");
-    p.accept_answer(&answer);
-    assert!(run_until(&mut [&mut p], Duration::from_secs(10), |c| c[0]
-        .connected
-        && c[0].channel_open));
-    p
-}
-
-fn connect_subscriber(w: &Worker, session: u32, publisher: u32, others: &mut Client) -> Client {
-    let mut s = Client::new();
-    w.ask(|reply| WorkerCommand::CreateSubscriber {
-        session,
-        publisher,
-        reply,
-    })
-    .expect("create subscriber");
-    let offer = w
-        .ask(|reply| WorkerCommand::RequestOffer { session, reply })
-        .expect("offer");
-    let answer = s.answer(&offer);
-    w.ask(|reply| WorkerCommand::Answer {
-        session,
-        sdp: answer,
-        reply,
-    })
-    .expect("answer accepted");
-    assert!(run_until(
-        &mut [&mut s, others],
-        Duration::from_secs(10),
-        |c| c[0].connected && c[0].channel_open
-    ));
-    s
-}
+use support::{Worker, connect_publisher, connect_subscriber, run_until};
 
 #[test]
 fn publisher_media_and_messages_reach_the_subscriber_with_rewritten_numbering_and_keyframes_are_requested()

@@ -141,6 +141,7 @@ fn a_subscriber_moved_between_layers_sees_one_continuous_stream_with_a_keyframe_
     w.ask(|reply| WorkerCommand::SelectStream {
         session: 2,
         max_layer: Some(0),
+        max_temporal: None,
         reply,
     })
     .expect("select stream");
@@ -175,6 +176,7 @@ fn a_subscriber_moved_between_layers_sees_one_continuous_stream_with_a_keyframe_
     w.ask(|reply| WorkerCommand::SelectStream {
         session: 2,
         max_layer: None,
+        max_temporal: None,
         reply,
     })
     .expect("select stream");
@@ -200,6 +202,7 @@ fn a_subscriber_moved_between_layers_sees_one_continuous_stream_with_a_keyframe_
     w.ask(|reply| WorkerCommand::SelectStream {
         session: 2,
         max_layer: Some(1),
+        max_temporal: None,
         reply,
     })
     .expect("select stream");

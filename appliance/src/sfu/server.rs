@@ -150,20 +150,24 @@ fn err(pair: (&'static str, &'static str)) -> Failure {
     (pair.0, pair.1.to_string())
 }
 
-/// Highest simulcast layer a `selectStream` payload allows: its `substream` (0 = lowest, as
-/// the Talk clients send it to Janus); absent or null lifts the bound. `temporal` is accepted
-/// and not used (temporal layers are not selected yet).
-fn select_stream_bound(payload: &serde_json::Map<String, Value>) -> Result<Option<usize>, Failure> {
-    match payload.get("substream") {
+/// What a `selectStream` payload allows: the highest simulcast layer (`substream`, 0 = lowest,
+/// as the Talk clients send it to Janus) and the highest VP8 temporal layer (`temporal`, 0 =
+/// T0 only: a quarter of the frame rate with Chromium's three layers). Absent or null lifts a
+/// bound, as it does in Janus.
+fn select_stream_bound(
+    payload: &serde_json::Map<String, Value>,
+) -> Result<(Option<usize>, Option<u8>), Failure> {
+    let field = |name: &str| match payload.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
-            Some(n) if n <= 2 => Ok(Some(n as usize)),
+            Some(n) if n <= 2 => Ok(Some(n as u8)),
             _ => Err((
                 "invalid_format",
-                format!("payload.substream must be 0, 1 or 2 (got {v})"),
+                format!("payload.{name} must be 0, 1 or 2 (got {v})"),
             )),
         },
-    }
+    };
+    Ok((field("substream")?.map(usize::from), field("temporal")?))
 }
 
 impl Sfu {
@@ -526,10 +530,11 @@ impl Sfu {
                 if c.publisher {
                     return Err(err(errors::UNSUPPORTED_PAYLOAD));
                 }
-                let max_layer = select_stream_bound(&p.payload)?;
+                let (max_layer, max_temporal) = select_stream_bound(&p.payload)?;
                 self.ask(c.worker, |reply| WorkerCommand::SelectStream {
                     session,
                     max_layer,
+                    max_temporal,
                     reply,
                 })
                 .await?;
@@ -832,18 +837,27 @@ fn hello(
 mod select_stream_tests {
     use super::*;
 
-    fn bound(v: Value) -> Result<Option<usize>, Failure> {
+    fn bound(v: Value) -> Result<(Option<usize>, Option<u8>), Failure> {
         select_stream_bound(v.as_object().expect("object"))
     }
 
     #[test]
-    fn substream_is_the_layer_bound_and_out_of_range_values_are_refused() {
-        assert_eq!(bound(json!({"substream": 0, "temporal": 2})), Ok(Some(0)));
-        assert_eq!(bound(json!({"substream": 2})), Ok(Some(2)));
-        assert_eq!(bound(json!({})), Ok(None));
-        assert_eq!(bound(json!({"substream": null})), Ok(None));
+    fn substream_and_temporal_are_bounds_and_out_of_range_values_are_refused() {
+        assert_eq!(
+            bound(json!({"substream": 0, "temporal": 2})),
+            Ok((Some(0), Some(2)))
+        );
+        assert_eq!(bound(json!({"substream": 2})), Ok((Some(2), None)));
+        assert_eq!(bound(json!({"temporal": 0})), Ok((None, Some(0))));
+        assert_eq!(bound(json!({})), Ok((None, None)));
+        assert_eq!(
+            bound(json!({"substream": null, "temporal": null})),
+            Ok((None, None))
+        );
         assert!(bound(json!({"substream": 3})).is_err());
         assert!(bound(json!({"substream": -1})).is_err());
         assert!(bound(json!({"substream": "1"})).is_err());
+        let e = bound(json!({"substream": 1, "temporal": 5})).expect_err("refused");
+        assert!(e.1.contains("payload.temporal must be 0, 1 or 2"), "{e:?}");
     }
 }
