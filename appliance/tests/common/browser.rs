@@ -188,10 +188,19 @@ impl Browser {
     /// On a meeting page: asks the SFU, as Talk does, to forward at most simulcast layer
     /// `substream` of `publisher`'s camera to this page.
     pub async fn select_stream(&self, publisher: &str, substream: u64) {
+        self.select_stream_temporal(publisher, substream, 2).await;
+    }
+
+    /// Sends `selectStream` with a temporal bound too (0: T0 only).
+    pub async fn select_stream_temporal(&self, publisher: &str, substream: u64, temporal: u64) {
         self.client
             .execute(
-                "sendMessage(arguments[0], { type: 'selectStream', roomType: 'video', payload: { substream: arguments[1], temporal: 2 } }); return 0;",
-                vec![Value::from(publisher), Value::from(substream)],
+                "sendMessage(arguments[0], { type: 'selectStream', roomType: 'video', payload: { substream: arguments[1], temporal: arguments[2] } }); return 0;",
+                vec![
+                    Value::from(publisher),
+                    Value::from(substream),
+                    Value::from(temporal),
+                ],
             )
             .await
             .expect("selectStream");
