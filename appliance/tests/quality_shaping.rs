@@ -16,11 +16,13 @@
 //! (0.3-2.2 s), so this test was kept out of the suite with a 4 s bound. The worker now reacts
 //! to the receiver's NACKs and reports (media-core/src/loss.rs) and the freeze stayed within
 //! 1 s in every run measured (docs/architecture.md, "Quality and sizing"): the issue's 1 s is
-//! asserted. Not yet in the default suite (`#[ignore]`, run with `--ignored`): in about one run
-//! in five the subscriber did not hold the top layer for 5 s *before* any shaping (under heavy
-//! load the publisher's Chromium turned its upper layers off; once the SFU's estimate did not
-//! climb), which is not what this test is about but fails it. `TALKBOX_QUALITY_FREEZE_MS` sets another bound for a run by hand (e.g. to see a
-//! whole series through on an overloaded machine); the measured freeze is printed either way.
+//! asserted. In about one run in five (on a machine loaded with other builds) the subscriber
+//! did not hold the top layer for 5 s *before* any shaping (the publisher's Chromium turned its
+//! upper layers off; once the SFU's estimate did not climb), which says nothing about the
+//! shaping: such a run, and one whose browsers did not start or join, is tried once more from
+//! scratch; every run that gets to the shaping is held to the issue's bounds.
+//! `TALKBOX_QUALITY_FREEZE_MS` sets another bound for a run by hand (e.g. to see a whole series
+//! through on an overloaded machine); the measured freeze is printed either way.
 //!
 //! The test waits longer than those bounds before it gives up, so that a failure prints how
 //! long it actually took.
@@ -33,6 +35,8 @@ mod common;
 
 use std::net::IpAddr;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::browser::Browser;
@@ -238,16 +242,41 @@ fn shape(dev: &str, verb: &str) {
 // (90 s for the first top layer, 20 s for the low layer, 40 s for recovery; page steps 45 s)
 // so that a loaded 2-core box fails only on what the issue bounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "about 1 run in 5 fails before the shaping starts (module comment); run with --ignored"]
 async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_freezing() {
+    // A run that fails before the shaping starts (a browser that does not start or join, an
+    // unshaped call that never settles at the top layer) says nothing about what the issue
+    // bounds: it gets one more try, with a fresh box, namespace and browsers, and says why.
+    // Everything from the shaping on is asserted in every run that gets there.
+    for attempt in 1..=2u32 {
+        let shaping = Arc::new(AtomicBool::new(false));
+        let run = tokio::spawn(shaped_run(attempt, shaping.clone())).await;
+        match run {
+            Ok(()) => return,
+            Err(e) if e.is_panic() && !shaping.load(Ordering::SeqCst) && attempt < 2 => {
+                eprintln!(
+                    "attempt {attempt} failed before the shaping started (see the panic above); \
+                     once more"
+                );
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("the run was cancelled: {e}"),
+        }
+    }
+}
+
+/// One whole run; `shaping` is set once the shaping starts.
+async fn shaped_run(attempt: u32, shaping: Arc<AtomicBool>) {
     let pid = std::process::id();
-    let net = format!("10.232.{}", pid % 250);
+    let net = format!("10.232.{}", (pid + attempt) % 250);
     let (host_ip, ns_ip): (IpAddr, IpAddr) = (
         format!("{net}.1").parse().expect("ip"),
         format!("{net}.2").parse().expect("ip"),
     );
-    let ns = Netns::new(format!("tbqs{pid}"));
-    let (vh, vn) = (format!("tbqh{pid}"), format!("tbqn{pid}"));
+    let ns = Netns::new(format!("tbqs{pid}a{attempt}"));
+    let (vh, vn) = (
+        format!("tbqh{pid}a{attempt}"),
+        format!("tbqn{pid}a{attempt}"),
+    );
     let ok = Command::new("ip")
         .args(["link", "add", &vh, "type", "veth", "peer", "name", &vn])
         .status()
@@ -395,6 +424,7 @@ async fn a_shaped_subscriber_drops_to_the_low_layer_and_climbs_back_without_free
     .await;
 
     // 300 kbit/s downlink.
+    shaping.store(true, Ordering::SeqCst);
     shape(&vh, "add");
     let dropped_at = unix_ms();
     eprintln!("shaped to 300 kbit/s at {}", clock(dropped_at));

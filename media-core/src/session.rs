@@ -126,6 +126,8 @@ pub enum Role {
         max_layer: Option<usize>,
         /// The client's `selectStream` temporal bound: never a higher VP8 TID than this.
         max_temporal: Option<u8>,
+        /// Since when the estimate has kept a video below the lowest layer's full rate.
+        slow_since: Option<Instant>,
         /// When to ask the BWE for another probe towards the desired rate.
         probe: crate::layers::ProbeRenewal,
         /// When the estimate last fell by more than a tenth below the one last planned with.
@@ -313,6 +315,7 @@ impl Session {
                 bwe_asked: (0, 0),
                 max_layer: None,
                 max_temporal: None,
+                slow_since: None,
                 probe: Default::default(),
                 fell_at: None,
                 planned_with: None,

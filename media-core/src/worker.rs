@@ -1720,7 +1720,8 @@ impl<I: DatagramIo> Worker<I> {
             camera_cap: Bps::MAX,
             screen_cap: Bps::MAX,
         };
-        let plan = allocator::allocate(&sources, &subscribers, &limits);
+        let mut plan = allocator::allocate(&sources, &subscribers, &limits);
+        self.hold_full_frame_rate(&mut plan, &sources, &maps, now);
         let plan = self.hysteresis.apply(plan, &sources, now);
         let mut changed = Vec::new();
         // The highest layer of each publisher track some subscriber may use (pause.rs).
@@ -1906,6 +1907,69 @@ impl<I: DatagramIo> Worker<I> {
         self.update_pauses(&wants, now);
     }
 
+    /// Keeps the lowest layer's full frame rate for a subscriber whose estimate has been below
+    /// it for less than [`SLOW_LINK`]: a temporal step by estimate is for a link that stays
+    /// that slow. Right after a drop the estimate undershoots (measured in quality_shaping:
+    /// 80-95 kbit/s for 5 s on a 300 kbit/s link, after a failed upgrade), and sending a
+    /// quarter of the frames then only slowed the estimate's recovery (the top layer came back
+    /// after 15.6 s). A plan lowered by the box's budget is left as it is, and nothing is
+    /// raised past the budget.
+    fn hold_full_frame_rate(
+        &mut self,
+        plan: &mut allocator::Plan,
+        sources: &[allocator::Source],
+        maps: &HashMap<u32, Vec<Step>>,
+        now: Instant,
+    ) {
+        for sp in &mut plan.subscribers {
+            let Some(Session {
+                role: Role::Subscriber { slow_since, .. },
+                ..
+            }) = self.sessions.get_mut(&sp.id)
+            else {
+                continue;
+            };
+            if sp.limited_by_budget {
+                continue;
+            }
+            let mut slow = false;
+            let held = slow_since.is_none_or(|t| now.saturating_duration_since(t) < SLOW_LINK);
+            for a in &mut sp.assignments {
+                let (Some(map), Some(src)) = (maps.get(&a.source), sources.get(a.source as usize))
+                else {
+                    continue;
+                };
+                if src.kind == allocator::Kind::Audio {
+                    continue;
+                }
+                // The lowest layer at its full frame rate.
+                let Some(full) = map.iter().position(|s| s.tid.is_none()) else {
+                    continue;
+                };
+                if a.layer.is_some_and(|l| l >= full) {
+                    continue;
+                }
+                slow = true;
+                let rate = src.layers.get(full).copied().unwrap_or(a.rate);
+                // Never past the box's egress budget: a plan the estimate lowered first may
+                // be at the budget's limit too.
+                let within_budget = plan.total.saturating_sub(a.rate).saturating_add(rate)
+                    <= self.config.egress_budget;
+                if held && within_budget {
+                    sp.total = sp.total.saturating_sub(a.rate).saturating_add(rate);
+                    plan.total = plan.total.saturating_sub(a.rate).saturating_add(rate);
+                    a.layer = Some(full);
+                    a.rate = rate;
+                }
+            }
+            if !slow {
+                *slow_since = None;
+            } else if slow_since.is_none() {
+                *slow_since = Some(now);
+            }
+        }
+    }
+
     /// Takes what subscribers want of each simulcast publisher track (nothing: the lowest
     /// layer) and, when the layers kept on change, sends the new REMB at once.
     fn update_pauses(&mut self, wants: &HashMap<(u32, Mid), usize>, now: Instant) {
@@ -2036,6 +2100,10 @@ fn planning_rate(estimate: Bps, fallen: bool) -> Bps {
 
 /// Least rate a video layer is planned at, before its rate is measured.
 const MIN_VIDEO_RATE: Bps = 50_000;
+
+/// How long a subscriber's estimate must stay below the lowest layer's full rate before the
+/// allocator's temporal steps (a lower frame rate) apply to it ([`Worker::hold_full_frame_rate`]).
+const SLOW_LINK: Duration = Duration::from_secs(10);
 
 /// Whether BWE rates moved enough (a tenth) to be given to str0m again.
 fn differs(a: (Bps, Bps), b: (Bps, Bps)) -> bool {

@@ -231,14 +231,26 @@ fn a_budget_below_the_full_rate_keeps_the_video_at_a_lower_frame_rate() {
             .collect::<Vec<_>>()
     );
 
-    // Budget raised: back to every frame after the upgrade hold (2 s).
+    // Budget raised: back to every frame after the upgrade hold (2 s, longer after upgrades
+    // that failed) once the estimate towards this client carries the full rate again (str0m's
+    // loopback estimate climbs slowly on a loaded machine: up to 15 s).
     w.handle
         .send(WorkerCommand::SetEgressBudget { bps: u64::MAX });
-    run(&mut p, &mut s, &mut frame, Duration::from_secs(4));
-    let back = received(&s, from + low.len());
+    let raised = Instant::now();
+    let mut back = false;
+    while !back && raised.elapsed() < Duration::from_secs(15) {
+        run(&mut p, &mut s, &mut frame, Duration::from_secs(1));
+        back = received(&s, s.rtp.len().saturating_sub(20))
+            .iter()
+            .any(|g| g.tid == 2);
+    }
     assert!(
-        back.iter().rev().take(20).any(|g| g.tid == 2),
-        "every layer again with the budget raised"
+        back,
+        "every layer again within 15 s of the budget being raised"
+    );
+    eprintln!(
+        "every layer again {:?} after the budget was raised",
+        raised.elapsed()
     );
     assert_continuous(&received(&s, 0));
 }
