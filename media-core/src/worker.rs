@@ -1552,6 +1552,15 @@ impl<I: DatagramIo> Worker<I> {
             let Some(tx) = api.stream_tx_by_mid(out_mid, None) else {
                 continue;
             };
+            if switched {
+                // The subscriber's decoder starts over at this keyframe, so resending packets
+                // of the layer before it would only take the link from the keyframe: dump the
+                // resend cache (str0m's defaults again), and NACKs for older packets go
+                // unanswered. After a drop, the old layer's resends and the new layer's
+                // keyframe competed for the shaped link, and the picture came back 0.6-0.8 s
+                // after the keyframe was forwarded (quality_shaping).
+                tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, RTX_RATIO_CAP);
+            }
             // Forwarded media goes out as it comes (the allocator keeps each subscriber within
             // its estimate by choosing layers); the pacer only spaces padding and probes.
             // Measured with Chromium (quality_shaping): paced at str0m's 1.1 x estimate, the
@@ -1804,41 +1813,6 @@ impl<I: DatagramIo> Worker<I> {
                     next_step = Some(next_step.map_or(step, |n| n.min(step)));
                 }
             }
-            // Only within AFTER_FALL of a fall or downgrade: that is when a probe may read more
-            // than a bottleneck just found carries (an upgrade on it failed without this).
-            // Later, padding that fills the estimate is harmful: str0m's estimate stopped
-            // moving for 30 s and more (twice in quality_shaping, after an upgrade 22 s after
-            // the drop).
-            let recent_fall =
-                fell_at.is_some_and(|t| now.saturating_duration_since(t) < AFTER_FALL);
-            let step = if probe.settling(now) || !recent_fall {
-                0
-            } else {
-                next_step.unwrap_or(0)
-            };
-            // Without simulcast there is no layer to probe for (the estimate chooses nothing
-            // for a single-layer video): sustaining what the plan sends only padded every gap
-            // of the media (str0m's own 50 kbit/s floor stays). Towards a webrtc-rs
-            // subscriber with small packets that gave 142-162 RTX padding resends beside 100
-            // media packets (sfu_proxy). With simulcast the rate in force is still sustained,
-            // at the top layer too: quality_shaping was measured so (turning it off at the top
-            // layer was followed by more runs whose unshaped top layer did not hold).
-            let minimum = if !simulcast {
-                0
-            } else {
-                (in_force + step).min(desired)
-            };
-            let wanted = probe.desired(in_force, desired.max(minimum), now);
-            let asked = (minimum.min(wanted), wanted);
-            if differs(*bwe_asked, asked) {
-                *bwe_asked = asked;
-                s.rtc
-                    .bwe()
-                    .set_bitrate(Bitrate::bps(asked.0), Bitrate::bps(asked.1));
-                self.dirty.insert(sp.id);
-            }
-            *planned_with = *estimate;
-            *sending = in_force;
             let publisher = *publisher;
             for a in &sp.assignments {
                 let Some(map) = maps.get(&a.source) else {
@@ -1900,6 +1874,46 @@ impl<I: DatagramIo> Worker<I> {
                 t.temporal
                     .set_target(lowest_tid(t.planned_tid, *max_temporal));
             }
+            // What str0m's BWE is asked for, after the targets are set: a downgrade in this
+            // pass counts (no padding towards the next step while it settles, and no probe
+            // renewal now). Asked before, the renewal's dip fell on the very pass that left the
+            // top layer after a drop, and its rise made str0m probe the shaped link while the
+            // low layer's keyframe crossed it (quality_shaping: the picture stood 1.75 s).
+            // Only within AFTER_FALL of a fall or downgrade: that is when a probe may read more
+            // than a bottleneck just found carries (an upgrade on it failed without this).
+            // Later, padding that fills the estimate is harmful: str0m's estimate stopped
+            // moving for 30 s and more (twice in quality_shaping, after an upgrade 22 s after
+            // the drop).
+            let recent_fall =
+                fell_at.is_some_and(|t| now.saturating_duration_since(t) < AFTER_FALL);
+            let step = if probe.settling(now) || !recent_fall {
+                0
+            } else {
+                next_step.unwrap_or(0)
+            };
+            // Without simulcast there is no layer to probe for (the estimate chooses nothing
+            // for a single-layer video): sustaining what the plan sends only padded every gap
+            // of the media (str0m's own 50 kbit/s floor stays). Towards a webrtc-rs
+            // subscriber with small packets that gave 142-162 RTX padding resends beside 100
+            // media packets (sfu_proxy). With simulcast the rate in force is still sustained,
+            // at the top layer too: quality_shaping was measured so (turning it off at the top
+            // layer was followed by more runs whose unshaped top layer did not hold).
+            let minimum = if !simulcast {
+                0
+            } else {
+                (in_force + step).min(desired)
+            };
+            let wanted = probe.desired(in_force, desired.max(minimum), now);
+            let asked = (minimum.min(wanted), wanted);
+            if differs(*bwe_asked, asked) {
+                *bwe_asked = asked;
+                s.rtc
+                    .bwe()
+                    .set_bitrate(Bitrate::bps(asked.0), Bitrate::bps(asked.1));
+                self.dirty.insert(sp.id);
+            }
+            *planned_with = *estimate;
+            *sending = in_force;
         }
         for sid in changed {
             self.request_pending_keyframes(sid, now, false);
@@ -1909,7 +1923,9 @@ impl<I: DatagramIo> Worker<I> {
 
     /// Keeps the lowest layer's full frame rate for a subscriber whose estimate has been below
     /// it for less than [`SLOW_LINK`]: a temporal step by estimate is for a link that stays
-    /// that slow. Right after a drop the estimate undershoots (measured in quality_shaping:
+    /// that slow. "Below" counts the estimate itself, not the reduced rate planning uses for a
+    /// while after a fall or heavy loss: with those counted, the repeated short falls of the
+    /// upgrade attempts on a 300 kbit/s link kept the subscriber at half the frame rate. Right after a drop the estimate undershoots (measured in quality_shaping:
     /// 80-95 kbit/s for 5 s on a 300 kbit/s link, after a failed upgrade), and sending a
     /// quarter of the frames then only slowed the estimate's recovery (the top layer came back
     /// after 15.6 s). A plan lowered by the box's budget is left as it is, and nothing is
@@ -1923,7 +1939,12 @@ impl<I: DatagramIo> Worker<I> {
     ) {
         for sp in &mut plan.subscribers {
             let Some(Session {
-                role: Role::Subscriber { slow_since, .. },
+                role:
+                    Role::Subscriber {
+                        slow_since,
+                        estimate,
+                        ..
+                    },
                 ..
             }) = self.sessions.get_mut(&sp.id)
             else {
@@ -1932,6 +1953,9 @@ impl<I: DatagramIo> Worker<I> {
             if sp.limited_by_budget {
                 continue;
             }
+            // The estimate itself, without the reductions planning applies after a fall or
+            // loss (they are for leaving a layer fast, and last seconds).
+            let raw = estimate.unwrap_or(session::INITIAL_ESTIMATE_KBPS * 1000);
             let mut slow = false;
             let held = slow_since.is_none_or(|t| now.saturating_duration_since(t) < SLOW_LINK);
             for a in &mut sp.assignments {
@@ -1949,13 +1973,15 @@ impl<I: DatagramIo> Worker<I> {
                 if a.layer.is_some_and(|l| l >= full) {
                     continue;
                 }
-                slow = true;
                 let rate = src.layers.get(full).copied().unwrap_or(a.rate);
+                // Slow only if the estimate itself cannot carry the full frame rate.
+                let too_slow = sp.total.saturating_sub(a.rate).saturating_add(rate) > raw;
+                slow |= too_slow;
                 // Never past the box's egress budget: a plan the estimate lowered first may
                 // be at the budget's limit too.
                 let within_budget = plan.total.saturating_sub(a.rate).saturating_add(rate)
                     <= self.config.egress_budget;
-                if held && within_budget {
+                if (held || !too_slow) && within_budget {
                     sp.total = sp.total.saturating_sub(a.rate).saturating_add(rate);
                     plan.total = plan.total.saturating_sub(a.rate).saturating_add(rate);
                     a.layer = Some(full);
@@ -2100,6 +2126,12 @@ fn planning_rate(estimate: Bps, fallen: bool) -> Bps {
 
 /// Least rate a video layer is planned at, before its rate is measured.
 const MIN_VIDEO_RATE: Bps = 50_000;
+
+/// The resend cache of a subscriber's video stream, as str0m sets it by default; set again to
+/// empty it at a layer switch.
+const RTX_CACHE_PACKETS: usize = 2000;
+const RTX_CACHE_AGE: Duration = Duration::from_secs(3);
+const RTX_RATIO_CAP: Option<f32> = Some(0.15);
 
 /// How long a subscriber's estimate must stay below the lowest layer's full rate before the
 /// allocator's temporal steps (a lower frame rate) apply to it ([`Worker::hold_full_frame_rate`]).
