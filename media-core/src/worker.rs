@@ -156,6 +156,14 @@ pub struct WorkerStats {
     pub layer_switches: u64,
     /// VP8 packets not forwarded to a subscriber because of their temporal layer.
     pub temporal_dropped: u64,
+    /// Of `sessions`, the publishers and the subscribers (filled when asked).
+    pub publishers: usize,
+    pub subscribers: usize,
+    /// Simulcast layers paused at their publishers now, over all publisher video tracks
+    /// (`pause`; filled when asked).
+    pub paused_layers: usize,
+    /// The egress budget the allocator plans within, bit/s (`Bps::MAX`: none known).
+    pub egress_budget: Bps,
 }
 
 /// How a worker runs.
@@ -862,6 +870,14 @@ impl<I: DatagramIo> Worker<I> {
             WorkerCommand::Stats { reply } => {
                 let mut s = self.stats;
                 s.sessions = self.sessions.len();
+                s.publishers = self
+                    .sessions
+                    .values()
+                    .filter(|x| matches!(x.role, Role::Publisher { .. }))
+                    .count();
+                s.subscribers = s.sessions - s.publishers;
+                s.paused_layers = self.pub_layers.values().map(|l| l.pause.paused()).sum();
+                s.egress_budget = self.config.egress_budget;
                 reply(Ok(s))
             }
             WorkerCommand::Shutdown => self.stop = true,

@@ -197,6 +197,7 @@ pub struct SfuConfig {
     pub media_port_min: u16,
     pub media_port_max: u16,
     pub public_ips: Vec<String>,
+    pub metrics_allowed_ips: Vec<IpAddr>,
 }
 
 /// `[turn]`: the STUN/TURN server.
@@ -614,6 +615,16 @@ impl SfuConfig {
                 "Addresses announced in ICE candidates (public IPs, 1:1 NAT mappings); empty = the interface addresses.",
                 check_ip,
             ),
+            metrics_allowed_ips: r
+                .string_list(
+                    "metrics_allowed_ips",
+                    &["127.0.0.1", "::1"],
+                    "Addresses allowed to read the SFU's Prometheus `/metrics` on `sfu.listen` (others get 403), as `signaling.stats_allowed_ips` does for signaling.",
+                    check_ip,
+                )
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
         };
         if c.media_port_min > c.media_port_max {
             r.problem(

@@ -2,11 +2,14 @@
 //! WebSocket of the spreed signaling proxy protocol.
 //!
 //! - [`protocol`]: the proxy protocol's JSON shapes; [`token`]: the RS256 hello token;
-//! - [`server`]: the control server that maps proxy clients onto worker sessions.
+//! - [`server`]: the control server that maps proxy clients onto worker sessions;
+//! - [`metrics`]: its Prometheus `/metrics` (the workers' counters, for
+//!   `sfu.metrics_allowed_ips`).
 //!
 //! Start-up follows `service_runtime`: sockets are bound and keys read in `prepare` (maybe as
 //! root), worker threads start in `serve` after privileges are dropped.
 
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod token;
@@ -184,6 +187,7 @@ async fn serve(ctx: ServiceContext, p: Prepared) -> Result<()> {
         p.keys,
         Duration::from_secs(c.resume_grace_s),
         ctx.shutdown.clone(),
+        c.metrics_allowed_ips.clone(),
     );
     let events = sfu.clone();
     tokio::spawn(async move {

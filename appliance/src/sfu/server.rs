@@ -13,6 +13,7 @@
 //! When the grace ends without a resume, the session's publishers and subscribers are closed.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -25,11 +26,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use futures_util::{SinkExt, StreamExt};
 use media_core::session::StreamType;
-use media_core::worker::{Reply, WorkerCommand, WorkerError, WorkerEvent};
+use media_core::worker::{Reply, WorkerCommand, WorkerError, WorkerEvent, WorkerStats};
 use media_core::{SessionKey, WorkerHandle};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::metrics::{self, ControlFigures};
 use super::protocol::{ClientMessage, MAX_MESSAGE_BYTES, ServerMessage, errors};
 use super::token::TokenKeys;
 
@@ -99,6 +101,8 @@ pub struct Sfu {
     next_proxy_session: AtomicU64,
     resume_grace: Duration,
     shutdown: watch::Receiver<bool>,
+    /// Peers allowed to read `/metrics` (`sfu.metrics_allowed_ips`).
+    metrics_allowed_ips: Vec<IpAddr>,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -176,6 +180,7 @@ impl Sfu {
         keys: TokenKeys,
         resume_grace: Duration,
         shutdown: watch::Receiver<bool>,
+        metrics_allowed_ips: Vec<IpAddr>,
     ) -> Arc<Sfu> {
         Arc::new(Sfu {
             workers,
@@ -186,7 +191,40 @@ impl Sfu {
             next_proxy_session: AtomicU64::new(1),
             resume_grace,
             shutdown,
+            metrics_allowed_ips,
         })
+    }
+
+    /// Whether `peer` may read `/metrics`.
+    pub fn metrics_allowed(&self, peer: SocketAddr) -> bool {
+        self.metrics_allowed_ips.contains(&peer.ip().to_canonical())
+    }
+
+    /// A snapshot of every worker's counters, in worker order; `None` for a worker that did
+    /// not answer. The workers are asked at once, so one slow worker delays a scrape by at most
+    /// the worker timeout, not once per worker.
+    pub async fn worker_stats(&self) -> Vec<Option<WorkerStats>> {
+        let asks = (0..self.workers.len()).map(|i| async move {
+            self.ask(i, |reply| WorkerCommand::Stats { reply })
+                .await
+                .ok()
+        });
+        futures_util::future::join_all(asks).await
+    }
+
+    /// The control plane's own figures for `/metrics`.
+    pub fn control_figures(&self) -> ControlFigures {
+        let st = self.state();
+        let attached = st
+            .sessions
+            .values()
+            .filter(|s| s.attached.is_some())
+            .count() as u64;
+        ControlFigures {
+            load: st.clients.len() as u64,
+            proxy_attached: attached,
+            proxy_detached: st.sessions.len() as u64 - attached,
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State_> {
@@ -671,11 +709,13 @@ fn load_event(load: u64) -> ServerMessage {
     ServerMessage::event(json!({"type": "update-load", "load": load}))
 }
 
-/// The routes of the control server: `/proxy` (WebSocket) and `/welcome`.
+/// The routes of the control server: `/proxy` (WebSocket), `/welcome` and `/metrics`
+/// (Prometheus, for `sfu.metrics_allowed_ips` only).
 pub fn router(sfu: Arc<Sfu>) -> Router {
     Router::new()
         .route("/proxy", get(upgrade))
         .route("/welcome", get(welcome))
+        .route("/metrics", get(metrics::handler))
         .with_state(sfu)
 }
 

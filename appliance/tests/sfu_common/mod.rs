@@ -65,12 +65,23 @@ impl SfuProcess {
 
     /// As [`Self::start`], with `sfu.resume_grace_s` set.
     pub fn start_with_grace(ice_timeout_s: u64, resume_grace_s: u64) -> SfuProcess {
+        Self::start_with_config(ice_timeout_s, resume_grace_s, "", "")
+    }
+
+    /// As [`Self::start_with_grace`], with more `[sfu]` keys (`sfu_keys`, TOML lines) and more
+    /// sections (`sections`, such as `[sizing]`) in the config.
+    pub fn start_with_config(
+        ice_timeout_s: u64,
+        resume_grace_s: u64,
+        sfu_keys: &str,
+        sections: &str,
+    ) -> SfuProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let control = free_tcp_port();
         let media = free_udp_port();
         let text = format!(
-            "[sfu]\nlisten = \"127.0.0.1:{control}\"\nworkers = 1\nmedia_port_min = {media}\nmedia_port_max = {media}\npublic_ips = [\"127.0.0.1\"]\nice_timeout_s = {ice_timeout_s}\nresume_grace_s = {resume_grace_s}\n\
-             [signaling]\nenabled = false\n[web]\nenabled = false\n[turn]\nenabled = false\n"
+            "[sfu]\nlisten = \"127.0.0.1:{control}\"\nworkers = 1\nmedia_port_min = {media}\nmedia_port_max = {media}\npublic_ips = [\"127.0.0.1\"]\nice_timeout_s = {ice_timeout_s}\nresume_grace_s = {resume_grace_s}\n{sfu_keys}\n\
+             [signaling]\nenabled = false\n[web]\nenabled = false\n[turn]\nenabled = false\n{sections}"
         );
         let cfg_path = dir.path().join("talkbox.toml");
         std::fs::write(&cfg_path, &text).expect("write config");
