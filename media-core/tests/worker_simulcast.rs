@@ -10,9 +10,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use media_core::session::StreamType;
 use media_core::worker::WorkerCommand;
-use support::{Client, Worker, run_until};
+use support::{Client, Worker, connect_bounded_subscriber, connect_simulcast_publisher};
 
 const RIDS: [&str; 3] = ["q", "h", "f"];
 /// Packet sizes per layer (one packet per frame, 30 frames/s): about 26, 36 and 50 kbit/s
@@ -97,21 +96,7 @@ fn run(p: &mut Publisher, s: &mut Client, dur: Duration) {
 #[test]
 fn a_subscriber_moved_between_layers_sees_one_continuous_stream_with_a_keyframe_at_each_switch() {
     let w = Worker::start(Duration::from_secs(30));
-    w.ask(|reply| WorkerCommand::CreatePublisher {
-        session: 1,
-        stream_type: StreamType::Video,
-        reply,
-    })
-    .expect("create publisher");
-    let mut pc = Client::new();
-    let offer = pc.publish_simulcast_offer(&RIDS);
-    let answer = w
-        .ask(|reply| WorkerCommand::Offer {
-            session: 1,
-            sdp: offer,
-            reply,
-        })
-        .expect("answer");
+    let (pc, answer) = connect_simulcast_publisher(&w, 1, &RIDS);
     assert!(
         answer.contains("a=simulcast:recv q;h;f"),
         "the answer receives the three layers:\n{answer}"
@@ -119,10 +104,6 @@ fn a_subscriber_moved_between_layers_sees_one_continuous_stream_with_a_keyframe_
     for r in RIDS {
         assert!(answer.contains(&format!("a=rid:{r} recv")), "{answer}");
     }
-    pc.accept_answer(&answer);
-    assert!(run_until(&mut [&mut pc], Duration::from_secs(10), |c| c[0]
-        .connected
-        && c[0].channel_open));
     let mut p = Publisher {
         client: pc,
         frame: 0,
@@ -131,39 +112,11 @@ fn a_subscriber_moved_between_layers_sees_one_continuous_stream_with_a_keyframe_
     };
 
     // The subscriber, bounded to the lowest layer before any media flows.
-    let mut s = Client::new();
-    w.ask(|reply| WorkerCommand::CreateSubscriber {
-        session: 2,
-        publisher: 1,
-        reply,
-    })
-    .expect("create subscriber");
-    w.ask(|reply| WorkerCommand::SelectStream {
-        session: 2,
-        max_layer: Some(0),
-        max_temporal: None,
-        reply,
-    })
-    .expect("select stream");
-    let offer = w
-        .ask(|reply| WorkerCommand::RequestOffer { session: 2, reply })
-        .expect("offer");
-    let answer = s.answer(&offer);
+    let (mut s, offer) = connect_bounded_subscriber(&w, 2, 1, Some(0), &mut p.client);
     assert!(
         !offer.contains("a=simulcast"),
         "the subscriber sees one plain stream"
     );
-    w.ask(|reply| WorkerCommand::Answer {
-        session: 2,
-        sdp: answer,
-        reply,
-    })
-    .expect("answer accepted");
-    assert!(run_until(
-        &mut [&mut s, &mut p.client],
-        Duration::from_secs(10),
-        |c| c[0].connected
-    ));
 
     // Layer 0 for 3 s (keyframe at once: the first frame of every layer is one).
     run(&mut p, &mut s, Duration::from_secs(3));

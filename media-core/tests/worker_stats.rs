@@ -7,9 +7,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use media_core::session::StreamType;
 use media_core::worker::{WorkerCommand, WorkerStats};
-use support::{Client, Worker, run_until};
+use support::{Client, Worker, connect_bounded_subscriber, connect_simulcast_publisher};
 
 const RIDS: [&str; 3] = ["q", "h", "f"];
 
@@ -67,55 +66,8 @@ fn run_until_stats(
 #[test]
 fn stats_count_sessions_by_role_and_the_simulcast_layers_paused_at_the_publisher() {
     let w = Worker::start(Duration::from_secs(30));
-    w.ask(|reply| WorkerCommand::CreatePublisher {
-        session: 1,
-        stream_type: StreamType::Video,
-        reply,
-    })
-    .expect("create publisher");
-    let mut p = Client::new();
-    let offer = p.publish_simulcast_offer(&RIDS);
-    let answer = w
-        .ask(|reply| WorkerCommand::Offer {
-            session: 1,
-            sdp: offer,
-            reply,
-        })
-        .expect("answer");
-    p.accept_answer(&answer);
-    assert!(run_until(&mut [&mut p], Duration::from_secs(10), |c| c[0]
-        .connected
-        && c[0].channel_open));
-
-    let mut s = Client::new();
-    w.ask(|reply| WorkerCommand::CreateSubscriber {
-        session: 2,
-        publisher: 1,
-        reply,
-    })
-    .expect("create subscriber");
-    w.ask(|reply| WorkerCommand::SelectStream {
-        session: 2,
-        max_layer: Some(0),
-        max_temporal: None,
-        reply,
-    })
-    .expect("select stream");
-    let offer = w
-        .ask(|reply| WorkerCommand::RequestOffer { session: 2, reply })
-        .expect("offer");
-    let answer = s.answer(&offer);
-    w.ask(|reply| WorkerCommand::Answer {
-        session: 2,
-        sdp: answer,
-        reply,
-    })
-    .expect("answer accepted");
-    assert!(run_until(
-        &mut [&mut s, &mut p],
-        Duration::from_secs(10),
-        |c| c[0].connected
-    ));
+    let (mut p, _) = connect_simulcast_publisher(&w, 1, &RIDS);
+    let (mut s, _) = connect_bounded_subscriber(&w, 2, 1, Some(0), &mut p);
 
     let stats = w
         .ask(|reply| WorkerCommand::Stats { reply })

@@ -534,8 +534,45 @@ pub fn connect_publisher(w: &Worker, session: u32) -> Client {
     p
 }
 
+/// A simulcast publisher `session` sending `rids`, connected with its data channel open;
+/// also the worker's answer.
+pub fn connect_simulcast_publisher(w: &Worker, session: u32, rids: &[&str]) -> (Client, String) {
+    let mut p = Client::new();
+    w.ask(|reply| WorkerCommand::CreatePublisher {
+        session,
+        stream_type: media_core::session::StreamType::Video,
+        reply,
+    })
+    .expect("create publisher");
+    let offer = p.publish_simulcast_offer(rids);
+    let answer = w
+        .ask(|reply| WorkerCommand::Offer {
+            session,
+            sdp: offer,
+            reply,
+        })
+        .expect("answer");
+    p.accept_answer(&answer);
+    assert!(run_until(&mut [&mut p], Duration::from_secs(10), |c| c[0]
+        .connected
+        && c[0].channel_open));
+    (p, answer)
+}
+
 /// A subscriber `session` of `publisher`, connected (stepping `others` meanwhile).
 pub fn connect_subscriber(w: &Worker, session: u32, publisher: u32, others: &mut Client) -> Client {
+    connect_bounded_subscriber(w, session, publisher, None, others).0
+}
+
+/// As [`connect_subscriber`], with the `selectStream` layer bound `max_layer` set before the
+/// offer (none: no `selectStream`); also the worker's offer.
+pub fn connect_bounded_subscriber(
+    w: &Worker,
+    session: u32,
+    publisher: u32,
+    max_layer: Option<usize>,
+    others: &mut Client,
+) -> (Client, String) {
     let mut s = Client::new();
     w.ask(|reply| WorkerCommand::CreateSubscriber {
         session,
@@ -543,6 +580,15 @@ pub fn connect_subscriber(w: &Worker, session: u32, publisher: u32, others: &mut
         reply,
     })
     .expect("create subscriber");
+    if max_layer.is_some() {
+        w.ask(|reply| WorkerCommand::SelectStream {
+            session,
+            max_layer,
+            max_temporal: None,
+            reply,
+        })
+        .expect("select stream");
+    }
     let offer = w
         .ask(|reply| WorkerCommand::RequestOffer { session, reply })
         .expect("offer");
@@ -558,5 +604,5 @@ pub fn connect_subscriber(w: &Worker, session: u32, publisher: u32, others: &mut
         Duration::from_secs(10),
         |c| c[0].connected && c[0].channel_open
     ));
-    s
+    (s, offer)
 }
