@@ -212,7 +212,9 @@ mod tests {
         tid: u8,
     }
 
-    /// Feeds `frames` frames (2 packets each) of source `ssrc` through filter and rewriters.
+    /// Feeds `frames` frames (2 packets each) of source `ssrc` through filter and rewriters;
+    /// `new_source`: the first packet forwarded starts a new source (a switch), else the
+    /// stream continues.
     #[allow(clippy::too_many_arguments)]
     fn run(
         f: &mut TemporalFilter,
@@ -223,10 +225,11 @@ mod tests {
         frames: u16,
         pid_base: u16,
         seq_base: u64,
+        new_source: bool,
         out: &mut Vec<Out>,
     ) {
         let now = Instant::now();
-        let mut switched = true;
+        let mut switched = new_source;
         for fr in first_frame..first_frame + frames {
             let (tid, sync) = tid_of(fr);
             let tl0 = (fr / 4) as u8;
@@ -272,7 +275,7 @@ mod tests {
         f.set_target(Some(0));
         f.reset();
         let (mut s, mut v, mut out) = (SeqTsRewriter::new(100, 0), Vp8Rewriter::default(), vec![]);
-        run(&mut f, &mut s, &mut v, 1, 0, 40, 500, 7000, &mut out);
+        run(&mut f, &mut s, &mut v, 1, 0, 40, 500, 7000, true, &mut out);
         assert_eq!(out.len(), 20, "10 T0 frames of 2 packets");
         assert!(out.iter().all(|o| o.tid == 0));
         assert_continuous(&out);
@@ -345,12 +348,14 @@ mod tests {
         f.set_target(Some(0));
         f.reset();
         let (mut s, mut v, mut out) = (SeqTsRewriter::new(100, 0), Vp8Rewriter::default(), vec![]);
-        run(&mut f, &mut s, &mut v, 1, 0, 10, 500, 7000, &mut out);
+        run(&mut f, &mut s, &mut v, 1, 0, 10, 500, 7000, true, &mut out);
         // Raise the bound mid-stream: frame 10 is a T1 with Y, the switch happens there.
         f.set_target(Some(2));
         let mut rest = vec![];
         let mut v2 = v.clone();
-        run_continue(&mut f, &mut s, &mut v2, 1, 10, 10, 500, 7000, &mut rest);
+        run(
+            &mut f, &mut s, &mut v2, 1, 10, 10, 500, 7000, false, &mut rest,
+        );
         assert_eq!(rest[0].tid, 1, "upswitch at the first sync frame");
         out.extend(rest);
         assert_continuous(&out);
@@ -359,7 +364,7 @@ mod tests {
         f.reset();
         let mut other = vec![];
         run(
-            &mut f, &mut s, &mut v2, 2, 0, 16, 20_000, 40_000, &mut other,
+            &mut f, &mut s, &mut v2, 2, 0, 16, 20_000, 40_000, true, &mut other,
         );
         assert!(other.iter().all(|o| o.tid == 0));
         out.extend(other);
@@ -428,48 +433,6 @@ mod tests {
                 (s0 + 4, p0 + 2)
             ]
         );
-    }
-
-    /// As [`run`] but the stream continues (no switch on its first packet).
-    #[allow(clippy::too_many_arguments)]
-    fn run_continue(
-        f: &mut TemporalFilter,
-        seq: &mut SeqTsRewriter,
-        vp8: &mut Vp8Rewriter,
-        ssrc: u32,
-        first_frame: u16,
-        frames: u16,
-        pid_base: u16,
-        seq_base: u64,
-        out: &mut Vec<Out>,
-    ) {
-        let now = Instant::now();
-        for fr in first_frame..first_frame + frames {
-            let (tid, sync) = tid_of(fr);
-            let tl0 = (fr / 4) as u8;
-            for part in 0..2u64 {
-                let mut p = pkt(pid_base + fr, tl0, tid, sync, part == 0);
-                let in_seq = seq_base + u64::from(fr) * 2 + part;
-                match f.on_packet(&p) {
-                    TemporalDecision::Forward => {
-                        let r = seq.rewrite(ssrc, in_seq, 0, 90_000, now).expect("numbered");
-                        vp8.rewrite(&mut p, false);
-                        out.push(Out {
-                            seq: r.seq,
-                            pid: u16::from_be_bytes([p[2] & 0x7f, p[3]]),
-                            tl0: p[4],
-                            tid,
-                        });
-                    }
-                    TemporalDecision::Drop { frame_start } => {
-                        seq.skip(ssrc, in_seq);
-                        if frame_start {
-                            vp8.skip_frame(&p);
-                        }
-                    }
-                }
-            }
-        }
     }
 
     #[test]
