@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::layers::{newer, vp8_descriptor, vp8_picture_id};
+use crate::layers::{Vp8Descriptor, newer, vp8_descriptor, vp8_picture_id};
 
 /// What to do with one packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,16 +64,26 @@ impl TemporalFilter {
 
     /// Decides for one VP8 payload. Packets without a TID (no temporal layers) are forwarded.
     pub fn on_packet(&mut self, payload: &[u8]) -> TemporalDecision {
-        let Some(d) = vp8_descriptor(payload) else {
-            return TemporalDecision::Forward;
-        };
+        match vp8_descriptor(payload) {
+            Some(d) => self.on_descriptor(&d, vp8_picture_id(payload, &d)),
+            None => TemporalDecision::Forward,
+        }
+    }
+
+    /// As [`TemporalFilter::on_packet`], for a descriptor and picture ID (with its mask) read
+    /// once per packet by the caller, which hands the same packet to many subscribers.
+    pub fn on_descriptor(
+        &mut self,
+        d: &Vp8Descriptor,
+        picture: Option<(u16, u16)>,
+    ) -> TemporalDecision {
         let Some(tid) = d.tid else {
             return TemporalDecision::Forward;
         };
         let frame_start = d.start && d.pid == 0;
         // Which frame the packet belongs to: by picture ID where there is one (a late packet
         // of an earlier frame goes by its own layer and changes nothing), else by the start bit.
-        let new_frame = match (vp8_picture_id(payload, &d), self.frame_pic) {
+        let new_frame = match (picture, self.frame_pic) {
             (Some((p, _)), Some(f)) if p == f => false,
             (Some((p, mask)), Some(f)) if !newer(p, f, mask) => {
                 return if below(self.current, Some(tid)) {
@@ -92,7 +102,7 @@ impl TemporalFilter {
                 TemporalDecision::Drop { frame_start: false }
             };
         }
-        self.frame_pic = vp8_picture_id(payload, &d).map(|(p, _)| p);
+        self.frame_pic = picture.map(|(p, _)| p);
         // Switch only where a frame really starts (its first packet may have been lost).
         if frame_start {
             if below(self.target, self.current) {

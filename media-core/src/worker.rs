@@ -1478,8 +1478,17 @@ impl<I: DatagramIo> Worker<I> {
             return;
         };
         layers.rates.on_packet(layer, pkt.payload.len(), now);
+        // The VP8 descriptor, read once for every subscriber's temporal filter.
+        let vp8 = if codec == VideoCodec::Vp8 {
+            layers::vp8_descriptor(&pkt.payload).map(|d| {
+                let picture = layers::vp8_picture_id(&pkt.payload, &d);
+                (d, picture)
+            })
+        } else {
+            None
+        };
         if layer == 0 && codec == VideoCodec::Vp8 {
-            let tid = layers::vp8_descriptor(&pkt.payload).and_then(|d| d.tid);
+            let tid = vp8.as_ref().and_then(|(d, _)| d.tid);
             layers.temporal.on_packet(tid, pkt.payload.len(), now);
         }
         // Where a subscriber may start on this layer: a keyframe of a simulcast layer; any
@@ -1532,8 +1541,9 @@ impl<I: DatagramIo> Worker<I> {
             }
             // VP8 temporal layers above the subscriber's target are dropped whole frames at a
             // time; the numbering closes over them so the receiver sees no loss.
-            if codec == VideoCodec::Vp8
-                && let TemporalDecision::Drop { frame_start } = t.temporal.on_packet(&pkt.payload)
+            if let Some((d, picture)) = &vp8
+                && let TemporalDecision::Drop { frame_start } =
+                    t.temporal.on_descriptor(d, *picture)
             {
                 t.rewriter.skip(*ssrc, *pkt.seq_no);
                 if frame_start {
